@@ -1,0 +1,5 @@
+import sys
+
+from magnet.cli import main
+
+sys.exit(main())

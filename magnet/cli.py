@@ -1,0 +1,43 @@
+"""The ``magnet`` console command.
+
+Each subcommand lives in ``magnet/commands/<name>.py`` with ``add_parser(subparsers)`` (light:
+argparse only) and ``run(args) -> int`` (imports what it needs). A :class:`UserError` anywhere
+becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from magnet import __version__
+from magnet.errors import UserError
+
+COMMANDS = ["synth"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magnet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"magnet-hd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"magnet.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as e:
+        print(f"magnet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("magnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

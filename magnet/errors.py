@@ -1,0 +1,10 @@
+"""The one error type users see: a one-line message naming the file and the field."""
+
+
+class UserError(Exception):
+    """Bad input or arguments. The CLI prints ``magnet: error: <message>`` and exits 2."""
+
+    def __init__(self, message: str):
+        if "\n" in message:
+            raise ValueError("UserError messages are one line")
+        super().__init__(message)

@@ -1,0 +1,1 @@
+"""Models: the timm encoder wrapper, MagNet, its ablations and the baselines (built by name)."""

@@ -1,0 +1,83 @@
+"""Image encoders: any timm model by name, weights from a local file or a hub name.
+
+Used trainable at the bin level of MagNet and frozen (stop-grad) when the sharding stage computes
+spot- and global-tile features. ``weights`` is ``None`` (random init from a fixed seed), a local
+checkpoint path (``.safetensors`` or a ``torch.save`` state dict, loaded with
+``weights_only=True``), or ``hf-hub:ORG/NAME`` / ``timm:NAME`` for timm's pretrained weights
+(needs network access or a populated local cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from magnet.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _load_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def weights_id(weights: str | None, seed: int) -> str:
+    """What the manifest and MLflow record about the weights: a file's sha256, a hub name or the seed."""
+    if weights is None:
+        return f"random-seed-{seed}"
+    p = Path(weights)
+    if p.is_file():
+        return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+    return weights
+
+
+class Encoder(nn.Module):
+    """timm backbone -> pooled embedding ``(N, num_features)``; input float (N, 3, H, W) in [0, 1]."""
+
+    def __init__(self, name: str, weights: str | None = None, seed: int = 0, channels_last: bool = True):
+        super().__init__()
+        import timm
+
+        if name not in timm.list_models() and not name.startswith("hf-hub:"):
+            raise UserError(f"encoder: unknown timm model name '{name}' (key model.encoder)")
+        pretrained = weights is not None and not Path(weights).exists()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                self.backbone = timm.create_model(
+                    weights[len("timm:"):] if pretrained and weights.startswith("timm:") else name,
+                    pretrained=pretrained, num_classes=0,
+                )
+            except Exception as e:  # timm raises several types for missing/unreachable weights
+                raise UserError(f"encoder: cannot load weights '{weights}' for '{name}': {type(e).__name__}") from None
+        if weights is not None and Path(weights).exists():
+            state = _load_state_dict(Path(weights))
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+            loaded = len(state) - len(unexpected)
+            if loaded == 0:
+                raise UserError(f"encoder: {weights}: no tensor matches model '{name}' (key model.encoder_weights)")
+        self.num_features = self.backbone.num_features
+        self.weights_id = weights_id(weights, seed)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
