@@ -62,6 +62,11 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
             raise bad
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '5e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -1,0 +1,45 @@
+"""Baselines trained by the same loop: a mean-profile predictor and an ST-Net-style encoder + linear head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from magnet.models.config import ModelConfig
+from magnet.models.encoder import Encoder
+from magnet.models.predictions import Predictions
+
+
+class MeanProfile(nn.Module):
+    """One learnable per-gene profile per level, the same for every node.
+
+    Trained by the ordinary loop, its MSE term drives each profile to the training mean of that
+    level (exactly, with MSE alone; the PCC terms only shape it across genes). A constant predictor:
+    high PCC per bin across genes, zero PCC per gene across bins.
+    """
+
+    def __init__(self, n_genes: int):
+        super().__init__()
+        # not constant at init: the gradient of a PCC term grows as 1 / (spread of the profile)
+        self.bin = nn.Parameter(0.1 * torch.randn(n_genes))
+        self.spot = nn.Parameter(0.1 * torch.randn(n_genes))
+        self.glob = nn.Parameter(0.1 * torch.randn(n_genes))
+
+    def forward(self, batch) -> Predictions:
+        return Predictions(
+            bin=self.bin.expand(batch.bin_expr.shape[0], -1),
+            spot=self.spot.expand(batch.spot_expr.shape[0], -1),
+            glob=self.glob.expand(batch.glob_expr.shape[0], -1),
+        )
+
+
+class STNet(nn.Module):
+    """Single scale (He et al. 2020 style): the bin patch through the encoder, a linear head; no context."""
+
+    def __init__(self, cfg: ModelConfig, n_genes: int):
+        super().__init__()
+        self.encoder = Encoder(cfg.encoder, cfg.encoder_weights, seed=cfg.seed, channels_last=cfg.channels_last)
+        self.head = nn.Linear(self.encoder.num_features, n_genes)
+
+    def forward(self, batch) -> Predictions:
+        return Predictions(bin=self.head(self.encoder(batch.bin_img.float() / 255.0)))

@@ -1,0 +1,44 @@
+"""ModelConfig: which model to build (by name) and its sizes. Loaded with ``magnet.config.load_config``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+MODEL_NAMES = ("magnet", "magnet_no_spot", "magnet_no_global", "magnet_no_graph", "stnet", "mean")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    """Model section (``model.*``). Defaults are the paper's sizes (ResNet-50, width 1024, 8 heads).
+
+    ``k_bin``, ``k_spot`` and ``k_global`` are used by :func:`magnet.batch.collate` (graph degree per
+    level) and fix the number of cross-attention context tokens (``1 + k`` per level).
+    """
+
+    name: str = "magnet"  # one of MODEL_NAMES
+    encoder: str = "resnet50"  # any timm model name
+    encoder_weights: str | None = None  # None (random, seeded), a local checkpoint path, or hub name
+    seed: int = 0  # init seed of the encoder when encoder_weights is None
+    channels_last: bool = True
+    width: int = 1024
+    heads: int = 8
+    gat_type: Literal["gat", "gatv2"] = "gat"
+    gat_layers: int = 3  # stacked graph-attention blocks per level
+    transformer_layers: int = 1  # per level, over the block outputs (the reference shares 3 over 3 levels)
+    k_bin: int = 8
+    k_spot: int = 8
+    k_global: int = 8
+    dropout: float = 0.1
+    edge_features: bool = True  # relative offsets (um, scaled per level) as GAT edge features
+
+    def __post_init__(self):
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"name must be one of {list(MODEL_NAMES)}, got {self.name!r}")
+        if self.width <= 0 or self.heads <= 0 or self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be a positive multiple of heads ({self.heads})")
+        for key in ("gat_layers", "transformer_layers", "k_bin", "k_spot", "k_global"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

@@ -1,0 +1,75 @@
+"""MagNet (Zhu et al., MIDL 2025) with sparse graphs: cost depends on the batch, not the slide.
+
+Per step, for a :class:`magnet.batch.Batch`:
+
+1. bin patches -> timm encoder (trained end to end) -> projection to ``width``;
+2. per context level (spot, global): frozen tile features (stop-grad) -> projection = node
+   embeddings; each bin cross-attends to its own tile and that tile's graph neighbours (tokens =
+   node embedding + encoded offset from the bin), added residually to the bin embedding;
+3. per level (bin, spot, global): stacked GAT blocks on the level's sparse graph, a transformer
+   over the block outputs, mean over depth (:class:`~magnet.models.layers.LevelEncoder`);
+4. fusion: the bin representation plus an MLP of [bin, its spot node, its global node];
+5. separate heads per level.
+
+Ablations switch off the spot level, the global level, or every graph (GAT -> node-wise linear;
+the cross-attention keeps its neighbour tokens, which come from the data, not from a GNN).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from magnet.geometry import Geometry
+from magnet.models.config import ModelConfig
+from magnet.models.encoder import Encoder
+from magnet.models.layers import ContextCrossAttention, LevelEncoder, head
+from magnet.models.predictions import Predictions
+
+
+class MagNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry, *,
+                 spot: bool = True, glob: bool = True, graph: bool = True):
+        super().__init__()
+        D = cfg.width
+        self.encoder = Encoder(cfg.encoder, cfg.encoder_weights, seed=cfg.seed, channels_last=cfg.channels_last)
+        self.bin_proj = nn.Linear(self.encoder.num_features, D)
+        self.levels = tuple(name for name, on in (("spot", spot), ("glob", glob)) if on)
+        # offsets in um are divided by the level's tile side, so positions enter the model as O(1)
+        self.scale = {"bin": geometry.bin_px * geometry.mpp, "spot": geometry.spot_px * geometry.mpp,
+                      "glob": geometry.global_px * geometry.mpp}
+        self.edge_features = cfg.edge_features
+        edge_dim = 2 if cfg.edge_features else None
+        self.node_proj = nn.ModuleDict({name: nn.Linear(feat_dim, D) for name in self.levels})
+        self.token_pos = nn.ModuleDict({name: nn.Linear(2, D) for name in self.levels})
+        self.cross = nn.ModuleDict({name: ContextCrossAttention(D, cfg.heads, cfg.dropout) for name in self.levels})
+        self.level = nn.ModuleDict({
+            name: LevelEncoder(D, cfg.heads, cfg.gat_layers, cfg.transformer_layers, cfg.gat_type, edge_dim,
+                               cfg.dropout, graph)
+            for name in ("bin",) + self.levels
+        })
+        n_parts = 1 + len(self.levels)
+        self.fuse_norm = nn.ModuleList(nn.LayerNorm(D) for _ in range(n_parts))
+        self.fuse = nn.Sequential(nn.Linear(n_parts * D, D), nn.GELU(), nn.Linear(D, D))
+        self.heads = nn.ModuleDict({name: head(D, n_genes) for name in ("bin",) + self.levels})
+
+    def _edge_attr(self, batch, name: str) -> torch.Tensor | None:
+        return getattr(batch, f"{name}_edge_attr") / self.scale[name] if self.edge_features else None
+
+    def forward(self, batch) -> Predictions:
+        x = self.bin_proj(self.encoder(batch.bin_img.float() / 255.0))
+        nodes = {}
+        for name in self.levels:
+            nodes[name] = self.node_proj[name](getattr(batch, f"{name}_feat").detach())  # frozen: stop-grad
+            idx = getattr(batch, f"ctx_{name}")
+            offset = getattr(batch, f"ctx_{name}_offset") / self.scale[name]
+            tokens = nodes[name][idx] + self.token_pos[name](offset)
+            x = x + self.cross[name](x, tokens, getattr(batch, f"ctx_{name}_mask"))
+        reps = {"bin": self.level["bin"](x, batch.bin_edge_index, self._edge_attr(batch, "bin"))}
+        for name in self.levels:
+            reps[name] = self.level[name](nodes[name], getattr(batch, f"{name}_edge_index"),
+                                          self._edge_attr(batch, name))
+        parts = [reps["bin"]] + [reps[name][getattr(batch, f"bin_{name}")] for name in self.levels]
+        fused = reps["bin"] + self.fuse(torch.cat([n(p) for n, p in zip(self.fuse_norm, parts)], dim=-1))
+        out = {name: self.heads[name](reps[name]) for name in self.levels}
+        return Predictions(bin=self.heads["bin"](fused), spot=out.get("spot"), glob=out.get("glob"))

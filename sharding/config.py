@@ -1,0 +1,107 @@
+"""The sharding stage's typed config (``magnet shard --config FILE key=value ...``).
+
+Sizes are physical: pixel sizes are at the model pixel size ``shard.mpp`` (um/px), the same for
+every slide whatever its scanner. Every field is recorded in each bin size's ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from magnet.geometry import Geometry
+
+
+@dataclasses.dataclass(kw_only=True)
+class SampleConfig:
+    """Geometry, tissue filter, image encoding and shard size (docs/shard_format.md)."""
+
+    mpp: float = 0.5
+    global_px: int = 512
+    spot_px: int = 224
+    bin_px: int = 112
+    min_bins_per_tile: int = 1  # tissue filter: a global tile with fewer tissue bins is skipped
+    max_bins_per_sample: int = 0  # 0 = all; else a seeded subsample (2 um bins: ~16k per 256 um tile)
+    image_format: Literal["jpg", "png", "webp"] = "jpg"  # png / webp are lossless
+    jpeg_quality: int = 90
+    keep_counts: bool = False  # also store raw counts (bin_counts.npy.zst)
+    k_neighbours: int = 8
+    samples_per_shard: int = 256
+    bytes_per_shard: int = 256 * 2**20  # a shard is closed at whichever limit comes first
+
+    def __post_init__(self):
+        Geometry(mpp=self.mpp, global_px=self.global_px, spot_px=self.spot_px, bin_px=self.bin_px)
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if min(self.min_bins_per_tile, self.samples_per_shard, self.bytes_per_shard) < 1:
+            raise ValueError("min_bins_per_tile, samples_per_shard and bytes_per_shard must be >= 1")
+        if self.max_bins_per_sample < 0 or self.k_neighbours < 0:
+            raise ValueError("max_bins_per_sample and k_neighbours must be >= 0")
+
+    def geometry(self) -> Geometry:
+        return Geometry(mpp=self.mpp, global_px=self.global_px, spot_px=self.spot_px, bin_px=self.bin_px)
+
+
+@dataclasses.dataclass(kw_only=True)
+class GeneConfig:
+    """One gene list per cohort, chosen on the training slides, and the normalisation."""
+
+    selection: Literal["top_mean", "hvg", "file"] = "top_mean"
+    n_genes: int = 250  # paper: top 250 by mean expression
+    gene_file: str | None = None  # selection=file: one gene name or id per line
+    selection_bin_um: int = 16  # bin size whose matrices rank the genes (same list for every bin size)
+    normalisation: Literal["log1p_libsize", "log1p", "none"] = "log1p_libsize"
+    # log1p_libsize: log1p(counts / library size * target_sum), library size over ALL genes of the
+    # bin (spot / global: of the summed counts); 10,000 is the scanpy / Seurat convention.
+    target_sum: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_genes < 1 or self.target_sum <= 0:
+            raise ValueError("n_genes must be >= 1 and target_sum > 0")
+        if self.selection == "file" and not self.gene_file:
+            raise ValueError("selection=file needs genes.gene_file")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EncoderConfig:
+    """Frozen encoder for spot and global features (computed once here, stop-grad in the model)."""
+
+    name: str = "regnetx_002"  # 9 ms per 224 px crop on one CPU core, 368 features (resnet18: 53 ms, 512)
+    weights: str | None = None  # local checkpoint, timm:NAME / hf-hub:ORG/NAME, or None = random (seed)
+    input_px: int = 224  # the 512 px global tile is resized to this before the encoder (0 = native)
+    batch_size: int = 32
+
+
+@dataclasses.dataclass(kw_only=True)
+class SplitConfig:
+    """Slide-level (patient-level when the samplesheet has a patient column) splits and folds."""
+
+    val_frac: float = 0.2
+    test_frac: float = 0.2
+    n_folds: int = 5
+
+    def __post_init__(self):
+        if self.val_frac < 0 or self.test_frac < 0 or self.val_frac + self.test_frac >= 1:
+            raise ValueError("need val_frac, test_frac >= 0 and val_frac + test_frac < 1")
+        if self.n_folds < 1:
+            raise ValueError("n_folds must be >= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RayConfig:
+    """Local Ray (without --address): cores and a small object store; ignored on a cluster."""
+
+    num_cpus: int = 0  # 0 = all cores of this machine
+    cpus_per_task: int = 1  # also the torch threads of each slide task
+    object_store_mb: int = 256
+    progress: bool = True
+
+
+@dataclasses.dataclass(kw_only=True)
+class ShardConfig:
+    seed: int = 0
+    shard: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    genes: GeneConfig = dataclasses.field(default_factory=GeneConfig)
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)

@@ -1,0 +1,108 @@
+"""Lazy slide image access: square regions at the model pixel size, read on demand.
+
+TIFF (tiled, pyramidal, BigTIFF, or plain) is read through tifffile's zarr store, so only the
+tiles under a region are decoded, from the pyramid level nearest the model pixel size without
+being coarser than it; memory does not grow with the slide. PNG / JPEG are small images read
+whole. Grayscale images are refused; RGBA is converted to RGB. Outside the image is white.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from magnet.errors import UserError
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ome.tif")
+Image.MAX_IMAGE_PIXELS = None  # the user's own slide: no decompression-bomb guard
+
+
+class SlideImage:
+    """``region(x0, y0, size, mpp, mpp_full)``: (size, size, 3) uint8 at ``mpp`` um/px."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._tif = None
+        if self.path.suffix.lower() in TIFF_SUFFIXES:
+            self._open_tiff()
+        else:
+            self._open_pil()
+
+    def _grayscale(self, shape) -> UserError:
+        return UserError(f"{self.path}: image: grayscale (shape {tuple(shape)}); an RGB H&E image is needed")
+
+    def _open_tiff(self) -> None:
+        import tifffile
+        import zarr
+
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            series = self._tif.series[0]
+        except (tifffile.TiffFileError, OSError, IndexError) as e:
+            raise UserError(f"{self.path}: image: not a readable TIFF ({type(e).__name__})") from None
+        axes = series.axes
+        if "S" not in axes or series.shape[axes.index("S")] not in (3, 4) or axes.replace("S", "") != "YX":
+            raise self._grayscale(series.shape)
+        self._planar = axes.index("S") == 0
+        self._levels, self.size = [], None
+        for i, level in enumerate(series.levels):
+            h, w = (level.shape[1:] if self._planar else level.shape[:2])
+            self.size = self.size or (w, h)
+            self._levels.append((self.size[0] / w, zarr.open(series.aszarr(level=i), mode="r")))
+
+    def _open_pil(self) -> None:
+        try:
+            with Image.open(self.path) as im:
+                if im.mode in ("L", "LA", "I", "I;16", "F", "1"):
+                    raise self._grayscale((im.height, im.width))
+                arr = np.asarray(im.convert("RGB"))
+        except (OSError, Image.DecompressionBombError) as e:
+            raise UserError(f"{self.path}: image: not a readable image ({type(e).__name__})") from None
+        self.size = (arr.shape[1], arr.shape[0])
+        self._levels = [(1.0, arr)]
+        self._planar = False
+
+    def _read(self, level, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """Level pixels [y0:y1, x0:x1] as (h, w, 3), white where outside the level."""
+        arr = level
+        h, w = (arr.shape[1:3] if self._planar else arr.shape[:2])
+        out = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if cx0 < cx1 and cy0 < cy1:
+            try:
+                if self._planar:
+                    block = np.moveaxis(np.asarray(arr[:3, cy0:cy1, cx0:cx1]), 0, -1)
+                else:
+                    block = np.asarray(arr[cy0:cy1, cx0:cx1, :3])
+            except Exception as e:  # codecs raise their own types for corrupt tiles
+                raise UserError(f"{self.path}: image: cannot decode pixels x {cx0}-{cx1}, y {cy0}-{cy1} "
+                                f"(corrupt or truncated: {type(e).__name__})") from None
+            out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = block
+        return out
+
+    def region(self, x0: float, y0: float, size: int, mpp: float, mpp_full: float) -> np.ndarray:
+        """The ``size`` px square whose top-left is model pixel (x0, y0); model px = full-res px * mpp_full / mpp."""
+        # coarsest level that is not coarser than the model pixel size (never upsample a coarse level)
+        down, arr = next(((d, a) for d, a in reversed(self._levels) if mpp_full * d <= mpp * 1.001), self._levels[0])
+        scale = mpp / (mpp_full * down)  # level px per model px
+        bx0, by0 = x0 * scale, y0 * scale
+        bx1, by1 = (x0 + size) * scale, (y0 + size) * scale
+        ix0, iy0, ix1, iy1 = math.floor(bx0) - 1, math.floor(by0) - 1, math.ceil(bx1) + 1, math.ceil(by1) + 1
+        block = self._read(arr, ix0, iy0, ix1, iy1)
+        if abs(scale - 1) < 1e-9 and float(x0).is_integer() and float(y0).is_integer():
+            return block[1:1 + size, 1:1 + size].copy()
+        box = (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
+        return np.asarray(Image.fromarray(block).resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+    def close(self) -> None:
+        if self._tif is not None:
+            self._tif.close()
+
+    def __enter__(self) -> "SlideImage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

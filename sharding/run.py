@@ -1,0 +1,274 @@
+"""Orchestration: check inputs up front, then inspect and shard slides as Ray tasks, then finalise.
+
+1. In the driver (before Ray starts): samplesheet, files, scalefactors, parquet columns, image
+   mode and size, gene sets of every matrix, gene file, splits. Bad input fails here in seconds.
+2. Ray task per slide: read every bin size in full (content checks) and sum gene statistics;
+   the training slides' statistics choose the cohort's genes.
+3. Ray task per slide: tile images, frozen features and samples for every bin size still to do,
+   into ``{bin}um/.work/{slide}/`` (renamed into place when complete; re-runs skip those).
+4. Driver: parts renamed to ``{bin}um/{split}-NNNNNN.tar`` (numbered per split in slide order),
+   then ``manifest.json`` written atomically, then the work folder removed.
+
+Nothing under a final name is half-written; a re-run with the same inputs and config finishes
+what is missing and leaves finished bin sizes alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from magnet.config import git_revision, save_config, to_dict
+from magnet.errors import UserError
+from magnet.io import atomic_write_text
+
+from .config import ShardConfig
+from .genes import GeneStats, genes_from_file, normalisation_record, select_genes
+from .image import SlideImage
+from .reader import BinFiles, check_positions_columns, read_genes, read_mpp
+from .samplesheet import SPLITS, SlideEntry, read_samplesheet
+from .slide import DONE, inspect_slide, shard_slide
+from .splits import assign_splits
+from .writer import FORMAT_VERSION
+
+WORK = ".work"
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+
+
+def check_inputs(entries: list[SlideEntry], bin_ums: list[int]) -> tuple[list[str], list[str]]:
+    """Cheap checks of every slide at every bin size; the cohort's (gene ids, gene names)."""
+    reference = None
+    for e in entries:
+        with SlideImage(e.image) as image:
+            width, height = image.size
+        mpps = {}
+        for b in bin_ums:
+            files = BinFiles.of(e.spaceranger, b)
+            mpps[b] = read_mpp(files.scalefactors, b)
+            check_positions_columns(files.positions)
+            genes = read_genes(files.matrix)
+            if reference is None:
+                reference = (files.matrix, genes)
+            elif genes[0] != reference[1][0]:
+                raise UserError(f"{files.matrix}: features/id: gene set differs from {reference[0]} "
+                                f"({len(genes[0])} vs {len(reference[1][0])} genes); one cohort needs one gene set")
+        first = mpps[bin_ums[0]]
+        for b, mpp in mpps.items():
+            if abs(mpp - first) > 1e-6 * first:
+                raise UserError(f"{BinFiles.of(e.spaceranger, b).scalefactors}: microns_per_pixel: {mpp} differs from "
+                                f"{first} at {bin_ums[0]} um for the same image")
+    return reference[1]
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, cfg: ShardConfig):
+    """Connect to a cluster (``address``), or start Ray locally; reuse a session already started."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                 object_store_memory=cfg.ray.object_store_mb * 2**20, log_to_driver=cfg.ray.progress)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _gather(ray, refs: dict, bar=None) -> dict:
+    """Results of ``{name: ObjectRef}``; the first failure cancels the rest and is raised (UserError as is)."""
+    from ray.exceptions import RayTaskError
+
+    out, pending = {}, dict((ref, name) for name, ref in refs.items())
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            out[name] = ray.get(done[0])
+            if bar is not None:
+                bar(name, out[name])
+    except RayTaskError as e:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if isinstance(e.cause, UserError):
+            raise UserError(str(e.cause)) from None
+        raise
+    return out
+
+
+def _plan(cfg: ShardConfig, bin_um: int, gene_ids: list[str], splits: dict, folds: dict) -> str:
+    doc = {"format_version": FORMAT_VERSION, "bin_um": bin_um, "config": _recorded_config(cfg),
+           "gene_ids": gene_ids, "splits": splits, "folds": folds}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _recorded_config(cfg: ShardConfig) -> dict:
+    """The config that determines the shards (the ``ray`` section only schedules the work)."""
+    d = to_dict(cfg)
+    d.pop("ray")
+    return d
+
+
+def _prepare(bin_dir: Path, plan: str) -> bool:
+    """Make ``bin_dir`` ready for ``plan``; False when it is already complete for it."""
+    manifest, work = bin_dir / "manifest.json", bin_dir / WORK
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("plan") == plan:
+            return False
+        raise UserError(f"{manifest}: plan: shards of other inputs or config are there; choose another --out")
+    if (work / "plan.json").is_file() and json.loads((work / "plan.json").read_text())["plan"] != plan:
+        shutil.rmtree(work)  # our own unfinished work for other inputs: start over
+        for f in bin_dir.iterdir():
+            if SHARD_NAME.match(f.name):
+                f.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in work.glob(".*.tmp"):  # a slide folder left by a killed task
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    atomic_write_text(work / "plan.json", json.dumps({"plan": plan}))
+    return True
+
+
+def _finalise(bin_dir: Path, records: list[dict], manifest: dict) -> dict:
+    work = bin_dir / WORK
+    counter = dict.fromkeys(SPLITS, 0)
+    shards = []
+    for rec in sorted(records, key=lambda r: r["slide"]):
+        for part in rec["parts"]:
+            name = f"{rec['split']}-{counter[rec['split']]:06d}.tar"
+            counter[rec["split"]] += 1
+            src, dst = work / rec["slide"] / part["part"], bin_dir / name
+            if src.is_file():
+                os.replace(src, dst)
+            elif not dst.is_file():
+                raise UserError(f"{dst}: missing and {src} gone; delete {bin_dir} and re-run")
+            shards.append({"name": name, "split": rec["split"], **{k: part[k] for k in
+                                                                    ("n_samples", "n_bins", "bytes", "sha256")}})
+    manifest["shards"] = sorted(shards, key=lambda s: s["name"])
+    atomic_write_text(bin_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    shutil.rmtree(work)
+    return manifest
+
+
+def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, cfg: ShardConfig,
+                 address: str | None = None) -> dict[int, dict]:
+    """Shard a cohort; return ``{bin_um: manifest}``."""
+    entries = read_samplesheet(samplesheet)
+    bin_ums = sorted(set(bin_ums))
+    splits, folds = assign_splits(entries, cfg.split, cfg.seed, str(samplesheet))
+    stats_bin = cfg.genes.selection_bin_um if cfg.genes.selection != "file" else None
+    read_bins_at = sorted(set(bin_ums) | ({stats_bin} if stats_bin else set()))
+    gene_ids, gene_names = check_inputs(entries, read_bins_at)
+    if cfg.genes.selection == "file":
+        genes_from_file(Path(cfg.genes.gene_file), gene_ids, gene_names)
+    if cfg.encoder.weights and not Path(cfg.encoder.weights).is_file() and ":" not in cfg.encoder.weights:
+        raise UserError(f"config: encoder.weights: file not found: {cfg.encoder.weights}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "shard_config.yaml")
+    by_slide = {e.slide: e for e in entries}
+    with ray_session(address, cfg) as ray:
+        inspect = ray.remote(num_cpus=cfg.ray.cpus_per_task)(inspect_slide)
+        found = _gather(ray, {e.slide: inspect.remote(e, read_bins_at, len(gene_ids), cfg, stats_bin) for e in entries})
+        stats = GeneStats(len(gene_ids), cfg.genes)
+        for slide in sorted(found):
+            if splits[slide] == "train" and found[slide]["stats"] is not None:
+                stats.merge(found[slide]["stats"])
+        genes = select_genes(gene_ids, gene_names, stats, cfg.genes)
+        todo: dict[str, list[int]] = {}
+        bin_dirs = {b: out / f"{b}um" for b in bin_ums}
+        plans = {b: _plan(cfg, b, [gene_ids[i] for i in genes], splits, folds) for b in bin_ums}
+        for b in bin_ums:
+            if not _prepare(bin_dirs[b], plans[b]):
+                print(f"shard: {bin_dirs[b]}: up to date", file=sys.stderr)
+                continue
+            missing = [e.slide for e in entries if not (bin_dirs[b] / WORK / e.slide / DONE).is_file()]
+            print(f"shard: {bin_dirs[b]}: {len(entries) - len(missing)} of {len(entries)} slides already done, "
+                  f"{len(missing)} to do", file=sys.stderr)
+            for slide in missing:
+                todo.setdefault(slide, []).append(b)
+        task = ray.remote(num_cpus=cfg.ray.cpus_per_task)(shard_slide)
+        work = {b: str(bin_dirs[b] / WORK) for b in bin_ums}
+        _gather(ray, {s: task.remote(by_slide[s], splits[s], bs, work, genes, cfg, cfg.ray.progress)
+                      for s, bs in sorted(todo.items())}, _overall_bar(cfg.ray.progress, len(todo)))
+    manifests = {}
+    for b in bin_ums:
+        manifest_path = bin_dirs[b] / "manifest.json"
+        if not (bin_dirs[b] / WORK).is_dir():
+            manifests[b] = json.loads(manifest_path.read_text())
+            continue
+        records = [json.loads((bin_dirs[b] / WORK / e.slide / DONE).read_text()) for e in entries]
+        manifests[b] = _finalise(bin_dirs[b], records, _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds,
+                                                                 records, by_slide, plans[b], stats.n_bins))
+    return manifests
+
+
+def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, by_slide, plan, n_stat_bins) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "bin_um": bin_um,
+        "genes": [gene_names[i] for i in genes],
+        "gene_ids": [gene_ids[i] for i in genes],
+        "normalisation": normalisation_record(cfg.genes),
+        "gene_selection": {"method": cfg.genes.selection, "n_genes": len(genes),
+                           "bin_um": cfg.genes.selection_bin_um if cfg.genes.selection != "file" else None,
+                           "gene_file": cfg.genes.gene_file, "training_slides": sorted(s for s in splits
+                                                                                         if splits[s] == "train"),
+                           "training_bins": n_stat_bins},
+        "geometry": cfg.shard.geometry().to_dict(),
+        "k_neighbours": cfg.shard.k_neighbours,
+        "encoder": {"name": cfg.encoder.name, "feat_dim": records[0]["feat_dim"],
+                    "weights": records[0]["encoder_weights"], "input_px": cfg.encoder.input_px},
+        "image": {"format": cfg.shard.image_format, "jpeg_quality": cfg.shard.jpeg_quality},
+        "splits": dict(sorted(splits.items())),
+        "folds": dict(sorted(folds.items())),
+        "slides": {r["slide"]: {"split": r["split"], "fold": folds[r["slide"]], "patient": by_slide[r["slide"]].patient,
+                                "tiles": r["tiles"], "bins": r["bins"], "bins_in_tiles": r["bins_in_tiles"],
+                                "bins_in_tissue": r["bins_in_tissue"]} for r in sorted(records, key=lambda r: r["slide"])},
+        "seed": cfg.seed,
+        "config": _recorded_config(cfg),
+        "git_revision": git_revision(),
+        "plan": plan,
+    }
+
+
+def _overall_bar(progress: bool, n_slides: int):
+    if not progress or n_slides == 0:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_slides, desc="slides", unit="slide")
+    started, totals = time.perf_counter(), {"tiles": 0, "bins": 0}
+
+    def update(slide: str, records: dict) -> None:
+        for rec in records.values():
+            totals["tiles"] += rec["tiles"]
+            totals["bins"] += rec["bins"]
+        dt = max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(tiles_s=f"{totals['tiles'] / dt:.1f}", bins_s=f"{totals['bins'] / dt:.0f}", last=slide)
+        bar.update(1)
+        if bar.n == bar.total:
+            bar.close()
+
+    return update
+
+
+def summary(manifest: dict) -> dict:
+    """Slides, tiles, bins, genes, bytes and bytes per bin of one bin size's shards."""
+    n_bins = sum(s["n_bins"] for s in manifest["shards"])
+    n_bytes = sum(s["bytes"] for s in manifest["shards"])
+    return {"bin_um": manifest["bin_um"], "slides": len(manifest["slides"]),
+            "tiles": sum(s["n_samples"] for s in manifest["shards"]), "bins": n_bins,
+            "genes": len(manifest["genes"]), "shards": len(manifest["shards"]), "bytes": n_bytes,
+            "bytes_per_bin": round(n_bytes / max(n_bins, 1), 1)}
+

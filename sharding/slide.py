@@ -1,0 +1,177 @@
+"""The work of one slide (a Ray task each): inspect it, then write its samples at every bin size.
+
+A slide's samples at one bin size go to ``{bin}um/.work/{slide}/part-NNNNNN.tar`` plus
+``done.json``; the folder is written under a temporary name and renamed when complete, so a
+folder under its final name is a finished slide (re-runs skip it). Tile images are read once per
+slide for all bin sizes (encoded bytes are spilled to an unlinked temporary file), features are
+computed once per tile.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from magnet.io import atomic_path
+
+from .config import ShardConfig
+from .genes import GeneStats, normalise
+from .image import SlideImage
+from .reader import BinFiles, read_bins, read_mpp
+from .samplesheet import SlideEntry
+from .tiles import TileSet, make_tiles
+from .writer import FORMAT_VERSION, PartWriter, encode_image, encode_meta, encode_npy, sample_key
+
+DONE = "done.json"
+TILES_PER_BATCH = 8  # tiles per encoder call: fixed, so features do not depend on scheduling
+
+
+def inspect_slide(entry: SlideEntry, bin_ums: list[int], n_genes: int, cfg: ShardConfig, stats_bin: int | None) -> dict:
+    """Read every bin size in full (all input checks); gene statistics at ``stats_bin``."""
+    with SlideImage(entry.image) as image:
+        size = image.size
+    out = {"n_bins": {}, "stats": None}
+    for b in bin_ums:
+        stats = GeneStats(n_genes, cfg.genes) if b == stats_bin else None
+        bins = read_bins(BinFiles.of(entry.spaceranger, b), size, None, stats)
+        out["n_bins"][b] = len(bins.libsize)
+        if stats is not None:
+            stats.n_bins = len(bins.libsize)
+            out["stats"] = stats
+    return out
+
+
+class _Level:
+    """One bin size of a slide: bins, tissue tiles, aggregated expression."""
+
+    def __init__(self, entry: SlideEntry, bin_um: int, image: SlideImage, genes: np.ndarray, cfg: ShardConfig):
+        geom = cfg.shard.geometry()
+        files = BinFiles.of(entry.spaceranger, bin_um)
+        self.mpp_full = read_mpp(files.scalefactors, bin_um)
+        self.bins = read_bins(files, image.size, genes)
+        xy = self.bins.xy * self.mpp_full / geom.mpp
+        self.tiles: TileSet = make_tiles(xy, self.bins.rc, geom, cfg.shard.min_bins_per_tile, cfg.shard.k_neighbours)
+        n_tiles, s = len(self.tiles.grid), geom.n_spots
+        tile_of = np.repeat(np.arange(n_tiles), np.diff(self.tiles.bin_start))
+        group = tile_of * s + self.tiles.spot[self.tiles.bin_order]
+        import scipy.sparse as sp
+
+        member = sp.csr_matrix((np.ones(len(group), np.float32), (group, self.tiles.bin_order)),
+                               shape=(n_tiles * s, len(self.bins.libsize)))
+        spot_counts = np.asarray((member @ self.bins.counts).todense(), np.float64).reshape(n_tiles, s, -1)
+        spot_lib = np.bincount(group, self.bins.libsize[self.tiles.bin_order], n_tiles * s).reshape(n_tiles, s)
+        self.spot_mask = np.bincount(group, minlength=n_tiles * s).reshape(n_tiles, s) > 0
+        self.spot_expr = normalise(spot_counts, spot_lib, cfg.genes).astype(np.float16)
+        self.global_expr = normalise(spot_counts.sum(1), spot_lib.sum(1), cfg.genes).astype(np.float16)
+
+
+def _sample(entry: SlideEntry, split: str, bin_um: int, lv: _Level, t: int, image: bytes, feats: tuple,
+            cfg: ShardConfig) -> tuple[str, dict, int, int]:
+    sc, geom = cfg.shard, cfg.shard.geometry()
+    tiles = lv.tiles
+    gx, gy = (int(v) for v in tiles.grid[t])
+    idx = tiles.bins_of(t)
+    n_tile = len(idx)
+    if sc.max_bins_per_sample and n_tile > sc.max_bins_per_sample:
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(entry.slide.encode()), bin_um, gx, gy])
+        idx = idx[np.sort(rng.choice(n_tile, sc.max_bins_per_sample, replace=False))]
+    counts = lv.bins.counts[idx].toarray()
+    nbr = tiles.neighbours[t]
+    mask = nbr >= 0
+    nb = np.where(mask, nbr, 0)
+    spot_feat, global_feat = feats
+    m2, m3 = mask[:, None], mask[:, None, None]
+    members = {
+        f"image.{sc.image_format}": image,
+        "bin_xy.npy.zst": encode_npy(tiles.local_xy[idx]),
+        "bin_rc.npy.zst": encode_npy(lv.bins.rc[idx]),
+        "bin_spot.npy.zst": encode_npy(tiles.spot[idx]),
+        "bin_expr.npy.zst": encode_npy(normalise(counts, lv.bins.libsize[idx], cfg.genes).astype(np.float16)),
+        "spot_expr.npy.zst": encode_npy(np.where(m3, lv.spot_expr[nb], 0).astype(np.float16)),
+        "spot_mask.npy.zst": encode_npy(lv.spot_mask[nb] & m2),
+        "spot_feat.npy.zst": encode_npy(np.where(m3, spot_feat[nb], 0).astype(np.float16)),
+        "global_expr.npy.zst": encode_npy(np.where(m2, lv.global_expr[nb], 0).astype(np.float16)),
+        "global_feat.npy.zst": encode_npy(np.where(m2, global_feat[nb], 0).astype(np.float16)),
+        "nbr_offset.npy.zst": encode_npy(((tiles.grid[nb] - tiles.grid[t]) * geom.global_px * geom.mpp * m2)
+                                         .astype(np.float32)),
+        "nbr_mask.npy.zst": encode_npy(mask),
+        "meta.json": encode_meta({"slide": entry.slide, "split": split, "gx": gx, "gy": gy, "bin_um": bin_um,
+                                  "mpp": geom.mpp, "n_bins": len(idx), "n_bins_tile": n_tile,
+                                  "format_version": FORMAT_VERSION}),
+    }
+    if sc.keep_counts:
+        members["bin_counts.npy.zst"] = encode_npy(np.rint(counts).astype(np.int32))
+    return sample_key(entry.slide, gx, gy), members, len(idx), n_tile
+
+
+def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: dict[int, str], genes: np.ndarray,
+                cfg: ShardConfig, progress: bool) -> dict[int, dict]:
+    """Write the slide's samples for each of ``bin_ums`` into ``work_dirs[bin]/{slide}``; return their records."""
+    from .features import FeatureExtractor
+
+    started = time.perf_counter()
+    geom = cfg.shard.geometry()
+    records = {}
+    with SlideImage(entry.image) as image:
+        levels = {b: _Level(entry, b, image, genes, cfg) for b in bin_ums}
+        mpp_full = levels[bin_ums[0]].mpp_full
+        union = sorted({(int(gy), int(gx)) for lv in levels.values() for gx, gy in lv.tiles.grid})
+        where = {yx: i for i, yx in enumerate(union)}
+        extractor = FeatureExtractor(cfg.encoder, geom, cfg.seed, cfg.ray.cpus_per_task)
+        spot_feat = np.zeros((len(union), geom.n_spots, extractor.dim), np.float16)
+        global_feat = np.zeros((len(union), extractor.dim), np.float16)
+        bar = _bar(progress, entry.slide, len(union) + sum(len(lv.tiles.grid) for lv in levels.values()))
+        with tempfile.TemporaryFile(dir=Path(work_dirs[bin_ums[0]]).parent) as spill:
+            spans = []
+            for i in range(0, len(union), TILES_PER_BATCH):
+                block = union[i:i + TILES_PER_BATCH]
+                imgs = [image.region(*geom.tile_origin_px(gx, gy), geom.image_px, geom.mpp, mpp_full)
+                        for gy, gx in block]
+                spot_feat[i:i + len(block)], global_feat[i:i + len(block)] = extractor(imgs)
+                for img in imgs:
+                    data = encode_image(img, cfg.shard.image_format, cfg.shard.jpeg_quality)
+                    spans.append((spill.tell(), len(data)))
+                    spill.write(data)
+                bar.update(len(block))
+            for b, lv in levels.items():
+                uidx = np.array([where[(int(gy), int(gx))] for gx, gy in lv.tiles.grid], np.int64)
+                feats = (spot_feat[uidx], global_feat[uidx])
+                n_bins = n_total = 0
+                with atomic_path(Path(work_dirs[b]) / entry.slide) as tmp:
+                    tmp.mkdir()
+                    writer = PartWriter(tmp, cfg.shard.samples_per_shard, cfg.shard.bytes_per_shard)
+                    for t in range(len(lv.tiles.grid)):
+                        spill.seek(spans[uidx[t]][0])
+                        key, members, n, n_tile = _sample(entry, split, b, lv, t, spill.read(spans[uidx[t]][1]),
+                                                          feats, cfg)
+                        writer.write(key, members, n)
+                        n_bins, n_total = n_bins + n, n_total + n_tile
+                        bar.update(1)
+                    records[b] = {"slide": entry.slide, "split": split, "bin_um": b, "tiles": len(lv.tiles.grid),
+                                  "bins": n_bins, "bins_in_tiles": n_total, "bins_in_tissue": len(lv.bins.libsize),
+                                  "feat_dim": extractor.dim, "encoder_weights": extractor.encoder.weights_id,
+                                  "parts": writer.close(), "seconds": round(time.perf_counter() - started, 3)}
+                    (tmp / DONE).write_text(json.dumps(records[b], indent=1, sort_keys=True))
+        bar.close()
+    return records
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(progress: bool, slide: str, total: int):
+    if not progress:
+        return _NoBar()
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(desc=f"slide {slide}", total=total, unit="tile")

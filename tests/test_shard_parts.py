@@ -1,0 +1,134 @@
+"""Parts of the sharding stage: lazy pyramidal image reads, splits, gene selection on training slides."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from magnet.errors import UserError
+from sharding.config import SplitConfig
+from sharding.image import SlideImage
+from sharding.samplesheet import read_samplesheet
+from sharding.splits import assign_splits
+
+
+def smooth_rgb(side: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (side // 32, side // 32, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC))
+
+
+def halve(img: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).reduce(2))
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory):
+    """A tiled pyramidal BigTIFF at 0.25 um/px with levels 1, 1/2, 1/4."""
+    levels = [smooth_rgb(1024)]
+    levels += [halve(levels[-1])]
+    levels += [halve(levels[-1])]
+    path = tmp_path_factory.mktemp("img") / "slide.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(levels[0], tile=(128, 128), subifds=2, photometric="rgb")
+        for lv in levels[1:]:
+            tif.write(lv, tile=(128, 128), subfiletype=1, photometric="rgb")
+    return path, levels
+
+
+def test_region_from_the_matching_pyramid_level(pyramid):
+    path, levels = pyramid
+    with SlideImage(path) as im:
+        assert im.size == (1024, 1024)
+        np.testing.assert_array_equal(im.region(100, 60, 128, mpp=0.5, mpp_full=0.25), levels[1][60:188, 100:228])
+        np.testing.assert_array_equal(im.region(30, 40, 64, mpp=1.0, mpp_full=0.25), levels[2][40:104, 30:94])
+        # partly outside: white there
+        edge = im.region(-10, 240, 32, mpp=1.0, mpp_full=0.25)
+        assert (edge[:, :10] == 255).all() and (edge[16:, :] == 255).all()
+        np.testing.assert_array_equal(edge[:16, 10:], levels[2][240:256, 0:22])
+
+
+def test_region_resampled_between_levels(pyramid):
+    path, levels = pyramid
+    with SlideImage(path) as im:
+        got = im.region(50, 50, 100, mpp=0.4, mpp_full=0.25).astype(int)  # from level 0 (0.25), x1.6
+    ref = np.asarray(Image.fromarray(levels[0][80:240, 80:240]).resize((100, 100), Image.Resampling.LANCZOS))
+    assert got.shape == (100, 100, 3) and np.abs(got - ref.astype(int)).mean() < 3
+
+
+def test_rgba_png_is_read_as_rgb(tmp_path):
+    rgb = smooth_rgb(256, seed=3)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])).save(tmp_path / "rgba.png")
+    with SlideImage(tmp_path / "rgba.png") as a, SlideImage(tmp_path / "rgb.png") as b:
+        np.testing.assert_array_equal(a.region(5, 7, 64, 0.5, 0.5), b.region(5, 7, 64, 0.5, 0.5))
+        np.testing.assert_array_equal(a.region(5, 7, 64, 0.5, 0.5), rgb[7:71, 5:69])
+
+
+def write_sheet(tmp_path: Path, rows: list[str], header="slide,spaceranger,image,patient,split") -> Path:
+    for name in ("outs", "img.tif"):
+        (tmp_path / name).mkdir(exist_ok=True) if name == "outs" else (tmp_path / name).write_bytes(b"")
+    sheet = tmp_path / "slides.csv"
+    sheet.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return sheet
+
+
+def test_patient_level_seeded_splits(tmp_path):
+    rows = [f"s{i},outs,img.tif,p{i // 2}," for i in range(12)]
+    entries = read_samplesheet(write_sheet(tmp_path, rows))
+    splits, folds = assign_splits(entries, SplitConfig(), seed=5, source="slides.csv")
+    for i in range(0, 12, 2):
+        assert splits[f"s{i}"] == splits[f"s{i + 1}"] and folds[f"s{i}"] == folds[f"s{i + 1}"]
+    assert sorted(splits.values()).count("test") == 2 and sorted(splits.values()).count("val") == 2
+    assert assign_splits(entries, SplitConfig(), seed=5, source="slides.csv") == (splits, folds)
+
+
+def test_explicit_splits_are_honoured_and_checked(tmp_path):
+    rows = ["a,outs,img.tif,,test", "b,outs,img.tif,,", "c,outs,img.tif,,"]
+    splits, _ = assign_splits(read_samplesheet(write_sheet(tmp_path, rows)), SplitConfig(), 0, "slides.csv")
+    assert splits["a"] == "test" and "train" in (splits["b"], splits["c"])
+    bad = ["a,outs,img.tif,p1,test", "b,outs,img.tif,p1,train"]
+    with pytest.raises(UserError, match="split: patient 'p1'"):
+        assign_splits(read_samplesheet(write_sheet(tmp_path, bad)), SplitConfig(), 0, "slides.csv")
+
+
+def test_genes_are_top_mean_of_training_slides(tiny_shards, tiny_cohort):
+    import scanpy as sc
+
+    manifest = json.loads((tiny_shards / "16um" / "manifest.json").read_text())
+    train = manifest["gene_selection"]["training_slides"]
+    assert train == sorted(s for s, split in manifest["splits"].items() if split == "train") and len(train) < 3
+    adatas = [sc.read_10x_h5(tiny_cohort / s / "outs/binned_outputs/square_016um/filtered_feature_bc_matrix.h5",
+                             gex_only=True) for s in train]
+    mean = np.zeros(adatas[0].n_vars)
+    for ad in adatas:
+        sc.pp.normalize_total(ad, target_sum=1e4)
+        sc.pp.log1p(ad)
+        mean += np.asarray(ad.X.sum(0)).ravel()
+    top = np.argsort(-mean, kind="stable")[: len(manifest["genes"])]
+    assert set(manifest["gene_ids"]) == set(adatas[0].var["gene_ids"].iloc[top])
+    assert manifest["normalisation"] == {"method": "log1p_libsize", "target_sum": 10000.0,
+                                         "library_size": "all genes of the bin / spot / tile"}
+
+
+def test_hvg_prefers_dispersed_genes_and_top_mean_prefers_high_means():
+    from sharding.config import GeneConfig
+    from sharding.genes import GeneStats, select_genes
+
+    rng = np.random.default_rng(0)
+    n_bins, n_genes = 400, 600
+    counts = rng.poisson(rng.uniform(1, 10, n_genes), (n_bins, n_genes)).astype(float)
+    counts[:, :3] = rng.poisson(40.0, (n_bins, 3))  # high mean, Poisson: not over-dispersed
+    counts[:, 10:13] = rng.poisson(25.0, (n_bins, 3)) * (rng.random((n_bins, 3)) < 0.2)  # bursty: over-dispersed
+    cfg = GeneConfig(n_genes=3, selection="hvg")
+    stats = GeneStats(n_genes, cfg)
+    rows, cols = np.nonzero(counts)
+    stats(counts[rows, cols], cols, counts.sum(1)[rows])
+    stats.n_bins = n_bins
+    ids = [f"g{i}" for i in range(n_genes)]
+    assert list(select_genes(ids, ids, stats, cfg)) == [10, 11, 12]
+    top = GeneConfig(n_genes=3, selection="top_mean")
+    assert list(select_genes(ids, ids, stats, top)) == [0, 1, 2]
