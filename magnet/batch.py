@@ -162,13 +162,15 @@ def _bin_edges(pos: np.ndarray, slide_of_bin: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate(edges, axis=1).astype(np.int64)
 
 
-def _crop_patches(image: np.ndarray, xy: np.ndarray, size: int) -> np.ndarray:
-    """(n, size, size, 3) crops of ``image`` centred on ``xy`` (x, y), clipped inside the image."""
+def _crop_patches(image: np.ndarray, xy: np.ndarray, out: np.ndarray) -> None:
+    """Write the (n, size, size, 3) crops of ``image`` centred on ``xy`` (x, y), clipped inside the
+    image, into ``out``. Slice copies: about 40x faster than one fancy-index gather at 112 px."""
     H, W, _ = image.shape
+    size = out.shape[1]
     x0 = np.clip(np.rint(xy[:, 0] - size / 2).astype(np.int64), 0, W - size)
     y0 = np.clip(np.rint(xy[:, 1] - size / 2).astype(np.int64), 0, H - size)
-    r = np.arange(size)
-    return image[(y0[:, None] + r)[:, :, None], (x0[:, None] + r)[:, None, :]]
+    for i, (x, y) in enumerate(zip(x0.tolist(), y0.tolist())):
+        out[i] = image[y:y + size, x:x + size]
 
 
 def _check(sample: dict, geometry: Geometry, k1: int, n_genes: int, feat_dim: int) -> None:
@@ -224,8 +226,10 @@ def collate(samples: list[dict], geometry: Geometry, *, k_bin: int = 8, k_spot: 
     bin_sample = np.repeat(np.arange(B), n_bins)
 
     # bins: crops and slide positions (um)
-    imgs = [_crop_patches(s["image"], s["bin_xy"].astype(np.float32), geometry.bin_px) for s in samples]
-    bin_img = np.concatenate(imgs) if imgs else np.zeros((0, geometry.bin_px, geometry.bin_px, 3), np.uint8)
+    bin_img = np.empty((int(n_bins.sum()), geometry.bin_px, geometry.bin_px, 3), np.uint8)
+    starts = np.concatenate([[0], np.cumsum(n_bins)])
+    for s, a, b in zip(samples, starts[:-1], starts[1:]):
+        _crop_patches(s["image"], s["bin_xy"].astype(np.float32), bin_img[a:b])
     bin_xy = np.concatenate([s["bin_xy"] for s in samples]).astype(np.float64)
     bin_pos = ((grid[bin_sample] * gp - margin) + bin_xy) * mpp
     bin_slide = sample_slide[bin_sample]
@@ -262,7 +266,7 @@ def collate(samples: list[dict], geometry: Geometry, *, k_bin: int = 8, k_spot: 
 
     f32 = np.float32
     return Batch(
-        bin_img=torch.from_numpy(np.ascontiguousarray(bin_img)).permute(0, 3, 1, 2),
+        bin_img=torch.from_numpy(bin_img).permute(0, 3, 1, 2),
         bin_pos=t(bin_pos, f32),
         bin_rc=t(np.concatenate([s["bin_rc"] for s in samples]).reshape(-1, 2), np.int64),
         bin_expr=t(np.concatenate([s["bin_expr"] for s in samples]).reshape(-1, n_genes), f32),

@@ -46,6 +46,7 @@ class BinFiles:
 class Bins:
     """In-tissue bins of one slide at one bin size, in matrix order."""
 
+    barcodes: np.ndarray  # str (n,)
     rc: np.ndarray  # int32 (n, 2): array_row, array_col
     xy: np.ndarray  # float64 (n, 2): centre in full-res px, x = column, y = row
     libsize: np.ndarray  # float64 (n,): total counts over all genes
@@ -212,4 +213,4 @@ def read_bins(files: BinFiles, image_size: tuple[int, int], genes: np.ndarray | 
     n = int(keep.sum())
     rows, cols, vals = (np.concatenate(p) for p in zip(*parts)) if parts else ([], [], [])
     counts = sp.csr_matrix((vals, (rows, cols)), shape=(n, 0 if genes is None else len(genes)), dtype=np.float32)
-    return Bins(rc=rc, xy=xy, libsize=libsize[keep], counts=counts)
+    return Bins(barcodes=barcodes[keep].astype(str), rc=rc, xy=xy, libsize=libsize[keep], counts=counts)

@@ -22,7 +22,7 @@ from magnet.io import atomic_path
 from .config import ShardConfig
 from .genes import GeneStats, normalise
 from .image import SlideImage
-from .reader import BinFiles, read_bins, read_mpp
+from .reader import BinFiles, Bins, read_bins, read_mpp
 from .samplesheet import SlideEntry
 from .tiles import TileSet, make_tiles
 from .writer import FORMAT_VERSION, PartWriter, encode_image, encode_meta, encode_npy, sample_key
@@ -46,14 +46,19 @@ def inspect_slide(entry: SlideEntry, bin_ums: list[int], n_genes: int, cfg: Shar
     return out
 
 
-class _Level:
-    """One bin size of a slide: bins, tissue tiles, aggregated expression."""
+class Level:
+    """One bin size of a slide: bins, tissue tiles, aggregated expression (also used by ``magnet predict``)."""
 
-    def __init__(self, entry: SlideEntry, bin_um: int, image: SlideImage, genes: np.ndarray, cfg: ShardConfig):
-        geom = cfg.shard.geometry()
+    @classmethod
+    def read(cls, entry: SlideEntry, bin_um: int, image: SlideImage, genes: np.ndarray, cfg: ShardConfig) -> "Level":
         files = BinFiles.of(entry.spaceranger, bin_um)
-        self.mpp_full = read_mpp(files.scalefactors, bin_um)
-        self.bins = read_bins(files, image.size, genes)
+        mpp_full = read_mpp(files.scalefactors, bin_um)
+        return cls(read_bins(files, image.size, genes), mpp_full, cfg)
+
+    def __init__(self, bins: Bins, mpp_full: float, cfg: ShardConfig):
+        geom = cfg.shard.geometry()
+        self.mpp_full = mpp_full
+        self.bins = bins
         xy = self.bins.xy * self.mpp_full / geom.mpp
         self.tiles: TileSet = make_tiles(xy, self.bins.rc, geom, cfg.shard.min_bins_per_tile, cfg.shard.k_neighbours)
         n_tiles, s = len(self.tiles.grid), geom.n_spots
@@ -70,7 +75,7 @@ class _Level:
         self.global_expr = normalise(spot_counts.sum(1), spot_lib.sum(1), cfg.genes).astype(np.float16)
 
 
-def _sample(entry: SlideEntry, split: str, bin_um: int, lv: _Level, t: int, image: bytes, feats: tuple,
+def make_sample(entry: SlideEntry, split: str, bin_um: int, lv: Level, t: int, image: bytes, feats: tuple,
             cfg: ShardConfig) -> tuple[str, dict, int, int]:
     sc, geom = cfg.shard, cfg.shard.geometry()
     tiles = lv.tiles
@@ -118,7 +123,7 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
     geom = cfg.shard.geometry()
     records = {}
     with SlideImage(entry.image) as image:
-        levels = {b: _Level(entry, b, image, genes, cfg) for b in bin_ums}
+        levels = {b: Level.read(entry, b, image, genes, cfg) for b in bin_ums}
         mpp_full = levels[bin_ums[0]].mpp_full
         union = sorted({(int(gy), int(gx)) for lv in levels.values() for gx, gy in lv.tiles.grid})
         where = {yx: i for i, yx in enumerate(union)}
@@ -147,7 +152,7 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
                     writer = PartWriter(tmp, cfg.shard.samples_per_shard, cfg.shard.bytes_per_shard)
                     for t in range(len(lv.tiles.grid)):
                         spill.seek(spans[uidx[t]][0])
-                        key, members, n, n_tile = _sample(entry, split, b, lv, t, spill.read(spans[uidx[t]][1]),
+                        key, members, n, n_tile = make_sample(entry, split, b, lv, t, spill.read(spans[uidx[t]][1]),
                                                           feats, cfg)
                         writer.write(key, members, n)
                         n_bins, n_total = n_bins + n, n_total + n_tile

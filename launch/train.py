@@ -1,0 +1,49 @@
+"""Distributed training entry point.
+
+    deepspeed [--hostfile hosts | --num_gpus N] launch/train.py --config FILE [--resume latest] [key=value ...]
+    torchrun --nproc_per_node N launch/train.py --config FILE ...
+    python launch/train.py --config FILE ...          # one plain process (rendezvous variables filled in)
+
+Ends with ``os._exit`` after flushing: ZeRO-3 on gloo can abort in interpreter teardown after all
+work is done (STACK.md); everything (checkpoints, MLflow, logs) is closed by then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="experiment YAML (configs/train/*.yaml)")
+    p.add_argument("--resume", default=None, help="'latest' (this run name's newest checkpoint) or a run directory")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from magnet.config import load_config
+    from magnet.errors import UserError
+    from magnet.train.config import ExperimentConfig
+    from magnet.train.loop import train
+
+    try:
+        cfg = load_config(ExperimentConfig, args.config, args.overrides)
+        train(cfg, resume=args.resume)
+    except UserError as e:
+        print(f"magnet: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

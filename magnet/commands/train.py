@@ -1,0 +1,55 @@
+"""``magnet train``: start ``launch/train.py`` with the launcher that fits this machine.
+
+One process per GPU on a CUDA machine, else ``--nproc`` CPU processes (default 2), through the
+``deepspeed`` launcher (or ``torchrun`` with ``--launcher torchrun``) on a free local port.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train MagNet with DeepSpeed on this machine",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="experiment YAML (configs/train/*.yaml)")
+    p.add_argument("--resume", default=None, help="'latest' or a run directory")
+    p.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, else 2 on the CPU)")
+    p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.set_defaults(run=run)
+
+
+def command(args: argparse.Namespace) -> list[str]:
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from magnet.dist import free_port
+    from magnet.errors import UserError
+
+    nproc = args.nproc or (torch.cuda.device_count() or 2)
+    if nproc < 1:
+        raise UserError(f"--nproc: must be >= 1, got {nproc}")
+    script = str(Path(__file__).resolve().parents[2] / "launch" / "train.py")
+    port = str(args.master_port or free_port())
+    if args.launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", port]
+    else:
+        head = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port]
+    tail = ["--config", args.config] + (["--resume", args.resume] if args.resume else []) + list(args.overrides)
+    return head + [script] + tail
+
+
+def run(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from magnet.config import load_config
+    from magnet.train.config import ExperimentConfig, zero_file
+
+    cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
+    zero_file(cfg.train.deepspeed)
+    return subprocess.call(command(args))

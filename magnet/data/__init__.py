@@ -1,0 +1,1 @@
+"""Streaming shard pipeline: manifest check, named stages from shard list to collated Batch, loaders."""

@@ -1,0 +1,70 @@
+"""The shard manifest (docs/shard_format.md) as training reads it, and the checks it must pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from magnet.errors import UserError
+from magnet.geometry import Geometry
+
+from sharding.writer import FORMAT_VERSION  # the version the sharding stage writes
+
+
+def manifest_path(shards: str | Path, bin_um: int) -> Path:
+    return Path(shards) / f"{bin_um}um" / "manifest.json"
+
+
+def load_manifest(shards: str | Path, bin_um: int) -> dict:
+    path = manifest_path(shards, bin_um)
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found (key data.shards / data.bin_um; run `magnet shard` first)")
+    try:
+        man = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno})") from None
+    for field in ("format_version", "genes", "normalisation", "geometry", "shards"):
+        if field not in man:
+            raise UserError(f"{path}: {field}: missing")
+    return man
+
+
+def check_manifest(man: dict, path: str | Path, *, genes: list[str] | None, normalisation: dict | None) -> None:
+    """Refuse a manifest this run cannot train on, naming the field that differs."""
+    if man["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version: is {man['format_version']!r}, this reader expects {FORMAT_VERSION}")
+    if genes is not None and list(man["genes"]) != list(genes):
+        theirs, ours = list(man["genes"]), list(genes)
+        diff = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise UserError(
+            f"{path}: genes: {len(theirs)} genes differ from the {len(ours)} expected (data.genes / the checkpoint)"
+            f", first difference at position {diff}: "
+            f"{theirs[diff] if diff < len(theirs) else '<end>'!r} vs {ours[diff] if diff < len(ours) else '<end>'!r}"
+        )
+    if normalisation is not None and man["normalisation"] != normalisation:
+        raise UserError(f"{path}: normalisation: is {man['normalisation']!r}, expected {normalisation!r}")
+
+
+def geometry_of(man: dict) -> Geometry:
+    g = man["geometry"]
+    return Geometry(mpp=g["mpp"], global_px=g["global_px"], spot_px=g["spot_px"], bin_px=g["bin_px"])
+
+
+def split_shards(man: dict, root: Path, split: str) -> list[tuple[str, int]]:
+    """``(path, n_samples)`` of the split's shards, in manifest order; a missing file is an error."""
+    out = []
+    for s in man["shards"]:
+        if s["split"] != split:
+            continue
+        p = root / s["name"]
+        if not p.is_file():
+            raise UserError(f"{root / 'manifest.json'}: shards: {s['name']} is listed but missing")
+        out.append((str(p), int(s["n_samples"])))
+    if not out:
+        raise UserError(f"{root / 'manifest.json'}: shards: no shard of split '{split}'")
+    return out
+
+
+def feat_dim(man: dict) -> int:
+    """Size of the frozen-encoder features stored with the spot and global tiles."""
+    return int(man["encoder"]["feat_dim"])

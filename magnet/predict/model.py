@@ -1,0 +1,115 @@
+"""Load the model to predict with: a registry URI (``models:/NAME@ALIAS``), a run URI (``runs:/ID/model``),
+an MLflow model folder, or a training run's ``model/`` folder.
+
+Besides the pyfunc itself, prediction needs what the shards were built with: the neighbourhood size
+``K`` (from the reference example input, ``nbr_mask`` has ``K+1`` rows) and the frozen encoder
+(``model_meta.json``: name, weights id, input size), so features are computed as in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from magnet.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    uri: str
+    python_model: object  # magnet.train.pyfunc.MagnetPyfunc: genes, normalisation, geometry, config, predict_batch
+    k_neighbours: int
+    encoder: dict  # name, feat_dim, weights (id), input_px
+    source: dict  # what to record: uri, registered version / run id where known
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.python_model.genes)
+
+
+def _mlflow_error(uri: str, e: Exception) -> UserError:
+    first = str(getattr(e, "message", e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"{uri}: --model: {first}")
+
+
+def _artifacts_dir(model_dir: Path) -> Path:
+    return model_dir / "artifacts" if (model_dir / "MLmodel").is_file() else model_dir
+
+
+def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
+    art = _artifacts_dir(model_dir)
+    for name in ("model_meta.json", "example_input.npz", "model.safetensors", "config.yaml"):
+        if not (art / name).is_file():
+            raise UserError(f"{art / name}: --model: file missing (not a MagNet model folder)")
+    if (model_dir / "MLmodel").is_file():
+        import mlflow.pyfunc
+
+        try:
+            python_model = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model()
+        except Exception as e:  # mlflow raises several types for a broken model folder
+            raise _mlflow_error(uri, e) from None
+    else:
+        from magnet.train.pyfunc import MagnetPyfunc
+
+        python_model = MagnetPyfunc()
+        python_model.load(str(art / "model.safetensors"), str(art / "model_meta.json"), str(art / "config.yaml"))
+    meta = json.loads((art / "model_meta.json").read_text())
+    if not isinstance(meta.get("encoder"), dict) or "name" not in meta["encoder"]:
+        raise UserError(f"{art / 'model_meta.json'}: encoder: missing (the shard encoder is needed for features)")
+    with np.load(art / "example_input.npz") as ex:
+        k = int(ex["nbr_mask"].shape[0]) - 1
+    return LoadedModel(uri=uri, python_model=python_model, k_neighbours=k, encoder=dict(meta["encoder"]),
+                       source=source)
+
+
+def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
+    """Resolve ``spec`` and load it; a model that cannot be found is a one-line :class:`UserError`."""
+    local = Path(spec)
+    if "://" not in spec and ":/" not in spec:
+        if not local.is_dir():
+            raise UserError(f"{spec}: --model: folder not found (expected models:/NAME@ALIAS, runs:/ID/model or a folder)")
+        return _from_folder(local, str(local.resolve()), {"uri": str(local.resolve())})
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from magnet.train.tracking import mask_credentials
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"{uri}: --tracking-uri: database file not found (needed to resolve {spec})")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(uri)
+    source = {"uri": spec, "tracking_uri": mask_credentials(uri)}
+    try:
+        if spec.startswith("models:/"):
+            source.update(_registry_version(spec))
+        with tempfile.TemporaryDirectory(prefix="magnet-model-") as tmp:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=tmp)
+            return _from_folder(Path(path), spec, source)
+    except MlflowException as e:
+        raise _mlflow_error(spec, e) from None
+
+
+def _registry_version(spec: str) -> dict:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> name, version, run id (raises when unknown)."""
+    from mlflow import MlflowClient
+
+    ref = spec[len("models:/"):]
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, version = ref.split("/", 1)
+        mv = client.get_model_version(name, version)
+    else:
+        raise UserError(f"{spec}: --model: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return {"registered_model": mv.name, "version": str(mv.version), "run_id": mv.run_id}

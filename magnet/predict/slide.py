@@ -1,0 +1,289 @@
+"""Predict one slide tile by tile, with the sharding stage's own reader, tiler, feature extractor and
+sample builder (``sharding.slide.Level`` / ``make_sample``), so the model sees samples built exactly as
+its training shards were.
+
+Two passes over the global tiles: frozen-encoder features of every tile (a tile's neighbourhood needs
+its neighbours' features), then per block of tiles: read, encode/decode as in the shards, cut into
+chunks of ``max_bins`` bins, collate ``batch_size`` chunks and run the model. Memory holds one block of
+tile images, the slide's features (float16, T x (S+1) x F) and the outputs; never the whole image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from magnet.errors import UserError
+from magnet.predict.config import PredictConfig
+from magnet.predict.model import LoadedModel
+from sharding.image import SlideImage
+from sharding.reader import Bins
+
+SIZE_TOLERANCE = 0.02  # relative, plus 2 px: full-res size implied by the hires PNG and its scale factor
+
+
+@dataclasses.dataclass
+class SlidePrediction:
+    """Bins in input order (Space Ranger matrix order, or grid order for image-only input)."""
+
+    slide: str
+    bin_um: int
+    mpp_full: float
+    bins: Bins  # barcodes, rc, xy (full-res px)
+    from_spaceranger: bool
+    bin_pred: np.ndarray  # float32 (n, G)
+    measured: np.ndarray | None  # float32 (n, G) normalised like the training data, Space Ranger input only
+    bin_tile: np.ndarray  # int64 (n,) row of the tile in global_*
+    bin_spot: np.ndarray  # int64 (n,) row of the bin's spot cell in spot_*
+    spot_pred: np.ndarray  # float32 (T*S, G), NaN where the model has no spot head
+    spot_xy: np.ndarray  # float64 (T*S, 2) full-res px
+    spot_tissue: np.ndarray  # bool (T*S,) the cell holds at least one bin
+    global_pred: np.ndarray  # float32 (T, G)
+    global_xy: np.ndarray  # float64 (T, 2) full-res px
+    tile_grid: np.ndarray  # int64 (T, 2) gx, gy
+    seconds: dict
+
+
+def shard_config(model: LoadedModel, cfg: PredictConfig):
+    """The sharding config that rebuilds the model's training samples (geometry, K, normalisation, encoder)."""
+    from sharding.config import EncoderConfig, GeneConfig, SampleConfig, ShardConfig
+
+    g = model.python_model.geometry
+    norm = model.python_model.normalisation
+    enc = model.encoder
+    weights, seed = enc.get("weights"), 0
+    if isinstance(weights, str) and weights.startswith("random-seed-"):
+        weights, seed = None, int(weights[len("random-seed-"):])
+    elif isinstance(weights, str) and weights.startswith("sha256:"):
+        if not cfg.encoder_weights:
+            raise UserError(f"{model.uri}: encoder.weights: the shards' encoder was the local file {weights}; "
+                            f"pass encoder_weights=FILE")
+        from magnet.models.encoder import weights_id
+
+        if weights_id(cfg.encoder_weights, 0) != weights:
+            raise UserError(f"{cfg.encoder_weights}: encoder_weights: sha256 differs from the model's {weights}")
+        weights = cfg.encoder_weights
+    genes = GeneConfig(normalisation=norm["method"], target_sum=float(norm.get("target_sum", 10000.0)))
+    sample = SampleConfig(mpp=g.mpp, global_px=g.global_px, spot_px=g.spot_px, bin_px=g.bin_px,
+                          image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality, k_neighbours=model.k_neighbours)
+    encoder = EncoderConfig(name=enc["name"], weights=weights, input_px=int(enc.get("input_px", 224)))
+    return ShardConfig(seed=seed, shard=sample, genes=genes, encoder=encoder)
+
+
+def spaceranger_outs(path: Path) -> Path:
+    return path / "outs" if not (path / "binned_outputs").is_dir() and (path / "outs").is_dir() else path
+
+
+def check_image_size(image: SlideImage, spatial: Path, scalefactors: dict) -> None:
+    """Refuse an image whose size disagrees with Space Ranger's hires image and its scale factor."""
+    from PIL import Image
+
+    hires = spatial / "tissue_hires_image.png"
+    scale = scalefactors.get("tissue_hires_scalef")
+    if not hires.is_file() or not isinstance(scale, (int, float)) or scale <= 0:
+        return
+    with Image.open(hires) as im:
+        hw, hh = im.size
+    ew, eh = hw / scale, hh / scale
+    w, h = image.size
+    if abs(w - ew) > SIZE_TOLERANCE * ew + 2 or abs(h - eh) > SIZE_TOLERANCE * eh + 2:
+        raise UserError(f"{image.path}: image size: {w} x {h} px does not match the Space Ranger coordinates "
+                        f"({hires.name} {hw} x {hh} at tissue_hires_scalef {scale:g} implies about "
+                        f"{ew:.0f} x {eh:.0f} px)")
+
+
+def _gene_index(matrix: Path, genes: list[str]) -> np.ndarray | None:
+    """Matrix indices of the model's genes (by name, else id); None when any is absent."""
+    from sharding.reader import read_genes
+
+    ids, names = read_genes(matrix)
+    by_id = {g: i for i, g in enumerate(ids)}
+    by_name: dict[str, int] = {}
+    for i, g in enumerate(names):
+        by_name.setdefault(g, i)
+    index = [by_name.get(g, by_id.get(g)) for g in genes]
+    return None if any(i is None for i in index) else np.asarray(index, np.int64)
+
+
+def _device(cfg: PredictConfig):
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("config: device: cuda requested but no CUDA device is available")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
+    return device, bf16
+
+
+class _Runner:
+    """Batches of decoded chunks through the model: ``predict_batch`` on the CPU in fp32, else the same
+    forward on the device under bf16 autocast."""
+
+    def __init__(self, model: LoadedModel, cfg: PredictConfig):
+        self.pm = model.python_model
+        self.device, self.bf16 = _device(cfg)
+        if self.device.type != "cpu":
+            self.pm.model.to(self.device)
+
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        if self.device.type == "cpu" and not self.bf16:
+            return self.pm.predict_batch(batch)
+        import torch
+
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            pred = self.pm.model(batch.to(self.device, non_blocking=True))
+        out = {"bin": pred.bin, "spot": pred.spot, "global": pred.glob}
+        return {k: v.float().cpu().numpy() for k, v in out.items() if v is not None}
+
+
+def predict_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: PredictConfig, *,
+                  spaceranger: Path | None = None, mpp: float | None = None, slide: str | None = None,
+                  samples_out: list | None = None) -> SlidePrediction:
+    """Predict every bin of the slide. ``spaceranger`` (an ``outs`` folder) gives the bins; else ``mpp``
+    (the image's um/px) and bins are laid over detected tissue. ``samples_out``, when a list, receives the
+    collated batches and their outputs (for checks)."""
+    import torch
+
+    from magnet.batch import collate
+    from magnet.data.transforms import chunk_bins, decode_sample
+    from sharding.features import FeatureExtractor
+    from sharding.reader import BinFiles, read_bins, read_mpp
+    from sharding.samplesheet import SlideEntry
+    from sharding.slide import Level, make_sample
+    from sharding.writer import encode_image
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    scfg = shard_config(model, cfg)
+    geom = scfg.shard.geometry()
+    pm = model.python_model
+    genes = model.genes
+    slide = slide or Path(image_path).name.split(".")[0]
+    entry = SlideEntry(slide=slide, spaceranger=spaceranger or Path("."), image=Path(image_path))
+    runner = _Runner(model, cfg)
+    mcfg = pm.config.model
+    batch_size = cfg.batch_size or pm.config.data.eval_batch
+    max_bins = cfg.max_bins or pm.config.data.max_bins
+    with SlideImage(image_path) as image:
+        measured_ok = False
+        if spaceranger is not None:
+            files = BinFiles.of(spaceranger_outs(Path(spaceranger)), bin_um)
+            mpp_full = read_mpp(files.scalefactors, bin_um)
+            import json
+
+            check_image_size(image, files.scalefactors.parent, json.loads(files.scalefactors.read_text()))
+            index = _gene_index(files.matrix, genes)
+            measured_ok = index is not None
+            bins = read_bins(files, image.size, index if measured_ok else None)
+            if not measured_ok:
+                import scipy.sparse as sp
+
+                bins.counts = sp.csr_matrix((len(bins.libsize), len(genes)), dtype=np.float32)
+        else:
+            from magnet.predict.grid import tissue_bins
+
+            mpp_full = float(mpp)
+            bins, _ = tissue_bins(image, mpp_full, bin_um, cfg.tissue_level_um, cfg.tissue_min_fraction, len(genes))
+            if not len(bins.libsize):
+                raise UserError(f"{image_path}: image: no tissue detected (saturation threshold found no H&E)")
+        lv = Level(bins, mpp_full, scfg)
+        tiles = lv.tiles
+        T, S = len(tiles.grid), geom.n_spots
+        t_read = time.perf_counter()
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=2 * T, unit="tile", desc=f"predict {slide}", disable=not cfg.progress, file=sys.stderr,
+                   dynamic_ncols=True)
+        extractor = FeatureExtractor(scfg.encoder, geom, scfg.seed, cfg.threads or torch.get_num_threads())
+        spot_feat = np.zeros((T, S, extractor.dim), np.float16)
+        global_feat = np.zeros((T, extractor.dim), np.float16)
+
+        def regions(block: range) -> list[np.ndarray]:
+            return [image.region(*geom.tile_origin_px(*(int(v) for v in tiles.grid[t])), geom.image_px, geom.mpp,
+                                 mpp_full) for t in block]
+
+        block = cfg.tiles_per_block
+        for i in range(0, T, block):
+            r = range(i, min(i + block, T))
+            spot_feat[r.start:r.stop], global_feat[r.start:r.stop] = extractor(regions(r))
+            bar.update(len(r))
+        t_feat = time.perf_counter()
+
+        n, G = len(bins.libsize), len(genes)
+        bin_pred = np.full((n, G), np.nan, np.float32)
+        measured = np.full((n, G), np.nan, np.float32) if measured_ok else None
+        spot_sum = np.zeros((T, S, G), np.float64)
+        glob_sum = np.zeros((T, G), np.float64)
+        n_chunks = np.zeros(T, np.int64)
+        has = {"spot": False, "global": False}
+        pending: list[tuple[dict, np.ndarray, int]] = []
+
+        def flush() -> None:
+            chunks = [c for c, _, _ in pending]
+            batch = collate(chunks, geom, k_bin=mcfg.k_bin, k_spot=mcfg.k_spot, k_global=mcfg.k_global)
+            out = runner(batch)
+            if samples_out is not None:
+                samples_out.append((batch, out))
+            start = 0
+            centre_s = batch.spot_centre.numpy().reshape(len(chunks), -1)
+            for j, (_, idx, t) in enumerate(pending):
+                bin_pred[idx] = out["bin"][start:start + len(idx)]
+                start += len(idx)
+                n_chunks[t] += 1
+            if "spot" in out:
+                has["spot"] = True
+                sp_ = out["spot"].reshape(len(chunks), -1, G)
+                for j, (_, _, t) in enumerate(pending):
+                    spot_sum[t] += sp_[j][centre_s[j]]
+            if "global" in out:
+                has["global"] = True
+                gl = out["global"].reshape(len(chunks), -1, G)
+                for j, (_, _, t) in enumerate(pending):
+                    glob_sum[t] += gl[j, 0]
+            pending.clear()
+
+        feats = (spot_feat, global_feat)
+        for i in range(0, T, block):
+            r = range(i, min(i + block, T))
+            for t, img in zip(r, regions(r)):
+                key, members, _, _ = make_sample(entry, "predict", bin_um, lv, t,
+                                                 encode_image(img, cfg.image_format, cfg.jpeg_quality), feats, scfg)
+                sample = decode_sample({"__key__": key, **members})
+                idx = tiles.bins_of(t)
+                for k, chunk in enumerate(chunk_bins(sample, max_bins)):
+                    cidx = idx[k * max_bins:(k + 1) * max_bins]
+                    if measured is not None:
+                        measured[cidx] = chunk["bin_expr"]
+                    pending.append((chunk, cidx, t))
+                    if len(pending) >= batch_size:
+                        flush()
+                bar.update(1)
+        if pending:
+            flush()
+        bar.close()
+    t_pred = time.perf_counter()
+    if np.isnan(bin_pred).any():
+        raise RuntimeError("some bins were not predicted (a bin outside every tile)")
+    chunks = np.maximum(n_chunks, 1)
+    spot_pred = (spot_sum / chunks[:, None, None]).astype(np.float32) if has["spot"] else np.full((T, S, G), np.nan, np.float32)
+    global_pred = (glob_sum / chunks[:, None]).astype(np.float32) if has["global"] else np.full((T, G), np.nan, np.float32)
+    scale = geom.mpp / mpp_full  # full-res px per model px
+    origin = tiles.grid * geom.global_px - geom.margin
+    spot_xy = ((origin[:, None, :] + geom.spot_centres()[None]) * scale).reshape(T * S, 2)
+    tile_of = np.full(n, -1, np.int64)
+    tile_of[tiles.bin_order] = np.repeat(np.arange(T), np.diff(tiles.bin_start))
+    return SlidePrediction(
+        slide=slide, bin_um=bin_um, mpp_full=mpp_full, bins=bins, from_spaceranger=spaceranger is not None,
+        bin_pred=bin_pred, measured=measured, bin_tile=tile_of, bin_spot=tile_of * S + tiles.spot.astype(np.int64),
+        spot_pred=spot_pred.reshape(T * S, G), spot_xy=spot_xy, spot_tissue=lv.spot_mask.reshape(-1),
+        global_pred=global_pred, global_xy=(tiles.grid + 0.5) * geom.global_px * scale, tile_grid=tiles.grid,
+        seconds={"read": round(t_read - t0, 3), "features": round(t_feat - t_read, 3),
+                 "predict": round(t_pred - t_feat, 3), "total": round(t_pred - t0, 3)},
+    )

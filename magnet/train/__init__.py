@@ -1,0 +1,1 @@
+"""Training: experiment config, the DeepSpeed loop, checkpoints, MLflow tracking and the registry model."""

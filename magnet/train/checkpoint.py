@@ -1,0 +1,60 @@
+"""DeepSpeed checkpoints from every rank: ``step%08d`` tags, an atomic ``latest`` pointer, keep the last k.
+
+``engine.save_checkpoint`` runs on all ranks (it is a collective); rank 0 then writes the pointer
+files with :func:`magnet.io.atomic_write_text` and prunes old tags, so a run killed mid-save resumes
+from the previous complete checkpoint. The best checkpoint is a ``best-step%08d`` tag named by the
+``best`` pointer.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from magnet import dist
+from magnet.errors import UserError
+from magnet.io import atomic_write_text
+
+STEP_TAG = re.compile(r"^step(\d{8})$")
+BEST_TAG = re.compile(r"^best-step(\d{8})$")
+
+
+def step_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _save(engine, ckpt_dir: Path, tag: str, client_state: dict, pointer: str, keep: int, pattern) -> None:
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.is_primary():
+        atomic_write_text(ckpt_dir / pointer, tag)
+        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and pattern.match(p.name))
+        for old in tags[:-keep]:
+            shutil.rmtree(ckpt_dir / old)
+    dist.barrier()
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
+    tag = step_tag(step)
+    _save(engine, ckpt_dir, tag, client_state, "latest", keep_last, STEP_TAG)
+    return tag
+
+
+def save_best(engine, ckpt_dir: Path, step: int, client_state: dict) -> str:
+    tag = f"best-{step_tag(step)}"
+    _save(engine, ckpt_dir, tag, client_state, "best", 1, BEST_TAG)
+    return tag
+
+
+def read_pointer(ckpt_dir: Path, pointer: str = "latest") -> str | None:
+    p = ckpt_dir / pointer
+    return p.read_text().strip() if p.is_file() else None
+
+
+def load(engine, ckpt_dir: Path, tag: str) -> dict:
+    """Module, optimizer and scheduler state into ``engine``; returns the client state."""
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise UserError(f"{ckpt_dir / tag}: checkpoint could not be loaded")
+    return client

@@ -1,0 +1,327 @@
+"""The training loop behind ``launch/train.py``: one DeepSpeed engine per rank over the shard stream.
+
+Run layout (``train.out_dir/run_name``): ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per
+optimizer step and per evaluation, rank 0), ``checkpoints/`` (DeepSpeed tags, ``latest``, ``best``),
+``model/`` (the registry model's files). Run name and resume point are decided on rank 0 and
+broadcast. Each micro-step reseeds torch from (seed, rank, step, micro-batch), so a resumed run
+draws the same dropout masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from magnet import dist
+from magnet.config import config_from_saved, git_revision, save_config, to_dict
+from magnet.data.manifest import feat_dim
+from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
+from magnet.errors import UserError
+from magnet.io import atomic_write_text
+from magnet.train import checkpoint
+from magnet.train.config import ExperimentConfig
+from magnet.train.ds_config import deepspeed_config
+from magnet.train.schedule import make_scheduler
+from magnet.train.tracking import Tracker, mask_credentials
+
+
+def _run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, str | None]:
+    """(run directory, checkpoint tag to resume or None); called on rank 0 only."""
+    out = Path(cfg.train.out_dir)
+    if resume is None:
+        name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")
+        run = out / name
+        if checkpoint.read_pointer(run / "checkpoints") is not None:
+            raise UserError(f"{run}: train.run_name: this run has checkpoints; pass --resume latest or another name")
+        return run, None
+    if resume == "latest":
+        if cfg.train.run_name:
+            candidates = [out / cfg.train.run_name]
+        else:
+            candidates = sorted(out.glob("*/checkpoints/latest"), key=lambda p: p.stat().st_mtime)
+            candidates = [p.parent.parent for p in candidates[-1:]]
+    else:
+        p = Path(resume)
+        candidates = [p.parent if p.name == "checkpoints" else p]
+    for run in candidates:
+        tag = checkpoint.read_pointer(run / "checkpoints")
+        if tag is not None:
+            return run, tag
+    raise UserError(f"--resume {resume}: no checkpoint found under {candidates[0] if candidates else out}")
+
+
+def _micro_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+
+
+class MetricsLog:
+    """Append-only JSON lines on rank 0, mirrored to MLflow (``kind`` "train", or the evaluation
+    split, whose metrics get that prefix: ``val/pcc_bin``)."""
+
+    def __init__(self, path: Path, tracker: Tracker, active: bool):
+        self.path, self.tracker, self.active = path, tracker, active
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        prefix = "" if kind == "train" else f"{kind}/"
+        self.tracker.log_metrics({f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows a killed run wrote after the checkpoint being resumed (they are redone)."""
+        if self.active and self.path.is_file():
+            keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+    def read(self, kind: str) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r["kind"] == kind]
+
+
+def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict:
+    """Train to ``cfg.train.steps``; returns a summary (rank 0: final metrics, model URI and version).
+
+    ``report(step, metrics)``, if given, is called after every evaluation once that step's checkpoint
+    (if any) is saved, with the metrics prefixed by the evaluation split (``val/loss``): a Ray Tune
+    trial reports them (and the run directory as its checkpoint) to the scheduler.
+    """
+    world = dist.init()
+    primary = dist.is_primary()
+    decided = None
+    if primary:
+        try:
+            decided = _run_dir(cfg, resume)
+        except UserError as e:  # every rank must learn of it, or the others wait in the broadcast
+            decided = str(e)
+    decided = dist.broadcast_object(decided)
+    if isinstance(decided, str):
+        raise UserError(decided)
+    run_dir, tag = decided
+    if tag is not None:  # expectations recorded by the run being resumed
+        saved = config_from_saved(ExperimentConfig, run_dir / "config.yaml")
+        cfg.data.genes = cfg.data.genes if cfg.data.genes is not None else saved.data.genes
+        cfg.data.normalisation = cfg.data.normalisation if cfg.data.normalisation is not None else saved.data.normalisation
+    shard_set = ShardSet(cfg.data.shards, cfg.data.bin_um, cfg.data.genes, cfg.data.normalisation)
+    cfg.data.genes, cfg.data.normalisation = shard_set.genes, shard_set.normalisation
+    ckpt_dir = run_dir / "checkpoints"
+    if primary:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml", world_size=world.world_size)
+    dist.barrier()
+
+    import deepspeed
+
+    from magnet.losses import compute_loss
+    from magnet.models.factory import create_model
+
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(cfg.model, len(shard_set.genes), feat_dim(shard_set.manifest), shard_set.geometry)
+    ds_cfg = deepspeed_config(cfg, torch.cuda.is_available())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg,
+        lr_scheduler=lambda opt: make_scheduler(opt, cfg, cfg.train.steps),
+    )
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "mlflow_run_id": None}
+    if tag is not None:
+        client = checkpoint.load(engine, ckpt_dir, tag)
+        state.update({k: client[k] for k in state})
+
+    tracker = Tracker(cfg.mlflow, primary)
+    zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+    state["mlflow_run_id"] = tracker.start(
+        run_dir.name, to_dict(cfg), run_id=state["mlflow_run_id"],
+        tags={"run_dir": str(run_dir.resolve()), "checkpoints": str(ckpt_dir.resolve()), "git_revision": git_revision(),
+              "world_size": world.world_size, "zero_stage": zero_stage, "tracking_uri": mask_credentials(cfg.mlflow.tracking_uri)},
+    )
+    if tag is None:
+        tracker.log_text("\n".join(shard_set.genes) + "\n", "genes.txt")
+    log = MetricsLog(run_dir / "metrics.jsonl", tracker, primary)
+    log.truncate_after(state["step"])
+    knn = {"k_bin": cfg.model.k_bin, "k_spot": cfg.model.k_spot, "k_global": cfg.model.k_global}
+    stream = TrainStream(shard_set, cfg.data, world, cfg.train.seed, knn)
+    has_eval = any(s["split"] == cfg.data.eval_split for s in shard_set.manifest["shards"])
+    evaluator = EvalStream(shard_set, cfg.data, world, cfg.data.eval_split, knn) if has_eval else None
+    if primary:
+        print(f"magnet train: run {run_dir} | world {world.world_size} | ZeRO-{zero_stage} | "
+              f"{stream.batches_per_epoch} micro-batches per epoch per rank | stages {' > '.join(n for n, _ in stream.stages(0))}",
+              flush=True)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not (primary and cfg.train.progress),
+               file=sys.stderr, dynamic_ncols=True)
+    device = engine.device
+    acc = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, bins since the last step
+    parts_acc: dict[str, float] = {}
+    last_batch = None
+    t_start, steps_at_start, t_log, bins_log = time.time(), state["step"], time.time(), 0.0
+    metrics: dict = {}
+    ckpt_step = -1
+
+    def client_state() -> dict:
+        return {**state, "config": to_dict(cfg), "git_revision": git_revision()}
+
+    while state["step"] < cfg.train.steps:
+        micro = 0
+        for batch in stream.epoch(state["epoch"], state["batch_in_epoch"]):
+            torch.manual_seed(_micro_seed(cfg.train.seed, world.rank, state["step"], micro))
+            last_batch = batch
+            nb = batch.num_bins
+            batch = batch.to(device)
+            engine.train()
+            total, parts = compute_loss(engine(batch), batch, cfg.loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(total)
+            engine.step()
+            state["batch_in_epoch"] += 1
+            micro += 1
+            acc += torch.tensor([float(total.detach()), 1.0, nb], dtype=torch.float64)
+            for k, v in parts.items():
+                parts_acc[k] = parts_acc.get(k, 0.0) + float(v)
+            if not boundary:
+                continue
+            state["step"] += 1
+            micro = 0
+            step = state["step"]
+            red = dist.all_reduce_sum(torch.tensor([*acc.tolist(), *parts_acc.values()], dtype=torch.float64))
+            n = red[1].item()
+            now = time.time()
+            bins_log += red[2].item()
+            row = {"loss": red[0].item() / n, "lr": engine.get_lr()[0], "epoch": state["epoch"]}
+            row.update({k: red[3 + i].item() / n for i, k in enumerate(parts_acc)})
+            acc.zero_()
+            parts_acc.clear()
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                rate = bins_log / max(now - t_log, 1e-9)
+                eta = (now - t_start) / max(step - steps_at_start, 1) * (cfg.train.steps - step)
+                row["bins_per_s"] = rate
+                if primary:
+                    bar.write(f"step {step}/{cfg.train.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                              f"{rate:,.0f} bins/s eta {_hms(eta)}")
+                t_log, bins_log = now, 0.0
+            log.write("train", step, row)
+            done = step >= cfg.train.steps
+            evaluated = evaluator is not None and (done or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+            if evaluated:
+                from magnet.train.evaluate import evaluate
+
+                metrics, table, maps = evaluate(engine, evaluator, cfg, last_batch, zero_stage == 3, cfg.mlflow.figure_genes)
+                log.write(cfg.data.eval_split, step, metrics)
+                _log_eval_artifacts(tracker, step, table, maps, shard_set.genes)
+                if primary:
+                    bar.write(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                              if isinstance(v, float)))
+                state["best"] = _maybe_best(engine, ckpt_dir, cfg, metrics, state, client_state)
+            if done or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
+                checkpoint.save(engine, ckpt_dir, step, client_state(), cfg.train.keep_last)
+                ckpt_step = step
+                if primary:
+                    bar.write(f"checkpoint saved step {step}: {ckpt_dir / checkpoint.step_tag(step)}")
+                    sys.stdout.flush()
+            if report is not None and evaluated:
+                report(step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            if done:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    bar.close()
+    summary = {"run_dir": str(run_dir), "step": state["step"], "metrics": metrics, "checkpoint_step": ckpt_step}
+    summary.update(_finish(engine, cfg, shard_set, tracker, log, run_dir, primary))
+    tracker.finish()
+    dist.barrier()
+    dist.release_shm()
+    return summary
+
+
+def _maybe_best(engine, ckpt_dir: Path, cfg: ExperimentConfig, metrics: dict, state: dict, client_state) -> dict | None:
+    name = cfg.train.best_metric
+    if name not in metrics:
+        raise UserError(f"config: train.best_metric: '{name}' is not an evaluation metric; known: {', '.join(sorted(metrics))}")
+    value, best = float(metrics[name]), state["best"]
+    better = best is None or (value > best["value"] if cfg.train.best_mode == "max" else value < best["value"])
+    if not better or math.isnan(value):
+        return best
+    new = {"metric": name, "value": value, "step": state["step"]}
+    state["best"] = new
+    checkpoint.save_best(engine, ckpt_dir, state["step"], client_state())
+    return new
+
+
+def _log_eval_artifacts(tracker: Tracker, step: int, table: dict, maps, genes: list[str]) -> None:
+    if not tracker.active:
+        return
+    if table:
+        tracker.log_table(table, f"eval/step{step:08d}.json")
+    if maps is not None:
+        from magnet.train.figures import gene_maps
+
+        fig = gene_maps(maps["pos"], maps["pred"], maps["true"], genes, maps["slide"])
+        tracker.log_figure(fig, f"figures/gene_maps_step{step:08d}.png")
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def full_state_dict(engine) -> dict:
+    """The whole model's weights on every rank (ZeRO-3 gathers its partitions; a collective)."""
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: Path, primary: bool) -> dict:
+    """Figures and the registry model (rank 0). The weight gather and the reference forward on the
+    example input run on every rank (collectives under ZeRO-3)."""
+    from magnet.batch import collate
+    from magnet.train.pyfunc import MagnetPyfunc, model_input, signature, write_model_files
+
+    state_dict = full_state_dict(engine)
+    sample = example_sample(shard_set, cfg)
+    m = cfg.model
+    batch = collate([sample], shard_set.geometry, k_bin=m.k_bin, k_spot=m.k_spot, k_global=m.k_global)
+    engine.eval()
+    with torch.no_grad():
+        pred = engine(batch.to(engine.device))
+    engine.train()
+    output = {k: v.float().cpu().numpy() for k, v in (("bin", pred.bin), ("spot", pred.spot), ("global", pred.glob))
+              if v is not None}
+    if not primary:
+        return {}
+    example = model_input(sample)
+    artifacts = write_model_files(run_dir / "model", state_dict, cfg, shard_set, example, output)
+    if not tracker.active:
+        return {}
+    from magnet.train.figures import loss_curves
+
+    tracker.log_figure(loss_curves(log.read("train"), log.read(cfg.data.eval_split)), "figures/loss_curves.png")
+    uri, version = tracker.log_model(MagnetPyfunc(), artifacts, signature(example, output))
+    tracker.set_tags({"model_uri": uri, "model_version": version or ""})
+    return {"model_uri": uri, "model_version": version}
+
+
+def example_sample(shard_set: ShardSet, cfg) -> dict:
+    """The first sample of the first evaluation (else training) shard, decoded, bins capped."""
+    from magnet.data.pipeline import samples
+    from magnet.data.transforms import chunk_bins, decode_sample
+
+    split = cfg.data.eval_split if any(s["split"] == cfg.data.eval_split for s in shard_set.manifest["shards"]) \
+        else cfg.data.train_split
+    url = shard_set.shards(split)[0][0]
+    raw = next(iter(samples()(iter([{"url": url}]))))
+    return chunk_bins(decode_sample(raw), cfg.data.max_bins)[0]

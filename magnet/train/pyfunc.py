@@ -1,0 +1,105 @@
+"""The registry model: an MLflow pyfunc that carries its weights, gene list, normalisation and config.
+
+Input: one decoded shard sample (docs/shard_format.md) as a dict of numpy arrays named like the
+members, plus ``tile`` int64 (2,) = (gx, gy); ``meta`` is rebuilt from the model's own geometry.
+Output: ``{"bin": (n, G), "spot": (Ns, G), "global": (Ng, G)}`` float32, genes in ``genes`` order
+(levels the model lacks are left out).
+Weights are a safetensors file; ``unwrap_python_model()`` exposes ``genes``, ``normalisation``,
+``geometry``, ``config`` and ``predict_batch(Batch)`` for callers that build batches themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+
+# members fed to the model; bin members have a variable first axis
+INPUT_MEMBERS = ("image", "bin_xy", "bin_rc", "bin_spot", "bin_expr", "spot_expr", "spot_mask", "spot_feat",
+                 "global_expr", "global_feat", "nbr_offset", "nbr_mask")
+VARIABLE_AXES = {"image": (0, 1), "bin_xy": (0,), "bin_rc": (0,), "bin_spot": (0,), "bin_expr": (0,)}
+
+
+class MagnetPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        self.load(context.artifacts["weights"], context.artifacts["meta"], context.artifacts["config"])
+
+    def load(self, weights: str, meta: str, config: str) -> None:
+        from safetensors.torch import load_file
+
+        from magnet.config import config_from_saved
+        from magnet.geometry import Geometry
+        from magnet.models.factory import create_model
+        from magnet.train.config import ExperimentConfig
+
+        info = json.loads(Path(meta).read_text())
+        self.config = config_from_saved(ExperimentConfig, config)
+        self.genes = list(info["genes"])
+        self.normalisation = info["normalisation"]
+        self.bin_um = info["bin_um"]
+        self.geometry = Geometry(**{k: info["geometry"][k] for k in ("mpp", "global_px", "spot_px", "bin_px")})
+        self.model = create_model(self.config.model, len(self.genes), info["feat_dim"], self.geometry)
+        self.model.load_state_dict(load_file(weights))
+        self.model.eval()
+
+    def predict_batch(self, batch) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            pred = self.model(batch)
+        out = {"bin": pred.bin, "spot": pred.spot, "global": pred.glob}
+        return {k: v.float().numpy() for k, v in out.items() if v is not None}
+
+    def predict(self, context, model_input, params=None):
+        from magnet.batch import collate
+
+        sample = {k: np.asarray(model_input[k]) for k in INPUT_MEMBERS}
+        gx, gy = (int(v) for v in np.asarray(model_input["tile"]).ravel()[:2])
+        sample["meta"] = {"slide": "input", "gx": gx, "gy": gy, "mpp": self.geometry.mpp, "bin_um": self.bin_um}
+        m = self.config.model
+        return self.predict_batch(collate([sample], self.geometry, k_bin=m.k_bin, k_spot=m.k_spot, k_global=m.k_global))
+
+
+def model_input(sample: dict) -> dict[str, np.ndarray]:
+    """A decoded sample as the pyfunc's input dict."""
+    out = {k: np.ascontiguousarray(sample[k]) for k in INPUT_MEMBERS}
+    out["tile"] = np.array([sample["meta"]["gx"], sample["meta"]["gy"]], np.int64)
+    return out
+
+
+def signature(example: dict, output: dict):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def spec(name: str, a: np.ndarray, variable=()) -> TensorSpec:
+        shape = tuple(-1 if i in variable else n for i, n in enumerate(a.shape))
+        return TensorSpec(a.dtype, shape, name)
+
+    inputs = Schema([spec(k, v, VARIABLE_AXES.get(k, ())) for k, v in example.items()])
+    outputs = Schema([spec(k, v, (0,)) for k, v in output.items()])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def write_model_files(folder: Path, state_dict: dict, cfg, shard_set, example: dict, output: dict) -> dict[str, str]:
+    """Weights, meta, config and a reference example (the engine's output on it) into ``folder``;
+    returns the pyfunc ``artifacts`` mapping."""
+    from safetensors.torch import save_file
+
+    from magnet.config import save_config
+    from magnet.data.manifest import feat_dim
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
+    man = shard_set.manifest
+    meta = {"genes": shard_set.genes, "normalisation": shard_set.normalisation, "bin_um": man.get("bin_um"),
+            "geometry": shard_set.geometry.to_dict(), "feat_dim": feat_dim(man),
+            "format_version": man["format_version"], "encoder": man.get("encoder")}
+    (folder / "model_meta.json").write_text(json.dumps(meta, indent=1))
+    save_config(cfg, folder / "config.yaml")
+    np.savez(folder / "example_input.npz", **example)
+    np.savez(folder / "example_output.npz", **output)
+    names = {"weights": "model.safetensors", "meta": "model_meta.json", "config": "config.yaml",
+             "example_input": "example_input.npz", "example_output": "example_output.npz"}
+    return {k: str(folder / v) for k, v in names.items()}

@@ -1,0 +1,126 @@
+"""MLflow behind one helper: real on rank 0, a no-op on other ranks or when disabled.
+
+A ``sqlite:///FILE`` tracking URI (the default, ``sqlite:///mlruns.db``) keeps its artifacts beside
+the database (``FILE``'s folder / ``mlartifacts``); an ``http(s)://`` server works the same. Params
+come from the resolved config only (never from the environment); credentials in a URI are masked
+wherever the URI is recorded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+LONG_LIST = 32  # longer lists (e.g. the gene list) are logged as artifacts, not params
+
+
+def mask_credentials(uri: str) -> str:
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"a.b": "value"}``; long lists summarised by their length."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)) and len(v) > LONG_LIST:
+            out[key] = f"<{len(v)} items>"
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """For a sqlite store, the artifact folder beside the database file (as a file URI)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
+class Tracker:
+    """``start`` / ``log_*`` / ``finish``; every call does nothing when ``active`` is False."""
+
+    def __init__(self, cfg, active: bool):
+        self.cfg = cfg
+        self.active = bool(active and cfg.enabled)
+        self.run_id: str | None = None
+        self._mlflow = None
+
+    def start(self, run_name: str, params: dict, tags: dict, run_id: str | None = None) -> str | None:
+        """Start (or, with ``run_id``, continue) a run; returns its id (None where inactive)."""
+        if not self.active:
+            return None
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(self.cfg.tracking_uri)
+        exp = mlflow.get_experiment_by_name(self.cfg.experiment)
+        if exp is None:
+            exp_id = mlflow.create_experiment(self.cfg.experiment, artifact_location=artifact_root(self.cfg.tracking_uri))
+        else:
+            exp_id = exp.experiment_id
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name)
+        self.run_id = run.info.run_id
+        if run_id is None:
+            mlflow.log_params(flatten(params))
+        if getattr(self.cfg, "parent_run_id", ""):
+            tags = {**tags, "mlflow.parentRunId": self.cfg.parent_run_id}
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.active:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_table(self, data: dict[str, list], name: str) -> None:
+        if self.active:
+            self._mlflow.log_table(data=data, artifact_file=name)
+
+    def log_figure(self, fig, name: str) -> None:
+        """A matplotlib figure as a PNG artifact (then closed)."""
+        if self.active:
+            import matplotlib.pyplot as plt
+
+            self._mlflow.log_figure(fig, name)
+            plt.close(fig)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            self._mlflow.log_artifact(str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self.active:
+            self._mlflow.log_text(text, name)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.active:
+            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_model(self, python_model, artifacts: dict[str, str], signature, input_example=None) -> tuple[str, str | None]:
+        """Log the pyfunc; register it under ``register_as`` (and set ``alias``). Returns (uri, version)."""
+        if not self.active:
+            return "", None
+        name = self.cfg.register_as or None
+        info = self._mlflow.pyfunc.log_model(
+            name="model", python_model=python_model, artifacts=artifacts, signature=signature,
+            registered_model_name=name, input_example=input_example,
+        )
+        version = str(info.registered_model_version) if name and info.registered_model_version else None
+        if version and self.cfg.alias:
+            set_alias(name, version, self.cfg.alias)
+        return info.model_uri, version
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active and self._mlflow.active_run() is not None:
+            self._mlflow.end_run(status=status)
+
+
+def set_alias(name: str, version: str, alias: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, alias, version)
+

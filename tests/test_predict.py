@@ -1,0 +1,196 @@
+"""`magnet predict`: a tiny model trained and registered once (one plain DeepSpeed process, sqlite MLflow),
+then slides of `tiny_cohort` predicted through the CLI: Space Ranger and image-only input, the AnnData
+layout scanpy expects, equality with the registered model on the shards' own samples, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from magnet.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SLIDE = "synth_000"
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_shards, tmp_path_factory):
+    """(tracking URI, run folder) of `tiny@champion`, trained 2 steps at 16 um."""
+    out = tmp_path_factory.mktemp("predict_model")
+    uri = f"sqlite:///{out}/mlruns.db"
+    ext = REPO / "build" / "torch_extensions"
+    ext.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    env.update(TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
+           f"data.shards={tiny_shards}", f"train.out_dir={out}", "train.run_name=m", "train.steps=2",
+           "train.deepspeed=zero1", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}",
+           "mlflow.register_as=tiny", "mlflow.alias=champion"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return uri, out / "m"
+
+
+def _slide(cohort: Path, name: str = SLIDE) -> tuple[Path, Path]:
+    return cohort / name / "outs", cohort / name / f"{name}_fullres.tif"
+
+
+def _positions(outs: Path):
+    import pandas as pd
+
+    return pd.read_parquet(outs / "binned_outputs/square_016um/spatial/tissue_positions.parquet").set_index("barcode")
+
+
+@pytest.fixture(scope="module")
+def predicted(registered, tiny_cohort, tmp_path_factory):
+    """The CLI in a fresh process, model pulled from the registry by alias."""
+    uri, _ = registered
+    outs, image = _slide(tiny_cohort)
+    out = tmp_path_factory.mktemp("pred")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "magnet", "predict", "--model", "models:/tiny@champion",
+                           "--tracking-uri", uri, "--spaceranger", str(outs), "--image", str(image), "--bin-um", "16",
+                           "--out", str(out / "pred.h5ad"), "--genes", "TUM08,HK001", "--maps", str(out / "maps"),
+                           "batch_size=1", "max_bins=100000", "progress=false"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_spaceranger_prediction_matches_the_bins(predicted, registered, tiny_cohort):
+    import anndata as ad
+
+    out, summary = predicted
+    adata = ad.read_h5ad(out / "pred.h5ad")
+    _, run_dir = registered
+    genes = json.loads((run_dir / "model" / "model_meta.json").read_text())["genes"]
+    pos = _positions(_slide(tiny_cohort)[0])
+    tissue = pos[pos["in_tissue"] == 1]
+    assert adata.shape == (len(tissue), len(genes)) == (summary["bins"], summary["genes"])
+    assert list(adata.var_names) == genes and adata.var["gene_ids"].notna().all()
+    assert set(adata.obs_names) == set(tissue.index)
+    ref = tissue.loc[adata.obs_names]
+    np.testing.assert_array_equal(adata.obs["array_row"], ref["array_row"])
+    np.testing.assert_array_equal(adata.obs["array_col"], ref["array_col"])
+    np.testing.assert_allclose(adata.obsm["spatial"], ref[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy())
+    assert np.isfinite(adata.X).all() and adata.X.std(0).max() > 0
+    assert adata.layers["measured"].shape == adata.shape and adata.layers["measured"].max() > 0
+    assert adata.uns["magnet"]["units"]["method"] == "log1p_libsize"
+    assert adata.uns["magnet"]["model"]["version"] == "1"
+    spot, glob = adata.uns["magnet"]["spot"], adata.uns["magnet"]["global"]
+    assert spot["X"].shape[1] == glob["X"].shape[1] == len(genes)
+    assert adata.obs["magnet_spot"].max() < len(spot["X"]) and adata.obs["magnet_tile"].max() < len(glob["X"])
+    assert np.isfinite(spot["X"][spot["tissue"]]).all()
+    for g in ("TUM08", "HK001"):
+        assert (out / "maps" / f"{g}.png").stat().st_size > 5000
+    assert (out / "pred.config.yaml").is_file()
+
+
+def test_scanpy_draws_a_gene(predicted, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    from PIL import Image
+
+    out, _ = predicted
+    adata = ad.read_h5ad(out / "pred.h5ad")
+    sc.pl.spatial(adata, color="TUM08", img_key="hires", show=False)
+    png = tmp_path / "spatial.png"
+    plt.savefig(png, dpi=80)
+    plt.close("all")
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(float)
+    assert png.stat().st_size > 10_000 and pixels.std() > 20
+
+
+def test_predictions_equal_the_registered_model_on_the_shards_samples(predicted, registered, tiny_shards):
+    """The shards' own samples of the slide, through the registry model's predict_batch, give the h5ad's values."""
+    import anndata as ad
+    import mlflow
+
+    from magnet.batch import collate
+    from magnet.data.pipeline import samples
+    from magnet.data.transforms import decode_sample
+
+    uri, _ = registered
+    mlflow.set_tracking_uri(uri)
+    pm = mlflow.pyfunc.load_model("models:/tiny@champion").unwrap_python_model()
+    man = json.loads((tiny_shards / "16um" / "manifest.json").read_text())
+    urls = [str(tiny_shards / "16um" / s["name"]) for s in man["shards"]]
+    decoded = [decode_sample(r) for r in samples()(iter({"url": u} for u in urls))]
+    mine = [s for s in decoded if s["meta"]["slide"] == SLIDE]
+    assert len(mine) >= 4
+    adata = ad.read_h5ad(predicted[0] / "pred.h5ad")
+    row = {(r, c): i for i, (r, c) in enumerate(zip(adata.obs["array_row"], adata.obs["array_col"]))}
+    m = pm.config.model
+    for s in mine[:6]:
+        out = pm.predict_batch(collate([s], pm.geometry, k_bin=m.k_bin, k_spot=m.k_spot, k_global=m.k_global))
+        idx = [row[tuple(rc)] for rc in s["bin_rc"].tolist()]
+        np.testing.assert_allclose(adata.X[idx], out["bin"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(adata.layers["measured"][idx], s["bin_expr"].astype(np.float32), atol=1e-6)
+
+
+def test_image_only_lays_bins_over_tissue(registered, tiny_cohort, tmp_path):
+    import anndata as ad
+    from scipy.spatial import cKDTree
+
+    _, run_dir = registered
+    outs, image = _slide(tiny_cohort, "synth_001")
+    assert main(["predict", "--model", str(run_dir / "model"), "--image", str(image), "--mpp", "0.5",
+                 "--out", str(tmp_path / "img.h5ad"), "progress=false"]) == 0
+    adata = ad.read_h5ad(tmp_path / "img.h5ad")
+    pos = _positions(outs)
+    tissue = pos[pos["in_tissue"] == 1][["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
+    grid_bins = (768 // 32) ** 2
+    assert 0.3 * len(tissue) < adata.n_obs < grid_bins  # background left out
+    dist, _ = cKDTree(tissue).query(adata.obsm["spatial"])
+    assert np.mean(dist <= 32) > 0.9  # within one 16 um bin of a Space Ranger tissue bin
+    assert "measured" not in adata.layers and adata.uns["magnet"]["grid"] == "tissue_detection"
+    assert adata.uns["spatial"]["synth_001_fullres"]["images"]["hires"].shape[2] == 3
+    assert np.isfinite(adata.X).all()
+
+
+def _fails(argv: list[str], capsys, out: Path, expect: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("magnet: error: ") and expect in err[0], err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+
+
+def test_unknown_registry_name_is_refused(registered, tiny_cohort, tmp_path, capsys):
+    uri, _ = registered
+    outs, image = _slide(tiny_cohort)
+    out = tmp_path / "p.h5ad"
+    _fails(["predict", "--model", "models:/nope@champion", "--tracking-uri", uri, "--spaceranger", str(outs),
+            "--image", str(image), "--out", str(out)], capsys, out, "models:/nope@champion")
+
+
+def test_image_of_another_size_is_refused(registered, tiny_cohort, tmp_path, capsys):
+    import tifffile
+
+    _, run_dir = registered
+    outs, image = _slide(tiny_cohort)
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, tifffile.imread(image)[:600, :600])
+    out = tmp_path / "p.h5ad"
+    _fails(["predict", "--model", str(run_dir / "model"), "--spaceranger", str(outs), "--image", str(small),
+            "--out", str(out)], capsys, out, "image size")
+
+
+def test_gene_the_model_lacks_is_refused(registered, tiny_cohort, tmp_path, capsys):
+    _, run_dir = registered
+    outs, image = _slide(tiny_cohort)
+    out = tmp_path / "p.h5ad"
+    _fails(["predict", "--model", str(run_dir / "model"), "--spaceranger", str(outs), "--image", str(image),
+            "--out", str(out), "--genes", "TUM08,NOTAGENE", "--maps", str(tmp_path / "maps")], capsys, out,
+           "'NOTAGENE' is not among the model's")
+    assert not (tmp_path / "maps").exists()

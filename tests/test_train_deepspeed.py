@@ -1,0 +1,208 @@
+"""Real DeepSpeed engines on the CPU (gloo) over `tiny_shards`: ZeRO 1/2/3 with 2 processes, kill and
+resume, one plain process, the registered MLflow model in a fresh process, a refused manifest.
+
+Every run is a subprocess (`magnet train` starts the deepspeed launcher, or `python launch/train.py`),
+sharing one TORCH_EXTENSIONS_DIR under build/ so DeepSpeed's shm op compiles once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from magnet.dist import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs/train/tiny.yaml")
+STEPS = 6
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def ds_env() -> dict:
+    # one compile cache for every run; torch 2.14 guards each op's build with an OS advisory lock
+    # on <op>/lock (released by the kernel if a builder is killed), so a leftover lock file is harmless
+    ext = REPO / "build" / "torch_extensions"
+    ext.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI")}
+    env.update(TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return ["--config", TINY, f"data.shards={shards}", f"train.out_dir={out}", f"train.run_name={name}",
+            f"train.steps={STEPS}", *extra]
+
+
+def _magnet_train(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "magnet", "train", "--nproc", "2", "--master-port", str(port), *args]
+
+
+def _release_shm(port: int) -> None:
+    for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
+        p.unlink()
+
+
+def _run(cmd: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert "terminate called" not in proc.stderr + proc.stdout
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Loss per optimizer step; each step appears once (a resumed run drops the killed run's extra rows)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert len(steps) == len(set(steps)), steps
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _assert_trained(run_dir: Path) -> None:
+    loss = _losses(run_dir)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert min(loss[STEPS - 1], loss[STEPS]) < loss[1]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tiny_shards, tmp_path_factory, ds_env):
+    """Uninterrupted ZeRO-2 run, checkpoints every 3 steps, model registered as `tiny@champion`."""
+    out = tmp_path_factory.mktemp("runs")
+    uri = f"sqlite:///{out}/mlruns.db"
+    port = free_port()
+    _run(_magnet_train(port, *_args(tiny_shards, out, "ref", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}",
+                                     "mlflow.register_as=tiny", "mlflow.alias=champion", "train.eval_every=3")), ds_env)
+    _release_shm(port)
+    return out / "ref", uri
+
+
+def test_zero2_trains_logs_to_mlflow_and_registers(zero2_run, tiny_shards):
+    run_dir, uri = zero2_run
+    _assert_trained(run_dir)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    version = client.get_model_version_by_alias("tiny", "champion")
+    run = client.get_run(version.run_id)
+    assert run.data.params["train.steps"] == str(STEPS)
+    genes = json.loads((tiny_shards / "16um" / "manifest.json").read_text())["genes"]
+    assert client.download_artifacts(version.run_id, "genes.txt", str(run_dir.parent)) and \
+        (run_dir.parent / "genes.txt").read_text().split() == genes
+    history = client.get_metric_history(version.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, STEPS + 1))
+    assert "val/pcc_bin" in run.data.metrics
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "val"]
+    assert [r["step"] for r in evals] == [3, 6]
+    best = min(evals, key=lambda r: r["loss"])["step"]  # train.best_metric=loss, best_mode=min
+    assert (run_dir / "checkpoints" / "best").read_text() == f"best-step{best:08d}"
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, "figures")}
+    assert "figures/loss_curves.png" in artifacts and any("gene_maps" in a for a in artifacts)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stage_trains_and_stops_cleanly(stage, tiny_shards, tmp_path, ds_env):
+    port = free_port()
+    _run(_magnet_train(port, *_args(tiny_shards, tmp_path, "z", f"train.deepspeed=zero{stage}")), ds_env)
+    _release_shm(port)
+    _assert_trained(tmp_path / "z")
+    # the weights gathered from the ranks' partitions reproduce the engine's output
+    from magnet.train.pyfunc import MagnetPyfunc
+
+    folder = tmp_path / "z" / "model"
+    model = MagnetPyfunc()
+    model.load(str(folder / "model.safetensors"), str(folder / "model_meta.json"), str(folder / "config.yaml"))
+    pred = model.predict(None, dict(np.load(folder / "example_input.npz")))
+    engine_out = np.load(folder / "example_output.npz")
+    np.testing.assert_allclose(pred["bin"], engine_out["bin"], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_kill_gives_the_same_losses(zero2_run, tiny_shards, tmp_path, ds_env):
+    ref_dir, _ = zero2_run
+    port = free_port()
+    cmd = _magnet_train(port, *_args(tiny_shards, tmp_path, "k", "train.eval_every=3"))
+    proc = subprocess.Popen(cmd, env=ds_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))  # a hang fails, never blocks
+    watchdog.start()
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "checkpoint saved step 3" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    watchdog.cancel()
+    proc.stdout.close()
+    _release_shm(port)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    assert (tmp_path / "k" / "checkpoints" / "latest").read_text() == "step00000003"
+
+    port = free_port()
+    _run(_magnet_train(port, "--resume", "latest", *_args(tiny_shards, tmp_path, "k", "train.eval_every=3")), ds_env)
+    _release_shm(port)
+    ref, resumed = _losses(ref_dir), _losses(tmp_path / "k")
+    for step in range(4, STEPS + 1):
+        assert resumed[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, resumed)
+
+
+def test_one_plain_process_without_launcher(tiny_shards, tmp_path, ds_env):
+    proc = _run([sys.executable, "launch/train.py", *_args(tiny_shards, tmp_path, "one", "train.deepspeed=zero1",
+                                                          "train.ckpt_every=2", "train.keep_last=2")], ds_env)
+    _assert_trained(tmp_path / "one")
+    assert "world 1" in proc.stdout
+    kept = sorted(p.name for p in (tmp_path / "one" / "checkpoints").glob("step*"))
+    assert kept == ["step00000004", "step00000006"]  # step 2 pruned: keep the last 2
+
+
+def test_registered_model_predicts_like_the_engine(zero2_run, ds_env):
+    run_dir, uri = zero2_run
+    code = (
+        "import sys, numpy as np, mlflow\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "m = mlflow.pyfunc.load_model('models:/tiny@champion')\n"
+        "x = dict(np.load(sys.argv[2]))\n"
+        "out = m.predict(x)\n"
+        "np.savez(sys.argv[3], **out)\n"
+    )
+    pred_path = run_dir.parent / "pyfunc_pred.npz"
+    _run([sys.executable, "-c", code, uri, str(run_dir / "model" / "example_input.npz"), str(pred_path)], ds_env)
+    engine_out = np.load(run_dir / "model" / "example_output.npz")
+    pred = np.load(pred_path)
+    assert set(pred.files) == set(engine_out.files) >= {"bin"}
+    for k in engine_out.files:
+        assert pred[k].shape == engine_out[k].shape
+        np.testing.assert_allclose(pred[k], engine_out[k], rtol=1e-5, atol=1e-6)
+    assert np.abs(engine_out["bin"]).sum() > 0
+
+
+def test_registry_promote_sets_an_alias(zero2_run, capsys):
+    from mlflow import MlflowClient
+
+    from magnet.cli import main
+
+    _, uri = zero2_run
+    assert main(["registry", "promote", "tiny", "1", "--alias", "staging", "--tracking-uri", uri]) == 0
+    assert str(MlflowClient(tracking_uri=uri).get_model_version_by_alias("tiny", "staging").version) == "1"
+    assert main(["registry", "promote", "tiny", "99", "--tracking-uri", uri]) == 2
+    assert "tiny version 99" in capsys.readouterr().err
+
+
+def test_manifest_with_other_genes_is_refused(tiny_shards, tmp_path, ds_env):
+    proc = subprocess.run([sys.executable, "launch/train.py", *_args(tiny_shards, tmp_path, "g", "data.genes=[AAA,BBB]")],
+                          env=ds_env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("magnet: error: ") and "manifest.json: genes:" in err and "'AAA'" in err
+    assert not (tmp_path / "g" / "checkpoints" / "latest").exists()
