@@ -187,6 +187,19 @@ def test_registered_model_predicts_like_the_engine(zero2_run, ds_env):
     assert np.abs(engine_out["bin"]).sum() > 0
 
 
+def test_registered_model_pins_its_requirements(zero2_run):
+    import importlib.metadata
+
+    import mlflow
+
+    _, uri = zero2_run
+    mlflow.set_tracking_uri(uri)
+    folder = Path(mlflow.artifacts.download_artifacts("models:/tiny@champion"))
+    reqs = (folder / "requirements.txt").read_text().split()
+    assert f"torch=={importlib.metadata.version('torch')}" in reqs
+    assert any(r.startswith("torch-geometric==") for r in reqs)
+
+
 def test_registry_promote_sets_an_alias(zero2_run, capsys):
     from mlflow import MlflowClient
 

@@ -41,6 +41,17 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri()
 
 
+# what the registered pyfunc needs to load and predict (besides magnet-hd itself), pinned to this
+# environment; listing them skips MLflow's requirement inference (about 8 s per logged model)
+MODEL_REQUIREMENTS = ("torch", "torchvision", "timm", "torch-geometric", "safetensors", "numpy", "scipy", "mlflow")
+
+
+def model_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
+
+
 class Tracker:
     """``start`` / ``log_*`` / ``finish``; every call does nothing when ``active`` is False."""
 
@@ -107,7 +118,7 @@ class Tracker:
         name = self.cfg.register_as or None
         info = self._mlflow.pyfunc.log_model(
             name="model", python_model=python_model, artifacts=artifacts, signature=signature,
-            registered_model_name=name, input_example=input_example,
+            registered_model_name=name, input_example=input_example, pip_requirements=model_requirements(),
         )
         version = str(info.registered_model_version) if name and info.registered_model_version else None
         if version and self.cfg.alias:

@@ -1,0 +1,139 @@
+"""The sweep driver: checks, Ray, the MLflow parent run, the Tuner (new or restored), then the results.
+
+Layout of ``out_dir/name``: Tune's experiment state and trial folders, ``runs/<trial id>/`` (each
+trial's training run), ``sweep.yaml`` (resolved config), ``sweep.json`` (the parent run id),
+``summary.csv``, ``summary.md`` and ``metric_vs_params.png`` (also artifacts of the parent run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from magnet.config import git_revision, save_config, to_dict
+from magnet.errors import UserError
+from magnet.io import atomic_write_text
+from magnet.sweep.config import SweepConfig
+from magnet.sweep.space import base_config, check_resolutions, param_space
+
+STATE_FILE = "sweep.json"
+
+
+def absolute_paths(cfg: SweepConfig) -> SweepConfig:
+    """Paths as absolute ones: trials run in Ray workers whose working directory is not the caller's."""
+    uri = cfg.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return dataclasses.replace(
+        cfg, out_dir=str(Path(cfg.out_dir).resolve()), train_config=str(Path(cfg.train_config).resolve()),
+        shards={k: str(Path(v).resolve()) for k, v in cfg.shards.items()},
+        mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri),
+    )
+
+
+def _trial_name(trial) -> str:
+    return trial.trial_id
+
+
+def _scheduler(cfg: SweepConfig, last_step: int, sweep_dir: Path):
+    if not cfg.asha.enabled:
+        return None
+    from magnet.sweep.scheduler import SweepASHA
+
+    a = cfg.asha
+    return SweepASHA(last_step=last_step, sweep_dir=str(sweep_dir), grace_period=a.grace_period,
+                     reduction_factor=a.reduction_factor, brackets=a.brackets)
+
+
+def _search_alg(cfg: SweepConfig):
+    if cfg.search.algorithm == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(seed=cfg.search.seed)
+        except (ImportError, AssertionError):
+            raise UserError("config: search.algorithm: optuna is not installed (pip install optuna), "
+                            "use random or grid") from None
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.search.seed)
+
+
+def _init_ray(cfg: SweepConfig) -> bool:
+    """Start (or join) Ray; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    r = cfg.ray
+    if r.address:
+        ray.init(address=r.address)
+    else:
+        ray.init(num_cpus=r.num_cpus or None,
+                 object_store_memory=r.object_store_mb * 2**20 if r.object_store_mb else None)
+    return True
+
+
+def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
+    """Run (or with ``resume`` continue) the sweep; returns the summary of :func:`finish_sweep`."""
+    cfg = absolute_paths(cfg)
+    base = base_config(cfg)
+    check_resolutions(cfg, base, origin)
+    space = param_space(cfg)
+    sweep_dir = Path(cfg.out_dir) / cfg.name
+    state = sweep_dir / STATE_FILE
+    if resume and not state.is_file():
+        raise UserError(f"{sweep_dir}: name: no sweep to resume here")
+    if not resume and state.is_file():
+        raise UserError(f"{sweep_dir}: name: a sweep of this name exists; pass --resume or another name")
+
+    from ray import tune
+
+    from magnet.sweep.results import finish_sweep
+    from magnet.sweep.trial import run_trial
+    from magnet.train.config import MlflowConfig
+    from magnet.train.tracking import Tracker
+
+    m = cfg.mlflow
+    tracker = Tracker(MlflowConfig(tracking_uri=m.tracking_uri, experiment=m.experiment, register_as=m.register_as,
+                                   alias=m.alias), True)
+    parent_id = json.loads(state.read_text())["parent_run_id"] if resume else None
+    parent_id = tracker.start(cfg.name, to_dict(cfg), run_id=parent_id,
+                              tags={"sweep_dir": sweep_dir, "git_revision": git_revision(), "sweep.role": "parent"})
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, sweep_dir / "sweep.yaml")
+        atomic_write_text(state, json.dumps({"parent_run_id": parent_id}))
+    started = _init_ray(cfg)
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, sweep=cfg, sweep_dir=str(sweep_dir), parent_run_id=parent_id),
+            {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            s = cfg.search
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric=s.metric, mode=s.mode, search_alg=_search_alg(cfg), scheduler=_scheduler(cfg, base.train.steps, sweep_dir),
+                    num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent or None,
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                run_config=tune.RunConfig(
+                    name=cfg.name, storage_path=cfg.out_dir, verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            )
+        grid = tuner.fit()
+        summary = finish_sweep(grid, cfg, base, parent_id, sweep_dir, tracker)
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    tracker.finish()
+    return summary

@@ -1,0 +1,108 @@
+"""The search space: leaves of ``space`` as dotted experiment keys, Tune's param space, the checks
+made before any trial starts, and the experiment config of one trial."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+from magnet.config import load_config
+from magnet.data.manifest import manifest_path
+from magnet.errors import UserError
+from magnet.sweep.config import DISTRIBUTIONS, SweepConfig
+from magnet.train.config import ExperimentConfig
+
+
+def leaves(space: dict, prefix: str = "") -> dict[str, tuple[str, list]]:
+    """``{"optim": {"lr": {"loguniform": [a, b]}}}`` -> ``{"optim.lr": ("loguniform", [a, b])}``."""
+    out: dict[str, tuple[str, list]] = {}
+    for name, node in space.items():
+        key = f"{prefix}{name}"
+        if not isinstance(node, dict) or not node:
+            raise UserError(f"config: space.{key}: expected a mapping (a section, or one of {', '.join(DISTRIBUTIONS)})")
+        kinds = [k for k in node if k in DISTRIBUTIONS]
+        if not kinds:
+            out.update(leaves(node, key + "."))
+            continue
+        if len(node) != 1:
+            raise UserError(f"config: space.{key}: a leaf holds exactly one of {', '.join(DISTRIBUTIONS)}")
+        kind, values = kinds[0], node[kinds[0]]
+        if not isinstance(values, list) or not values:
+            raise UserError(f"config: space.{key}.{kind}: expected a non-empty list")
+        if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
+            raise UserError(f"config: space.{key}.{kind}: expected [low, high]")
+        out[key] = (kind, values)
+    return out
+
+
+def _check_key(key: str) -> None:
+    """The dotted key names a field of the experiment config."""
+    cls: Any = ExperimentConfig
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            raise UserError(f"config: space.{key}: '{part}' is not a key of the experiment config")
+        cls = typing.get_type_hints(cls)[part]
+
+
+def param_space(cfg: SweepConfig) -> dict[str, Any]:
+    """Tune's param space, keyed by dotted experiment keys."""
+    from ray import tune
+
+    algorithm = cfg.search.algorithm
+    out: dict[str, Any] = {}
+    for key, (kind, values) in leaves(cfg.space).items():
+        _check_key(key)
+        if algorithm == "grid" and kind != "grid":
+            raise UserError(f"config: space.{key}: search.algorithm grid needs 'grid' values, got '{kind}'")
+        if kind == "grid":
+            out[key] = tune.choice(values) if algorithm == "optuna" else tune.grid_search(values)
+        elif kind == "choice":
+            out[key] = tune.choice(values)
+        elif kind == "randint":
+            out[key] = tune.randint(int(values[0]), int(values[1]) + 1)  # inclusive high
+        else:
+            out[key] = getattr(tune, kind)(float(values[0]), float(values[1]))
+    return out
+
+
+def base_config(cfg: SweepConfig) -> ExperimentConfig:
+    return load_config(ExperimentConfig, cfg.train_config, cfg.train_overrides)
+
+
+def resolutions(cfg: SweepConfig, base: ExperimentConfig) -> list[int]:
+    """Bin sizes the sweep can visit: the space's ``data.bin_um`` values, else the base config's."""
+    spec = leaves(cfg.space).get("data.bin_um")
+    if spec is None:
+        return [base.data.bin_um]
+    kind, values = spec
+    if kind not in ("grid", "choice"):
+        raise UserError(f"config: space.data.bin_um: use grid or choice, not {kind}")
+    return [int(v) for v in values]
+
+
+def check_resolutions(cfg: SweepConfig, base: ExperimentConfig, origin: str) -> None:
+    """Refuse, before any trial starts, a resolution without a shard set."""
+    for bin_um in resolutions(cfg, base):
+        root = cfg.shards.get(str(bin_um))
+        if root is None:
+            raise UserError(f"{origin}: shards.{bin_um}: no shard set for bin_um {bin_um} in the search space")
+        path = manifest_path(root, bin_um)
+        if not path.is_file():
+            raise UserError(f"{origin}: shards.{bin_um}: no shard set at {path.parent} (manifest.json missing)")
+
+
+def trial_config(cfg: SweepConfig, params: dict[str, Any], run_root: Path, run_name: str,
+                 parent_run_id: str) -> ExperimentConfig:
+    """The base experiment with the trial's values, its resolution's shards, and MLflow as a child run."""
+    trial = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    bin_um = int(params.get("data.bin_um", base_config(cfg).data.bin_um))
+    m = cfg.mlflow
+    fixed = [f"data.shards={json.dumps(cfg.shards[str(bin_um)])}", f"train.out_dir={json.dumps(str(run_root))}",
+             f"train.run_name={json.dumps(run_name)}", "train.progress=false", "mlflow.enabled=true",
+             f"mlflow.tracking_uri={json.dumps(m.tracking_uri)}", f"mlflow.experiment={json.dumps(m.experiment)}",
+             "mlflow.register_as=", "mlflow.alias=", f"mlflow.parent_run_id={json.dumps(parent_run_id)}"]
+    return load_config(ExperimentConfig, cfg.train_config, [*cfg.train_overrides, *trial, *fixed])
