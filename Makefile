@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m magnet synth --config configs/synth/demo.yaml --out $(DEMO)/slides --overwrite
+	DEMO=$(DEMO) PY=$(PY) bash scripts/demo.sh
 
 test: install
 	$(PY) -m pytest tests -q

@@ -14,7 +14,7 @@ import sys
 from magnet import __version__
 from magnet.errors import UserError
 
-COMMANDS = ["synth", "train", "registry", "shard", "predict"]
+COMMANDS = ["synth", "train", "registry", "shard", "predict", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,10 +8,10 @@ array dtypes and shapes against the manifest (genes, neighbours, spot cells, fea
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
 from magnet.errors import UserError
 
@@ -37,18 +37,11 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def _samples(path: Path):
-    """Yield (key, {ext: bytes}) in tar order."""
-    key, members = None, {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            k, ext = info.name.split(".", 1)
-            if k != key and key is not None:
-                yield key, members
-                members = {}
-            key = k
-            members[ext] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
+    """Yield (key, {member: bytes}) in tar order; member names are checked (magnet.data.corrupt.read_tar)."""
+    from magnet.data.corrupt import read_tar
+
+    for sample in read_tar(str(path), None):
+        yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
 
 
 def _check_sample(where: str, members: dict, dims: dict, manifest: dict, split: str) -> int:
@@ -65,7 +58,10 @@ def _check_sample(where: str, members: dict, dims: dict, manifest: dict, split: 
         member = f"{name}.npy.zst"
         if member not in members:
             raise UserError(f"{where}: {member}: missing")
-        arr = decode_npy(members[member])
+        try:
+            arr = decode_npy(members[member])
+        except (ValueError, zstandard.ZstdError) as e:  # frame checksum, npy header
+            raise UserError(f"{where}: {member}: cannot decode ({e})") from None
         want = tuple(sizes[d] if isinstance(d, str) else d for d in shape)
         if str(arr.dtype) != dtype or arr.shape != want:
             raise UserError(f"{where}: {member}: {arr.dtype} {arr.shape}, expected {dtype} {want}")
@@ -74,15 +70,20 @@ def _check_sample(where: str, members: dict, dims: dict, manifest: dict, split: 
     return n
 
 
+def dims_of(manifest: dict) -> dict[str, int]:
+    """The sizes array shapes are checked against: genes, neighbours + 1, spot cells, feature size."""
+    geom = manifest["geometry"]
+    return {"G": len(manifest["genes"]), "K1": manifest["k_neighbours"] + 1,
+            "S": geom["spots_per_side"] ** 2, "F": manifest["encoder"]["feat_dim"]}
+
+
 def validate(folder: str | Path) -> dict:
     """Check every shard of a bin-size folder; return the summary of ``sharding.run.summary``."""
     from .run import summary
 
     folder = Path(folder)
     manifest = _read_manifest(folder)
-    geom = manifest["geometry"]
-    dims = {"G": len(manifest["genes"]), "K1": manifest["k_neighbours"] + 1,
-            "S": geom["spots_per_side"] ** 2, "F": manifest["encoder"]["feat_dim"]}
+    dims = dims_of(manifest)
     per_slide: dict[str, list[int]] = {}
     for shard in manifest["shards"]:
         path = folder / shard["name"]

@@ -1,5 +1,9 @@
-"""Shared fixtures. ``tiny_cohort``: a synthetic cohort (configs/synth/tiny.yaml) made once per session."""
+"""Shared fixtures. ``tiny_cohort``: a synthetic cohort (configs/synth/tiny.yaml) made once per session;
+``tiny_shards``: its shards; ``registered``: a tiny model trained on them and registered in MLflow."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +29,21 @@ def tiny_shards(tiny_cohort, tmp_path_factory) -> Path:
             "--out", str(out), "--config", str(REPO / "configs/shard/tiny.yaml")]
     assert main(argv) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def registered(tiny_shards, tmp_path_factory):
+    """(tracking URI, run folder) of `tiny@champion`, trained 2 steps at 16 um (one plain DeepSpeed process)."""
+    out = tmp_path_factory.mktemp("predict_model")
+    uri = f"sqlite:///{out}/mlruns.db"
+    ext = REPO / "build" / "torch_extensions"
+    ext.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    env.update(TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
+           f"data.shards={tiny_shards}", f"train.out_dir={out}", "train.run_name=m", "train.steps=2",
+           "train.deepspeed=zero1", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}",
+           "mlflow.register_as=tiny", "mlflow.alias=champion"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return uri, out / "m"

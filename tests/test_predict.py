@@ -1,4 +1,4 @@
-"""`magnet predict`: a tiny model trained and registered once (one plain DeepSpeed process, sqlite MLflow),
+"""`magnet predict`: a tiny model trained and registered once (conftest `registered`, sqlite MLflow),
 then slides of `tiny_cohort` predicted through the CLI: Space Ranger and image-only input, the AnnData
 layout scanpy expects, equality with the registered model on the shards' own samples, bad input."""
 
@@ -17,24 +17,6 @@ from magnet.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = "synth_000"
-
-
-@pytest.fixture(scope="module")
-def registered(tiny_shards, tmp_path_factory):
-    """(tracking URI, run folder) of `tiny@champion`, trained 2 steps at 16 um."""
-    out = tmp_path_factory.mktemp("predict_model")
-    uri = f"sqlite:///{out}/mlruns.db"
-    ext = REPO / "build" / "torch_extensions"
-    ext.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
-    env.update(TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
-           f"data.shards={tiny_shards}", f"train.out_dir={out}", "train.run_name=m", "train.steps=2",
-           "train.deepspeed=zero1", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}",
-           "mlflow.register_as=tiny", "mlflow.alias=champion"]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return uri, out / "m"
 
 
 def _slide(cohort: Path, name: str = SLIDE) -> tuple[Path, Path]:

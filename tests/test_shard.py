@@ -2,8 +2,13 @@
 re-run, resume after a failure with byte-identical output, 2 um bins."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import h5py
@@ -174,6 +179,31 @@ def test_resume_after_failure_is_byte_identical(tiny_shards, tiny_cohort, ray_on
     image.write_bytes(original)
     assert shard(cohort / "samplesheet.csv", out) == 0
     assert "2 of 3 slides already done, 1 to do" in capsys.readouterr().err
+    for b in ("8um", "16um"):
+        names = sorted(p.name for p in (tiny_shards / b).iterdir())
+        assert names == sorted(p.name for p in (out / b).iterdir())
+        for name in names:
+            assert (tiny_shards / b / name).read_bytes() == (out / b / name).read_bytes(), f"{b}/{name} differs"
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_is_byte_identical(tiny_shards, tiny_cohort, ray_one_cpu, tmp_path, capsys):
+    """The whole sharding process group (driver and Ray) killed once the first slide's parts exist."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "magnet", "shard", "--samplesheet", str(tiny_cohort / "samplesheet.csv"),
+           "--bin-um", "8", "16", "--out", str(out), "--config", TINY, "ray.num_cpus=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("*um/.work/*/done.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "sharding finished (or failed) before it could be killed"
+    assert not list(out.glob("*um/manifest.json"))
+    assert shard(tiny_cohort / "samplesheet.csv", out) == 0
+    assert "already done" in capsys.readouterr().err
     for b in ("8um", "16um"):
         names = sorted(p.name for p in (tiny_shards / b).iterdir())
         assert names == sorted(p.name for p in (out / b).iterdir())

@@ -1,5 +1,7 @@
-"""Real DeepSpeed engines on the CPU (gloo) over `tiny_shards`: ZeRO 1/2/3 with 2 processes, kill and
-resume, one plain process, the registered MLflow model in a fresh process, a refused manifest.
+"""Real DeepSpeed engines on the CPU (gloo) over `tiny_shards`: ZeRO 1/2/3 with 2 processes, one rank
+killed and the run resumed, one plain process (skipping a corrupt shard), two torchrun node ranks
+over loopback, the registered MLflow model in a fresh process, no credential from the environment
+recorded, a checkpoint that would unpickle code refused, a refused manifest.
 
 Every run is a subprocess (`magnet train` starts the deepspeed launcher, or `python launch/train.py`),
 sharing one TORCH_EXTENSIONS_DIR under build/ so DeepSpeed's shm op compiles once.
@@ -9,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,16 +79,37 @@ def _assert_trained(run_dir: Path) -> None:
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
+# credentials in the environment of a run: none may reach its logs, run folder or MLflow store
+SECRETS = {"MLFLOW_TRACKING_PASSWORD": "pw-6d1f0c", "AWS_SECRET_ACCESS_KEY": "aws-9b7e2a", "HF_TOKEN": "hf-0e5a77"}
+
+
 @pytest.fixture(scope="module")
 def zero2_run(tiny_shards, tmp_path_factory, ds_env):
     """Uninterrupted ZeRO-2 run, checkpoints every 3 steps, model registered as `tiny@champion`."""
     out = tmp_path_factory.mktemp("runs")
     uri = f"sqlite:///{out}/mlruns.db"
     port = free_port()
-    _run(_magnet_train(port, *_args(tiny_shards, out, "ref", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}",
-                                     "mlflow.register_as=tiny", "mlflow.alias=champion", "train.eval_every=3")), ds_env)
+    proc = _run(_magnet_train(port, *_args(tiny_shards, out, "ref", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}",
+                                            "mlflow.register_as=tiny", "mlflow.alias=champion", "train.eval_every=3")),
+                {**ds_env, **SECRETS, "MLFLOW_TRACKING_USERNAME": "alice"})
     _release_shm(port)
+    (out / "launcher.log").write_text(proc.stdout + proc.stderr)
     return out / "ref", uri
+
+
+def test_no_credential_from_the_environment_is_recorded(zero2_run):
+    run_dir, uri = zero2_run
+    files = [p for p in run_dir.parent.rglob("*") if p.is_file()]
+    assert any(p.name == "mlruns.db" for p in files) and any(p.name == "model.safetensors" for p in files)
+    blob = b"".join(p.read_bytes() for p in files)  # logs, run folder, MLflow database and artifacts
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("magnet-tiny").experiment_id])[0]
+    recorded = [*run.data.params.values(), *run.data.tags.values()]
+    assert run.data.params["train.steps"] == str(STEPS) and run.data.metrics["data/corrupt_samples"] == 0
+    for secret in SECRETS.values():
+        assert secret.encode() not in blob and not any(secret in v for v in recorded)
 
 
 def test_zero2_trains_logs_to_mlflow_and_registers(zero2_run, tiny_shards):
@@ -128,7 +153,21 @@ def test_zero_stage_trains_and_stops_cleanly(stage, tiny_shards, tmp_path, ds_en
     np.testing.assert_allclose(pred["bin"], engine_out["bin"], rtol=1e-5, atol=1e-6)
 
 
+def _rank_pid(pgid: int, rank: int) -> int:
+    """The training process of ``rank`` among the processes of group ``pgid`` (by its RANK variable)."""
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            if proc_dir.name.isdigit() and os.getpgid(int(proc_dir.name)) == pgid and \
+                    f"RANK={rank}".encode() in (proc_dir / "environ").read_bytes().split(b"\0"):
+                return int(proc_dir.name)
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    raise AssertionError(f"no process with RANK={rank} in group {pgid}")
+
+
 def test_resume_after_kill_gives_the_same_losses(zero2_run, tiny_shards, tmp_path, ds_env):
+    """SIGKILL of one rank after the step-3 checkpoint: the job fails on its own within a bounded time
+    (the survivor's collective errors out, the launcher stops), then --resume latest gives the same losses."""
     ref_dir, _ = zero2_run
     port = free_port()
     cmd = _magnet_train(port, *_args(tiny_shards, tmp_path, "k", "train.eval_every=3"))
@@ -140,13 +179,21 @@ def test_resume_after_kill_gives_the_same_losses(zero2_run, tiny_shards, tmp_pat
     for line in proc.stdout:
         seen.append(line)
         if "checkpoint saved step 3" in line:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+            killed_at = time.monotonic()
             break
-    proc.wait(timeout=60)
+    seen += proc.stdout.readlines()  # to the launcher's exit
+    rc = proc.wait(timeout=60)
+    failed_after = time.monotonic() - killed_at
     watchdog.cancel()
     proc.stdout.close()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing may be left of the group
+    except ProcessLookupError:
+        pass
     _release_shm(port)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    assert rc not in (0, -signal.SIGKILL), "".join(seen[-30:])  # failed by itself, not by the watchdog
+    assert failed_after < 120, failed_after
     assert (tmp_path / "k" / "checkpoints" / "latest").read_text() == "step00000003"
 
     port = free_port()
@@ -158,10 +205,22 @@ def test_resume_after_kill_gives_the_same_losses(zero2_run, tiny_shards, tmp_pat
 
 
 def test_one_plain_process_without_launcher(tiny_shards, tmp_path, ds_env):
-    proc = _run([sys.executable, "launch/train.py", *_args(tiny_shards, tmp_path, "one", "train.deepspeed=zero1",
-                                                          "train.ckpt_every=2", "train.keep_last=2")], ds_env)
+    """Also: a corrupt training shard with data.on_corrupt=skip is skipped, warned about and counted."""
+    from shard_damage import corrupt
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards / "16um", shards / "16um")
+    for bad in sorted((shards / "16um").glob("train-*.tar"))[:-1]:  # all but one: read within the 6 steps
+        corrupt(bad, "flip_jpg")
+    proc = _run([sys.executable, "launch/train.py", *_args(shards, tmp_path, "one", "train.deepspeed=zero1",
+                                                          "train.ckpt_every=2", "train.keep_last=2",
+                                                          "data.on_corrupt=skip")], ds_env)
     _assert_trained(tmp_path / "one")
     assert "world 1" in proc.stdout
+    assert "train-000000.tar: sha256: does not match manifest.json; skipped 8 sample(s)" in proc.stderr
+    counts = [json.loads(line).get("data/corrupt_samples") for line in (tmp_path / "one/metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert counts == sorted(counts) and counts[-1] >= 8
     kept = sorted(p.name for p in (tmp_path / "one" / "checkpoints").glob("step*"))
     assert kept == ["step00000004", "step00000006"]  # step 2 pruned: keep the last 2
 
@@ -210,6 +269,53 @@ def test_registry_promote_sets_an_alias(zero2_run, capsys):
     assert str(MlflowClient(tracking_uri=uri).get_model_version_by_alias("tiny", "staging").version) == "1"
     assert main(["registry", "promote", "tiny", "99", "--tracking-uri", uri]) == 2
     assert "tiny version 99" in capsys.readouterr().err
+
+
+def test_two_nodes_over_loopback(tiny_shards, tmp_path, ds_env):
+    """Two `torchrun --nnodes 2` node ranks on this machine, one process each, one shared run folder."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/train.py",
+           *_args(tiny_shards, tmp_path, "two", "train.deepspeed=zero2")]
+    nodes = [subprocess.Popen([*cmd[:3], "--node_rank", str(r), *cmd[3:]], env=ds_env, cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True) for r in (0, 1)]
+    try:
+        outs = [n.communicate(timeout=300)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+    _release_shm(port)
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "world 2" in outs[0]
+    _assert_trained(tmp_path / "two")
+
+
+def test_checkpoint_that_unpickles_code_is_refused(zero2_run, tiny_shards, tmp_path, ds_env):
+    """Checkpoints load with torch.load(weights_only=True): a pickled callable is refused, never run."""
+    import torch
+
+    ref_dir, _ = zero2_run
+    run = tmp_path / "p"
+    shutil.copytree(ref_dir / "checkpoints", run / "checkpoints")
+    shutil.copy(ref_dir / "config.yaml", run / "config.yaml")
+    marker = tmp_path / "pwned"
+    torch.save({"x": Exploit(str(marker))}, run / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt")
+    proc = subprocess.run([sys.executable, "launch/train.py", "--resume", "latest",
+                           *_args(tiny_shards, tmp_path, "p", "train.steps=7")],
+                          env=ds_env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert not marker.exists()
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("magnet: error: ") and "step00000006: refused to load (not weights only)" in err
+
+
+class Exploit:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
 
 
 def test_manifest_with_other_genes_is_refused(tiny_shards, tmp_path, ds_env):

@@ -2,10 +2,11 @@
 
 Training, per rank: shard_list (the split, repeated forever: resampled) -> shuffle_shards (a seeded
 permutation per round, the same on every rank) -> split_by_node -> split_by_worker -> samples
-(tar members as bytes) -> shuffle (a buffer of encoded samples) -> skip (resume position) ->
+(tar members as bytes, shards and member names checked) -> shuffle (a buffer of encoded samples) -> skip (resume position) ->
 decode -> subsample -> augment -> collate -> with_epoch (every rank and worker yields a fixed
 number of batches). Every random choice is seeded from (seed, epoch, rank, worker, round or
 sample index), so a stream is a pure function of the seed and a resumed run sees the same batches.
+Corrupted shards and samples are handled by ``data.on_corrupt`` (:mod:`magnet.data.corrupt`).
 
 Evaluation, per rank: shard_list (once) -> split_by_node -> split_by_worker -> samples -> decode ->
 chunk (every bin once) -> collate; no resampling, no augmentation.
@@ -22,9 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from magnet.data.corrupt import Corruption, check_sample, read_tar
 from magnet.data.manifest import check_manifest, geometry_of, load_manifest, manifest_path, split_shards
 from magnet.data.transforms import augment, chunk_bins, decode_sample, subsample_bins
 from magnet.dist import WorldInfo
+from magnet.errors import UserError
+from sharding.validate import dims_of
 
 Stage = Callable[[Iterator], Iterator]
 
@@ -96,10 +100,20 @@ def split_by_worker(num_workers: int, rotate: int = 0) -> Stage:
     return stage
 
 
-def samples() -> Stage:
-    import webdataset as wds
-
-    return wds.tarfile_to_samples()
+def samples(corruption: Corruption | None = None) -> Stage:
+    """Each shard's samples as member bytes; with ``corruption``, shards are checked first (a run of
+    more corrupt shards than the manifest lists means none is left to read)."""
+    def stage(src: Iterator) -> Iterator:
+        bad_in_a_row = 0
+        for shard in src:
+            if corruption is not None and not corruption.shard_ok(shard["url"]):
+                bad_in_a_row += 1
+                if bad_in_a_row > len(corruption.expected):
+                    raise UserError(f"{shard['url']}: every shard this loader reads is corrupt (data.on_corrupt)")
+                continue
+            bad_in_a_row = 0
+            yield from read_tar(shard["url"], corruption)
+    return stage
 
 
 def shuffle(bufsize: int, initial: int, seed: int, epoch: int, rank: int, num_workers: int, rotate: int) -> Stage:
@@ -139,11 +153,21 @@ def skip(count: Callable[[], int]) -> Stage:
     return stage
 
 
-def decode() -> Stage:
+def decode(corruption: Corruption | None = None) -> Stage:
+    """Late decode; with ``corruption``, a sample that fails to decode or to match the manifest's
+    shapes is handled by its policy."""
     def stage(src: Iterator) -> Iterator:
         for s in src:
             index = s.get("__index__", 0)
-            d = decode_sample(s)
+            try:
+                d = decode_sample(s)
+                if corruption is not None:
+                    check_sample(d, corruption.dims, s.get("__url__", "?"))
+            except UserError as e:
+                if corruption is None:
+                    raise
+                corruption.handle(str(e))
+                continue
             d["__index__"] = index
             yield d
     return stage
@@ -165,8 +189,9 @@ def chunk(cap: int) -> Stage:
     return stage
 
 
-def collate(batch_size: int, geometry, partial: bool, knn: dict) -> Stage:
-    """Group samples into the model's :class:`magnet.batch.Batch` (``knn``: its ``k_bin/k_spot/k_global``)."""
+def collate(batch_size: int, geometry, partial: bool, knn: dict, corruption: Corruption | None = None) -> Stage:
+    """Group samples into the model's :class:`magnet.batch.Batch` (``knn``: its ``k_bin/k_spot/k_global``);
+    ``batch.corrupt_samples``: samples skipped in this loader process since its previous batch."""
     from magnet.batch import collate as model_collate
 
     def stage(src: Iterator) -> Iterator:
@@ -176,7 +201,9 @@ def collate(batch_size: int, geometry, partial: bool, knn: dict) -> Stage:
                 return
             for s in group:
                 s.pop("__index__", None)
-            yield model_collate(group, geometry, **knn)
+            batch = model_collate(group, geometry, **knn)
+            batch.corrupt_samples = corruption.take() if corruption is not None else 0
+            yield batch
     return stage
 
 
@@ -202,6 +229,12 @@ class ShardSet:
 
     def shards(self, split: str) -> list[tuple[str, int]]:
         return split_shards(self.manifest, self.root, split)
+
+    def corruption(self, policy: str) -> Corruption:
+        """What the loader checks each shard and sample against, and how it treats a mismatch."""
+        expected = {str(self.root / s["name"]): (int(s["bytes"]), s["sha256"], int(s["n_samples"]))
+                    for s in self.manifest["shards"]}
+        return Corruption(policy, expected, dims_of(self.manifest))
 
 
 class TrainStream:
@@ -231,23 +264,24 @@ class TrainStream:
             return seed, epoch, world.rank, _worker(nw, rotate)[0]
 
         urls = self.urls * self.repeats
+        bad = self.set.corruption(cfg.on_corrupt)
         stages = [
             ("shard_list", shard_list(urls, repeat=True)),
             ("shuffle_shards", shuffle_shards(seed, epoch, len(urls))),
             ("split_by_node", split_by_node(world)),
             ("split_by_worker", split_by_worker(nw, rotate)),
-            ("samples", samples()),
+            ("samples", samples(bad)),
             ("shuffle", shuffle(cfg.shuffle_buffer, cfg.shuffle_initial, seed, epoch, world.rank, nw, rotate)),
             ("number", number()),
             ("skip", skip(lambda: done_batches() * cfg.micro_batch)),
-            ("decode", decode()),
+            ("decode", decode(bad)),
             ("subsample", per_sample(lambda s, r: subsample_bins(s, cfg.max_bins, r), key, 2)),
         ]
         if cfg.augment:
             g = self.set.geometry
             stages.append(("augment", per_sample(lambda s, r: augment(s, g, r), key, 3)))
         stages += [
-            ("collate", collate(cfg.micro_batch, self.set.geometry, False, self.knn)),
+            ("collate", collate(cfg.micro_batch, self.set.geometry, False, self.knn, bad)),
             ("with_epoch", with_epoch(lambda: self.batches_per_worker - done_batches())),
         ]
         return stages
@@ -265,24 +299,32 @@ class EvalStream:
 
     def stages(self) -> list[tuple[str, Stage]]:
         nw = max(self.cfg.workers, 1)
+        bad = self.set.corruption(self.cfg.on_corrupt)
         return [
             ("shard_list", shard_list(self.urls, repeat=False)),
             ("split_by_node", split_by_node(self.world)),
             ("split_by_worker", split_by_worker(nw)),
-            ("samples", samples()),
-            ("decode", decode()),
+            ("samples", samples(bad)),
+            ("decode", decode(bad)),
             ("chunk", chunk(self.cfg.max_bins)),
-            ("collate", collate(self.cfg.eval_batch, self.set.geometry, True, self.knn)),
+            ("collate", collate(self.cfg.eval_batch, self.set.geometry, True, self.knn, bad)),
         ]
 
     def __iter__(self):
         return iter(_loader(Pipeline(self.stages()), self.cfg))
 
 
-def _loader(pipe: Pipeline, cfg) -> DataLoader:
+def _loader(pipe: Pipeline, cfg) -> Iterator:
     kw = {"prefetch_factor": cfg.prefetch} if cfg.workers > 0 else {}
-    return DataLoader(pipe, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_threads,
-                      pin_memory=torch.cuda.is_available(), **kw)
+    loader = DataLoader(pipe, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_threads,
+                        pin_memory=torch.cuda.is_available(), **kw)
+    try:
+        yield from loader
+    except RuntimeError as e:  # a UserError in a worker comes back as its traceback: keep the one-line message
+        prefix, last = f"{UserError.__module__}.UserError: ", str(e).strip().splitlines()[-1]
+        if not (str(e).startswith("Caught UserError") and last.startswith(prefix)):
+            raise
+        raise UserError(last[len(prefix):]) from None
 
 
 def _worker_threads(_: int) -> None:

@@ -39,10 +39,16 @@ def decode_sample(raw: dict) -> dict:
             except (ValueError, zstandard.ZstdError) as e:
                 raise UserError(f"{where}: cannot decode ({e})") from None
         elif name.split(".", 1)[0] == "image" and name.rsplit(".", 1)[-1] in IMAGE_EXTS:
-            with Image.open(io.BytesIO(data)) as im:
-                out["image"] = np.asarray(im.convert("RGB"))
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    out["image"] = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError) as e:  # PIL: unidentified or truncated image
+                raise UserError(f"{where}: cannot decode ({e})") from None
         elif name == "meta.json":
-            out["meta"] = json.loads(data)
+            try:
+                out["meta"] = json.loads(data)
+            except ValueError as e:
+                raise UserError(f"{where}: cannot decode ({e})") from None
     for need in ("image", "bin_xy", "meta"):
         if need not in out:
             raise UserError(f"{raw.get('__url__', '?')}: {raw['__key__']}: member {need} missing")

@@ -26,10 +26,11 @@ class MeanProfile(nn.Module):
         self.glob = nn.Parameter(0.1 * torch.randn(n_genes))
 
     def forward(self, batch) -> Predictions:
+        # repeat, not expand: a view of a parameter requires grad even under no_grad (then .numpy() fails)
         return Predictions(
-            bin=self.bin.expand(batch.bin_expr.shape[0], -1),
-            spot=self.spot.expand(batch.spot_expr.shape[0], -1),
-            glob=self.glob.expand(batch.glob_expr.shape[0], -1),
+            bin=self.bin.repeat(batch.bin_expr.shape[0], 1),
+            spot=self.spot.repeat(batch.spot_expr.shape[0], 1),
+            glob=self.glob.repeat(batch.glob_expr.shape[0], 1),
         )
 
 

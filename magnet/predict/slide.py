@@ -121,24 +121,15 @@ def _device(cfg: PredictConfig):
 
 
 class _Runner:
-    """Batches of decoded chunks through the model: ``predict_batch`` on the CPU in fp32, else the same
-    forward on the device under bf16 autocast."""
+    """Batches of decoded chunks through the model's ``predict_batch`` on the configured device."""
 
     def __init__(self, model: LoadedModel, cfg: PredictConfig):
         self.pm = model.python_model
         self.device, self.bf16 = _device(cfg)
-        if self.device.type != "cpu":
-            self.pm.model.to(self.device)
+        self.pm.model.to(self.device)
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
-        if self.device.type == "cpu" and not self.bf16:
-            return self.pm.predict_batch(batch)
-        import torch
-
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pred = self.pm.model(batch.to(self.device, non_blocking=True))
-        out = {"bin": pred.bin, "spot": pred.spot, "global": pred.glob}
-        return {k: v.float().cpu().numpy() for k, v in out.items() if v is not None}
+        return self.pm.predict_batch(batch, bf16=self.bf16)
 
 
 def predict_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: PredictConfig, *,

@@ -52,9 +52,28 @@ def read_pointer(ckpt_dir: Path, pointer: str = "latest") -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
+def _weights_only_load(path, map_location=None):
+    """``torch.load(weights_only=True)``, allowing only the DeepSpeed classes its ZeRO 1/2/3 checkpoints
+    pickle besides tensors and plain containers (DeepSpeed itself loads with ``weights_only=False``)."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load(engine, ckpt_dir: Path, tag: str) -> dict:
-    """Module, optimizer and scheduler state into ``engine``; returns the client state."""
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    """Module, optimizer and scheduler state into ``engine`` (no arbitrary unpickling); returns the client state."""
+    import pickle
+
+    engine.checkpoint_engine.load = _weights_only_load
+    try:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{ckpt_dir / tag}: refused to load (not weights only): {first}") from None
     if path is None:
         raise UserError(f"{ckpt_dir / tag}: checkpoint could not be loaded")
     return client

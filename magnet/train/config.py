@@ -34,6 +34,8 @@ class DataConfig:
     epoch_samples: int = 0  # samples per epoch over all ranks; 0 = the training split's size
     genes: list[str] | None = None  # expected gene list; None = the manifest's (then recorded here)
     normalisation: dict[str, Any] | None = None  # expected normalisation; None = the manifest's (then recorded)
+    on_corrupt: Literal["fail", "skip"] = "fail"  # a corrupt shard or sample: stop, or skip it with a warning
+    # (counted in the MLflow metric data/corrupt_samples); see magnet/data/corrupt.py
 
     def __post_init__(self):
         for name in ("micro_batch", "eval_batch", "max_bins", "shuffle_buffer"):
@@ -93,6 +95,13 @@ class MlflowConfig:
     alias: str = ""  # alias set on the new version (e.g. champion); needs register_as
     figure_genes: int = 4  # genes drawn in the predicted-vs-measured maps
     parent_run_id: str = ""  # nest this run under that run (a sweep sets it for each trial)
+
+    def __post_init__(self):  # the config is recorded (run folder, MLflow params, the model): no secrets in it
+        from magnet.train.tracking import mask_credentials
+
+        if mask_credentials(self.tracking_uri) != self.tracking_uri:
+            raise ValueError("mlflow.tracking_uri: holds credentials (user:password@); set MLFLOW_TRACKING_USERNAME "
+                             "and MLFLOW_TRACKING_PASSWORD in the environment instead (never recorded)")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -126,15 +126,18 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model, len(shard_set.genes), feat_dim(shard_set.manifest), shard_set.geometry)
+    from magnet.models.init import init_output_bias, target_mean
+
+    init_output_bias(model, target_mean(shard_set, cfg.data.train_split))  # same on every rank; resume overwrites
     ds_cfg = deepspeed_config(cfg, torch.cuda.is_available())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg,
         lr_scheduler=lambda opt: make_scheduler(opt, cfg, cfg.train.steps),
     )
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "mlflow_run_id": None}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "mlflow_run_id": None, "corrupt_samples": 0}
     if tag is not None:
         client = checkpoint.load(engine, ckpt_dir, tag)
-        state.update({k: client[k] for k in state})
+        state.update({k: client[k] for k in state if k in client})
 
     tracker = Tracker(cfg.mlflow, primary)
     zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
@@ -161,7 +164,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not (primary and cfg.train.progress),
                file=sys.stderr, dynamic_ncols=True)
     device = engine.device
-    acc = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, bins since the last step
+    acc = torch.zeros(4, dtype=torch.float64)  # loss sum, micro-batches, bins, corrupt samples skipped since the last step
     parts_acc: dict[str, float] = {}
     last_batch = None
     t_start, steps_at_start, t_log, bins_log = time.time(), state["step"], time.time(), 0.0
@@ -176,7 +179,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
         for batch in stream.epoch(state["epoch"], state["batch_in_epoch"]):
             torch.manual_seed(_micro_seed(cfg.train.seed, world.rank, state["step"], micro))
             last_batch = batch
-            nb = batch.num_bins
+            nb, skipped = batch.num_bins, batch.corrupt_samples
             batch = batch.to(device)
             engine.train()
             total, parts = compute_loss(engine(batch), batch, cfg.loss)
@@ -185,7 +188,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
             engine.step()
             state["batch_in_epoch"] += 1
             micro += 1
-            acc += torch.tensor([float(total.detach()), 1.0, nb], dtype=torch.float64)
+            acc += torch.tensor([float(total.detach()), 1.0, nb, skipped], dtype=torch.float64)
             for k, v in parts.items():
                 parts_acc[k] = parts_acc.get(k, 0.0) + float(v)
             if not boundary:
@@ -197,8 +200,10 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
             n = red[1].item()
             now = time.time()
             bins_log += red[2].item()
-            row = {"loss": red[0].item() / n, "lr": engine.get_lr()[0], "epoch": state["epoch"]}
-            row.update({k: red[3 + i].item() / n for i, k in enumerate(parts_acc)})
+            state["corrupt_samples"] += int(red[3].item())
+            row = {"loss": red[0].item() / n, "lr": engine.get_lr()[0], "epoch": state["epoch"],
+                   "data/corrupt_samples": state["corrupt_samples"]}  # running total over ranks (data.on_corrupt)
+            row.update({k: red[4 + i].item() / n for i, k in enumerate(parts_acc)})
             acc.zero_()
             parts_acc.clear()
             bar.update(1)

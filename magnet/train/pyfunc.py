@@ -44,13 +44,15 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(load_file(weights))
         self.model.eval()
 
-    def predict_batch(self, batch) -> dict[str, np.ndarray]:
+    def predict_batch(self, batch, bf16: bool = False) -> dict[str, np.ndarray]:
+        """Forward on the model's device (bf16 autocast when asked); float32 numpy out."""
         import torch
 
-        with torch.no_grad():
-            pred = self.model(batch)
+        device = next(self.model.parameters()).device
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = self.model(batch.to(device))
         out = {"bin": pred.bin, "spot": pred.spot, "global": pred.glob}
-        return {k: v.float().numpy() for k, v in out.items() if v is not None}
+        return {k: v.float().cpu().numpy() for k, v in out.items() if v is not None}
 
     def predict(self, context, model_input, params=None):
         from magnet.batch import collate

@@ -1,0 +1,82 @@
+"""``magnet evaluate``: models on held-out slides, the paper's table (MSE, MAE, PCC both ways) plus the oracle."""
+
+from __future__ import annotations
+
+import argparse
+
+USAGE = """examples:
+  magnet evaluate --model models:/magnet-hd@champion --model stnet=models:/magnet-hd-stnet@champion \\
+      --samplesheet held_out.csv --bin-um 8 16 --out eval
+  magnet evaluate --model runs/a/model --model runs/b/model --samplesheet slides.csv --split test --out eval
+Each model is scored at the bin size it was trained on and at spot level, on every slide of the samplesheet
+(or those of --split); a slide the model trained on is refused. Writes OUT/evaluation.{md,csv},
+OUT/evaluation_slides.csv and OUT/evaluate.config.yaml, and logs them to MLflow (mlflow=false to skip).
+Keys of --config / key=value: magnet/evaluate/config.py (predict.* as in magnet predict)."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="score models on held-out slides (Markdown/CSV table, MLflow)",
+                              description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, metavar="[LABEL=]MODEL",
+                   help="models:/NAME@ALIAS, runs:/ID/model or a folder; repeat to compare (label: the model's name)")
+    p.add_argument("--samplesheet", required=True, help="CSV: slide,spaceranger,image[,split] of held-out slides")
+    p.add_argument("--split", default=None, help="only the slides of this split (samplesheet column, else the "
+                                                 "models' shard manifest), e.g. test")
+    p.add_argument("--bin-um", type=int, nargs="+", default=None, metavar="UM",
+                   help="bin sizes to report; every model must be trained at one of them (default: the models')")
+    p.add_argument("--genes", default=None, help="genes to score: A,B,C or a file with one per line "
+                                                 "(default: the first model's)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+    p.add_argument("--config", default=None, help="YAML evaluate config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. top_k=20 mlflow=false")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    from magnet.config import load_config, save_config
+    from magnet.evaluate.config import EvaluateConfig
+    from magnet.evaluate.select import load_models, parse_genes, select_slides
+    from magnet.predict.model import DEFAULT_TRACKING_URI
+
+    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    genes = parse_genes(args.genes)
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    models = load_models(args.model, args.tracking_uri, args.bin_um)
+    genes = genes or models[next(iter(models))].genes
+    slides = select_slides(args.samplesheet, args.split, models)
+
+    from magnet.evaluate import report
+    from magnet.evaluate.table import Table
+
+    t0 = time.perf_counter()
+    table = Table(models, genes, cfg)
+    for entry, split in slides:
+        table.add_slide(entry, split)
+    rows = table.results()
+    notes = [f"Slide {e.slide} is a validation slide of a model: its scores may be optimistic."
+             for e, split in slides if split == "val"]
+    out = Path(args.out)
+    paths = report.write(out, rows, cfg.top_k, notes)
+    sources = {label: m.source for label, m in models.items()}
+    paths["config"] = save_config(cfg, out / "evaluate.config.yaml", models=sources, genes=genes,
+                                  samplesheet=str(Path(args.samplesheet).resolve()),
+                                  slides={e.slide: split for e, split in slides})
+    run_id = None
+    if cfg.mlflow:
+        from magnet.config import to_dict
+
+        params = {"models": {k: v["uri"] for k, v in sources.items()}, "samplesheet": args.samplesheet,
+                  "slides": ",".join(e.slide for e, _ in slides), "n_genes": len(genes), "config": to_dict(cfg)}
+        run_id = report.log_mlflow(tracking_uri, cfg.experiment, cfg.run_name or time.strftime("evaluate-%Y%m%d-%H%M%S"),
+                                   rows, paths, params)
+    print(report.markdown(rows, cfg.top_k, notes).split("\n\n")[1])
+    print(json.dumps({"out": {k: str(v) for k, v in paths.items()}, "slides": len(slides), "genes": len(genes),
+                      "mlflow_run_id": run_id, "seconds": round(time.perf_counter() - t0, 1)}))
+    return 0

@@ -1,0 +1,95 @@
+"""The evaluation table as Markdown and CSV (summary and per slide), written atomically, and logged to MLflow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from magnet.evaluate.table import SPOT_HEAD
+from magnet.io import atomic_write_text
+from magnet.metrics import METRICS
+
+HEADERS = {"mse": "MSE", "mae": "MAE", "pcc_bin": "PCC per bin", "pcc_gene": "PCC per gene",
+           "pcc_gene_topk": "PCC per gene (top {k})"}
+
+
+def _level(row: dict) -> str:
+    return f"{row['bin_um']} um bins" if row["level"] == "bins" else f"spot ({row['bin_um']} um model)"
+
+
+def markdown(rows: list[dict], top_k: int, notes: list[str]) -> str:
+    heads = [HEADERS[m].format(k=top_k) for m in METRICS]
+    lines = ["| level | model | scored | slides | " + " | ".join(heads) + " |",
+             "|---|---|---|---:|" + "---:|" * len(METRICS)]
+    for r in rows:
+        cells = []
+        for m in METRICS:
+            sd = f" ± {r[f'{m}_sd']:.3f}" if r["n_slides"] > 1 else ""
+            cells.append(f"{r[m]:.3f}{sd}")
+        lines.append(f"| {_level(r)} | {r['model']} | {r['source']} | {r['n_slides']} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    legend = (f"Mean ± sd over slides (sd shown with more than one slide). PCC per bin: across genes, mean over "
+              f"bins (MagNet paper); PCC per gene: across bins, mean over genes (HEST); top {top_k}: the most "
+              f"variable measured genes of these slides. Targets: the training normalisation.")
+    return "\n\n".join(["# Evaluation", text, legend, *notes]) + "\n"
+
+
+def _csv(header: list[str], records: list[list]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(records)
+    return buf.getvalue()
+
+
+def summary_csv(rows: list[dict]) -> str:
+    header = ["level", "bin_um", "model", "source", "uri", "n_slides"] + [c for m in METRICS for c in (m, f"{m}_sd")]
+    return _csv(header, [[r[h] if not h.endswith("_sd") or r["n_slides"] > 1 else "" for h in header] for r in rows])
+
+
+def slides_csv(rows: list[dict]) -> str:
+    header = ["level", "bin_um", "model", "slide", "split", "n"] + list(METRICS)
+    return _csv(header, [[r["level"], r["bin_um"], r["model"], s, v["split"], v["n"], *(v[m] for m in METRICS)]
+                         for r in rows for s, v in r["slides"].items()])
+
+
+def write(out: Path, rows: list[dict], top_k: int, notes: list[str]) -> dict[str, Path]:
+    paths = {"markdown": out / "evaluation.md", "csv": out / "evaluation.csv", "slides_csv": out / "evaluation_slides.csv"}
+    texts = {"markdown": markdown(rows, top_k, notes), "csv": summary_csv(rows), "slides_csv": slides_csv(rows)}
+    for k, p in paths.items():
+        atomic_write_text(p, texts[k])
+    return paths
+
+
+def metric_name(row: dict, metric: str) -> str:
+    """MLflow metric key, e.g. ``magnet/16um/pcc_gene``, ``oracle/spot16um/pcc_gene``, ``magnet/spot16um_head/mse``."""
+    level = f"{row['bin_um']}um" if row["level"] == "bins" else f"spot{row['bin_um']}um"
+    level += "_head" if row["source"] == SPOT_HEAD else ""
+    return f"{row['model']}/{level}/{metric}"
+
+
+def log_mlflow(tracking_uri: str, experiment: str, run_name: str, rows: list[dict], paths: dict[str, Path],
+               params: dict) -> str:
+    """One MLflow run holding the metrics (means; sds as ``..._sd``) and the three files; returns its id."""
+    from magnet.train.config import MlflowConfig
+    from magnet.train.tracking import Tracker
+
+    tracker = Tracker(MlflowConfig(tracking_uri=tracking_uri, experiment=experiment), active=True)
+    run_id = tracker.start(run_name, params, tags={"magnet.kind": "evaluation"})
+    try:
+        metrics = {}
+        for r in rows:
+            for m in METRICS:
+                metrics[metric_name(r, m)] = r[m]
+                if r["n_slides"] > 1:
+                    metrics[metric_name(r, m) + "_sd"] = r[f"{m}_sd"]
+        tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=0)
+        for p in paths.values():
+            tracker.log_artifact(p, "evaluation")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return run_id

@@ -1,0 +1,59 @@
+"""Damaged copies of shards for the fault tests: truncated, a flipped byte inside a member, a member
+dropped, an unsafe member name; and a manifest made to agree with the damage."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+from sharding.writer import sha256_file
+
+
+def _members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(info, tar.extractfile(info).read()) for info in tar]
+
+
+def _rewrite(path: Path, members) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def corrupt(path: Path, kind: str) -> str:
+    """Damage the shard at ``path``; returns the member affected (or '' for the whole file)."""
+    if kind == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return ""
+    members = _members(path)
+    if kind in ("flip_npy", "flip_jpg"):
+        suffix = ".bin_expr.npy.zst" if kind == "flip_npy" else ".image.jpg"
+        info = next(i for i, _ in members if i.name.endswith(suffix))
+        with tarfile.open(path) as tar:
+            offset = tar.getmember(info.name).offset_data + info.size // 2
+        raw = bytearray(path.read_bytes())
+        raw[offset] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        return info.name
+    if kind == "drop":
+        gone = next(i.name for i, _ in members if i.name.endswith(".spot_feat.npy.zst"))
+        _rewrite(path, [(i, d) for i, d in members if i.name != gone])
+        return gone
+    if kind == "unsafe_name":
+        info, data = members[0]
+        info.name = "../" + info.name
+        _rewrite(path, [(info, data), *members[1:]])
+        return info.name
+    raise ValueError(kind)
+
+
+def rehash(folder: Path, name: str) -> None:
+    """Make the manifest agree with a damaged shard (as if it had been written that way)."""
+    man_path = folder / "manifest.json"
+    man = json.loads(man_path.read_text())
+    entry = next(s for s in man["shards"] if s["name"] == name)
+    entry.update(bytes=(folder / name).stat().st_size, sha256=sha256_file(folder / name))
+    man_path.write_text(json.dumps(man))

@@ -1,0 +1,166 @@
+"""`magnet evaluate` on `tiny_cohort` with the registered tiny model (conftest `registered`): the table with
+both PCC protocols and the oracle row, its numbers against an independent NumPy computation, MLflow, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from magnet.cli import main
+
+
+def _splits(tiny_shards) -> dict[str, str]:
+    return json.loads((tiny_shards / "16um" / "manifest.json").read_text())["splits"]
+
+
+def _sheet(tiny_cohort, tmp_path, slides: list[str]):
+    """A samplesheet of ``slides`` with absolute paths (no split column)."""
+    path = tmp_path / "held_out.csv"
+    lines = ["slide,spaceranger,image"] + [
+        f"{s},{tiny_cohort / s / 'outs'},{tiny_cohort / s / f'{s}_fullres.tif'}" for s in slides]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def evaluated(registered, tiny_cohort, tiny_shards, tmp_path_factory):
+    uri, run_dir = registered
+    held = [s for s, split in _splits(tiny_shards).items() if split != "train"]
+    out = tmp_path_factory.mktemp("eval")
+    sheet = _sheet(tiny_cohort, out, held)
+    argv = ["evaluate", "--model", "models:/tiny@champion", "--model", f"folder={run_dir / 'model'}",
+            "--tracking-uri", uri, "--samplesheet", str(sheet), "--bin-um", "16", "--out", str(out / "eval"),
+            "top_k=5", "oracle_draws=256", "predict.max_bins=100000", "run_name=test-eval"]
+    assert main(argv) == 0
+    return out / "eval", held[0], uri
+
+
+def _pcc_per_gene(x, y) -> np.ndarray:
+    """np.corrcoef per column; a constant side counts 0 (the metrics' convention)."""
+    out = np.zeros(x.shape[1])
+    for g in range(x.shape[1]):
+        if x[:, g].std() > 0 and y[:, g].std() > 0:
+            out[g] = np.corrcoef(x[:, g], y[:, g])[0, 1]
+    return out
+
+
+def _normalised(counts, lib):
+    """log1p(counts / library size * 1e4); a bin without counts is all zeros."""
+    scale = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
+    return np.log1p(counts * scale[:, None])
+
+
+def test_table_has_both_protocols_baselines_and_oracle(evaluated):
+    out, slide, _ = evaluated
+    md = (out / "evaluation.md").read_text()
+    for head in ("MSE", "MAE", "PCC per bin", "PCC per gene", "PCC per gene (top 5)"):
+        assert f"| {head} |" in md or f"| {head}" in md
+    rows = _rows(out / "evaluation.csv")
+    kinds = {(r["level"], r["model"], r["source"]) for r in rows}
+    assert {("bins", "magnet", "bin head"), ("bins", "folder", "bin head"), ("bins", "oracle", "expected target given true means"),
+            ("spot", "magnet", "bins pooled per spot cell"), ("spot", "magnet", "spot head"),
+            ("spot", "oracle", "expected target given true means")} <= kinds
+    by = {(r["level"], r["model"], r["source"]): r for r in rows}
+    same = by[("bins", "magnet", "bin head")], by[("bins", "folder", "bin head")]
+    assert all(float(same[0][m]) == pytest.approx(float(same[1][m])) for m in ("mse", "pcc_gene"))  # one model twice
+    oracle = by[("bins", "oracle", "expected target given true means")]
+    assert float(oracle["pcc_gene"]) > float(same[0]["pcc_gene"])  # a 2-step model is far from the ceiling
+    assert (out / "evaluate.config.yaml").is_file()
+    per_slide = _rows(out / "evaluation_slides.csv")
+    assert {r["slide"] for r in per_slide} == {slide} and {r["split"] for r in per_slide} == {"val"}
+    assert f"Slide {slide} is a validation slide" in md
+
+
+def test_numbers_match_an_independent_numpy_computation(evaluated, registered, tiny_cohort, tmp_path):
+    """Predictions from `magnet predict`, targets and oracle from the raw files, metrics with NumPy."""
+    import anndata as ad
+
+    out, slide, uri = evaluated
+    outs = tiny_cohort / slide / "outs"
+    assert main(["predict", "--model", "models:/tiny@champion", "--tracking-uri", uri, "--spaceranger", str(outs),
+                 "--image", str(tiny_cohort / slide / f"{slide}_fullres.tif"), "--out", str(tmp_path / "p.h5ad"),
+                 "max_bins=100000", "progress=false"]) == 0
+    adata = ad.read_h5ad(tmp_path / "p.h5ad")
+    genes, pred = list(adata.var_names), np.asarray(adata.X, np.float64)
+    with h5py.File(outs / "binned_outputs/square_016um/filtered_feature_bc_matrix.h5") as f:
+        m = f["matrix"]
+        barcodes = [b.decode() for b in m["barcodes"][:]]
+        names = [g.decode() for g in m["features/name"][:]]
+        dense = np.zeros((len(barcodes), len(names)))
+        indptr = m["indptr"][:]
+        rows = np.repeat(np.arange(len(barcodes)), np.diff(indptr))
+        np.add.at(dense, (rows, m["indices"][:]), m["data"][:])
+    keep = [barcodes.index(b) for b in adata.obs_names]
+    cols = [names.index(g) for g in genes]
+    measured = _normalised(dense[keep][:, cols], dense[keep].sum(1))
+    with h5py.File(tiny_cohort / slide / "ground_truth/expected_016um.h5") as f:
+        gt_rows = {b.decode(): i for i, b in enumerate(f["barcodes"][:])}
+        gt_names = [g.decode() for g in f["genes"][:]]
+        means = f["expected"][:].astype(np.float64)[[gt_rows[b] for b in adata.obs_names]]
+    draws = np.random.default_rng(12345).poisson(means, size=(256,) + means.shape).astype(np.float64)
+    gcols = [gt_names.index(g) for g in genes]
+    oracle = np.mean([_normalised(d[:, gcols], d.sum(1)) for d in draws], axis=0)  # E[target | Poisson means]
+
+    def row_pcc(x, y):
+        return _pcc_per_gene(x.T, y.T).mean()
+
+    got = {(r["model"], r["level"]): r for r in _rows(out / "evaluation_slides.csv") if r["slide"] == slide}
+    var = measured.var(0)
+    top = np.argsort(-var, kind="stable")[:5]
+    for name, x, tol in (("magnet", pred, 1e-5), ("oracle", oracle, 0.02)):  # oracle: two Monte Carlo estimates
+        r = got[(name, "bins")]
+        assert int(r["n"]) == len(measured)
+        assert float(r["mse"]) == pytest.approx(((x - measured) ** 2).mean(), rel=tol)
+        assert float(r["mae"]) == pytest.approx(np.abs(x - measured).mean(), rel=tol)
+        assert float(r["pcc_bin"]) == pytest.approx(row_pcc(x, measured), abs=tol)
+        per_gene = _pcc_per_gene(x, measured)
+        assert float(r["pcc_gene"]) == pytest.approx(per_gene.mean(), abs=tol)
+        assert float(r["pcc_gene_topk"]) == pytest.approx(per_gene[top].mean(), abs=tol)
+    assert float(got[("oracle", "bins")]["mse"]) < float(got[("magnet", "bins")]["mse"])
+
+
+def test_metrics_are_logged_to_mlflow(evaluated):
+    import mlflow
+
+    out, _, uri = evaluated
+    row = next(r for r in _rows(out / "evaluation.csv") if r["model"] == "magnet" and r["level"] == "bins")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("magnet-evaluate")
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'test-eval'")
+    assert run.data.metrics["magnet/16um/pcc_gene"] == pytest.approx(float(row["pcc_gene"]))
+    assert "oracle/16um/pcc_bin" in run.data.metrics and "magnet/spot16um_head/mse" in run.data.metrics
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/evaluation.md", "evaluation/evaluation.csv", "evaluation/evaluation_slides.csv"} <= names
+
+
+def _fails(argv, capsys, out, expect: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("magnet: error: ") and expect in err[0], err
+    assert not out.exists()
+
+
+def test_gene_the_model_was_not_trained_on_is_refused(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
+    _, run_dir = registered
+    held = [s for s, split in _splits(tiny_shards).items() if split != "train"]
+    out = tmp_path / "eval"
+    _fails(["evaluate", "--model", str(run_dir / "model"), "--samplesheet", str(_sheet(tiny_cohort, tmp_path, held)),
+            "--genes", "TUM08,NOTAGENE", "--out", str(out), "mlflow=false"], capsys, out,
+           "was not trained on 'NOTAGENE'")
+
+
+def test_training_slide_is_refused(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
+    _, run_dir = registered
+    train = [s for s, split in _splits(tiny_shards).items() if split == "train"]
+    out = tmp_path / "eval"
+    _fails(["evaluate", "--model", str(run_dir / "model"), "--samplesheet", str(_sheet(tiny_cohort, tmp_path, train)),
+            "--out", str(out), "mlflow=false"], capsys, out, f"'{train[0]}' is a training slide")
