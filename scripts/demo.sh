@@ -42,7 +42,9 @@ train() {  # name, registered model, then overrides
 }
 train magnet magnet-demo
 train stnet magnet-demo-stnet model.name=stnet
-train mean magnet-demo-mean model.name=mean train.steps=20 train.eval_every=0 train.log_every=10  # starts at the training mean
+# the mean profile: one vector per level, a large lr takes it to the training mean in a few dozen steps
+train mean magnet-demo-mean model.name=mean train.steps=40 optim.lr=0.2 schedule.warmup_steps=0 train.eval_every=0 \
+  train.log_every=10
 
 TEST=$($PY -c "import json, sys; s = json.load(open(sys.argv[1]))['splits']; print(*[k for k, v in s.items() if v == 'test'])" \
   "$DEMO/shards/${BIN_UM}um/manifest.json")

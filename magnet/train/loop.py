@@ -126,9 +126,6 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model, len(shard_set.genes), feat_dim(shard_set.manifest), shard_set.geometry)
-    from magnet.models.init import init_output_bias, target_mean
-
-    init_output_bias(model, target_mean(shard_set, cfg.data.train_split))  # same on every rank; resume overwrites
     ds_cfg = deepspeed_config(cfg, torch.cuda.is_available())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg,
