@@ -36,18 +36,17 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     import json
-    import os
     import time
     from pathlib import Path
 
     from magnet.config import load_config, save_config
     from magnet.evaluate.config import EvaluateConfig
     from magnet.evaluate.select import load_models, parse_genes, select_slides
-    from magnet.predict.model import DEFAULT_TRACKING_URI
+    from magnet.train.tracking import resolve_tracking_uri
 
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
     genes = parse_genes(args.genes)
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
     models = load_models(args.model, args.tracking_uri, args.bin_um)
     genes = genes or models[next(iter(models))].genes
     slides = select_slides(args.samplesheet, args.split, models)

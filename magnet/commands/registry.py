@@ -19,15 +19,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from magnet.errors import UserError
-    from magnet.train.tracking import mask_credentials, set_alias
+    from magnet.train.tracking import mask_credentials, resolve_tracking_uri, set_alias
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    uri = resolve_tracking_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     try:
         set_alias(args.name, args.version, args.alias)

@@ -18,7 +18,6 @@ import numpy as np
 
 from magnet.errors import UserError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 
 
 @dataclasses.dataclass
@@ -82,7 +81,9 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
 
     from magnet.train.tracking import mask_credentials
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    from magnet.train.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"{uri}: --tracking-uri: database file not found (needed to resolve {spec})")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

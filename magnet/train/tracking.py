@@ -15,6 +15,13 @@ from typing import Any
 LONG_LIST = 32  # longer lists (e.g. the gene list) are logged as artifacts, not params
 
 
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The command-line URI, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store."""
+    import os
+
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+
+
 def mask_credentials(uri: str) -> str:
     return re.sub(r"//[^/@]+@", "//***@", uri)
 
