@@ -1,13 +1,16 @@
 """A full-size Visium HD capture area end to end with bounded memory: time and peak memory of each step.
 
     python bench/bench_fullsize.py [--size-mm 6.5] [--work DIR] [--model DIR] [--no-2um] [--no-predict] [--cpus N]
+                                   [--steps synth shard shard2um predict]
 
 Steps, each in its own process tree: `magnet synth` (one slide of SIZE x SIZE mm), `magnet shard` at
 8 and 16 um (configs/shard/default.yaml), at 2 um (configs/shard/bin2um.yaml), a 2-step training run
 on the 8 um shards when no --model is given (configs/train/tiny.yaml, to have a model to predict
 with; not a target), and `magnet predict` of the slide at 8 um. For each step: wall seconds, the peak
 RSS of its largest process and the peak of the tree's summed PSS (driver, Ray workers and raylet
-together, shared pages counted once), polled every 0.2 s. The target is < 4 GB per step.
+together, shared pages counted once), polled every 0.2 s. The target is < 4 GB per step. ``--steps``
+runs only some steps on the slide (and shards) already in ``--work``; a shard step whose output is
+complete is skipped by ``magnet shard`` itself, so delete ``WORK/shards/2um`` to measure 2 um again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MB = 4096
+STEPS = ["synth", "shard", "shard2um", "predict"]  # predict: also the 2-step training run when no --model
 
 
 def _tree(root: int) -> list[int]:
@@ -88,7 +92,9 @@ def main() -> None:
     ap.add_argument("--no-2um", action="store_true", help="skip the 2 um shards")
     ap.add_argument("--no-predict", action="store_true", help="stop after sharding (prediction is the slowest step)")
     ap.add_argument("--cpus", type=int, default=2, help="Ray CPUs and torch threads")
+    ap.add_argument("--steps", nargs="+", choices=STEPS, default=STEPS, help="steps to run (default: all)")
     a = ap.parse_args()
+    steps = set(a.steps) - ({"shard2um"} if a.no_2um else set()) - ({"predict"} if a.no_predict else set())
     env = {**os.environ, "OMP_NUM_THREADS": str(a.cpus), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     magnet = [sys.executable, "-m", "magnet"]
@@ -99,24 +105,27 @@ def main() -> None:
         print(f"capture area {a.size_mm} x {a.size_mm} mm ({(size_um / 8) ** 2:,.0f} 8 um bins, "
               f"{(size_um / 2) ** 2:,.0f} 2 um bins in the square), "
               f"{a.cpus} CPUs, target < {TARGET_MB} MB per step", flush=True)
-        rows = [measure("synth", [*magnet, "synth", "--out", str(slides), "--slides", "1", "--size-um", str(size_um),
-                                  "--seed", "0", "--overwrite"], env)]
+        rows = []
+        if "synth" in steps:
+            rows.append(measure("synth", [*magnet, "synth", "--out", str(slides), "--slides", "1", "--size-um",
+                                          str(size_um), "--seed", "0", "--overwrite"], env))
         shard = [*magnet, "shard", "--samplesheet", str(slides / "samplesheet.csv"), "--out", str(shards),
                  f"ray.num_cpus={a.cpus}", "ray.progress=false"]
-        rows.append(measure("shard 8+16 um", [*shard, "--bin-um", "8", "16", "--config",
-                                              str(REPO / "configs/shard/default.yaml")], env))
-        if not a.no_2um:
+        if "shard" in steps:
+            rows.append(measure("shard 8+16 um", [*shard, "--bin-um", "8", "16", "--config",
+                                                  str(REPO / "configs/shard/default.yaml")], env))
+        if "shard2um" in steps:
             rows.append(measure("shard 2 um (bin2um.yaml)", [*shard, "--bin-um", "2", "--config",
                                                              str(REPO / "configs/shard/bin2um.yaml")], env))
         model = a.model
-        if model is None and not a.no_predict:
+        if model is None and "predict" in steps:
             rows.append(measure("train 2 steps (model only)", [
                 sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/train/tiny.yaml"),
                 f"data.shards={shards}", "data.bin_um=8", f"train.out_dir={work / 'runs'}", "train.run_name=bench",
                 "train.steps=2", "train.deepspeed=zero1", "data.workers=0", "data.epoch_samples=8"], env))
             model = str(work / "runs" / "bench" / "model")
         slide = slides / "synth_000"
-        if not a.no_predict:
+        if "predict" in steps:
             rows.append(measure("predict 8 um", [*magnet, "predict", "--model", model, "--spaceranger", str(slide / "outs"),
                                                  "--image", str(slide / "synth_000_fullres.tif"), "--bin-um", "8",
                                                  "--out", str(work / "pred_8um.h5ad"), "progress=false"], env))

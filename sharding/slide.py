@@ -38,7 +38,7 @@ def inspect_slide(entry: SlideEntry, bin_ums: list[int], n_genes: int, cfg: Shar
     out = {"n_bins": {}, "stats": None}
     for b in bin_ums:
         stats = GeneStats(n_genes, cfg.genes) if b == stats_bin else None
-        bins = read_bins(BinFiles.of(entry.spaceranger, b), size, None, stats)
+        bins = read_bins(BinFiles.of(entry.spaceranger, b), size, None, stats, with_barcodes=False)
         out["n_bins"][b] = len(bins.libsize)
         if stats is not None:
             stats.n_bins = len(bins.libsize)
@@ -53,7 +53,7 @@ class Level:
     def read(cls, entry: SlideEntry, bin_um: int, image: SlideImage, genes: np.ndarray, cfg: ShardConfig) -> "Level":
         files = BinFiles.of(entry.spaceranger, bin_um)
         mpp_full = read_mpp(files.scalefactors, bin_um)
-        return cls(read_bins(files, image.size, genes), mpp_full, cfg)
+        return cls(read_bins(files, image.size, genes, with_barcodes=False), mpp_full, cfg)
 
     def __init__(self, bins: Bins, mpp_full: float, cfg: ShardConfig):
         geom = cfg.shard.geometry()

@@ -27,12 +27,18 @@ class TileSet:
 def make_tiles(xy_model: np.ndarray, rc: np.ndarray, geom: Geometry, min_bins: int, k: int) -> TileSet:
     """Assign bins (model-px centres) to global tiles; keep tiles with ``>= min_bins`` bins."""
     g = np.floor(xy_model / geom.global_px).astype(np.int64)
-    grid, inverse, n_per = np.unique(g[:, ::-1], axis=0, return_inverse=True, return_counts=True)  # by (gy, gx)
-    inverse = inverse.ravel()
+    lo = g.min(0, initial=0)
+    width = g[:, 0].max(initial=0) - lo[0] + 1
+    # one int64 key per bin, ordered as (gy, gx): a 1-D unique (sorting rows of g costs several copies)
+    keys, inverse, n_per = np.unique((g[:, 1] - lo[1]) * width + (g[:, 0] - lo[0]), return_inverse=True,
+                                     return_counts=True)
+    del g
     keep = n_per >= min_bins
     new_index = np.cumsum(keep) - 1
     tile = np.where(keep[inverse], new_index[inverse], -1)
-    grid = grid[keep][:, ::-1].copy()
+    del inverse
+    keys = keys[keep]
+    grid = np.stack([keys % width + lo[0], keys // width + lo[1]], 1)
     origin = grid * geom.global_px - geom.margin
     kept = np.flatnonzero(tile >= 0)
     local = np.zeros_like(xy_model, dtype=np.float32)

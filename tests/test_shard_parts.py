@@ -132,3 +132,60 @@ def test_hvg_prefers_dispersed_genes_and_top_mean_prefers_high_means():
     assert list(select_genes(ids, ids, stats, cfg)) == [10, 11, 12]
     top = GeneConfig(n_genes=3, selection="top_mean")
     assert list(select_genes(ids, ids, stats, top)) == [0, 1, 2]
+
+
+def _rewrite_in_other_order(src: Path, dst: Path, seed: int) -> None:
+    """``dst``: the bin folder ``src`` with the positions shuffled into row groups of 50 rows and the
+    matrix columns (barcodes) shuffled: the same bins in another order."""
+    import h5py
+    import pyarrow.parquet as pq
+
+    from magnet.synth.spaceranger import write_matrix_h5
+    from sharding.reader import read_genes
+
+    rng = np.random.default_rng(seed)
+    (dst / "spatial").mkdir(parents=True)
+    (dst / "spatial/scalefactors_json.json").write_bytes((src / "spatial/scalefactors_json.json").read_bytes())
+    table = pq.read_table(src / "spatial/tissue_positions.parquet")
+    pq.write_table(table.take(rng.permutation(len(table))), dst / "spatial/tissue_positions.parquet", row_group_size=50)
+    with h5py.File(src / "filtered_feature_bc_matrix.h5") as f:
+        m = f["matrix"]
+        barcodes, indptr, gene, count = (m[k][:] for k in ("barcodes", "indptr", "indices", "data"))
+    perm = rng.permutation(len(barcodes))
+    column = np.argsort(perm)[np.repeat(np.arange(len(barcodes)), np.diff(indptr))]
+    order = np.lexsort((gene, column))
+    ids, names = read_genes(src / "filtered_feature_bc_matrix.h5")
+    write_matrix_h5(dst / "filtered_feature_bc_matrix.h5", barcodes[perm], ids, names, column[order], gene[order],
+                    count[order])
+
+
+def test_bins_do_not_depend_on_row_order_or_batches(tiny_cohort, tmp_path, monkeypatch):
+    """Positions read in many small batches, in any row order, and matrix barcodes in any order give the
+    same bins (matched by barcode); a repeated position barcode is refused in unsorted files too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import sharding.reader as reader
+
+    slide = tiny_cohort / "synth_000"
+    with SlideImage(slide / "synth_000_fullres.tif") as im:
+        size = im.size
+    genes = np.arange(0, 60, 3)
+    ref = reader.read_bins(reader.BinFiles.of(slide / "outs", 8), size, genes)
+    outs = tmp_path / "outs"
+    _rewrite_in_other_order(slide / "outs/binned_outputs/square_008um", outs / "binned_outputs/square_008um", seed=1)
+    monkeypatch.setattr(reader, "POSITION_BATCH", 64)
+    files = reader.BinFiles.of(outs, 8)
+    got = reader.read_bins(files, size, genes)
+    assert not np.array_equal(got.barcodes, ref.barcodes)  # another order, the same bins
+    a, b = np.argsort(ref.barcodes), np.argsort(got.barcodes)
+    np.testing.assert_array_equal(got.barcodes[b], ref.barcodes[a])
+    for name in ("rc", "xy", "libsize"):
+        np.testing.assert_array_equal(getattr(got, name)[b], getattr(ref, name)[a])
+    np.testing.assert_array_equal(got.counts[b].toarray(), ref.counts[a].toarray())
+    assert reader.read_bins(files, size, genes, with_barcodes=False).barcodes is None
+
+    table = pq.read_table(files.positions)
+    pq.write_table(pa.concat_tables([table, table.slice(len(table) // 2, 1)]), files.positions, row_group_size=50)
+    with pytest.raises(UserError, match="tissue_positions.parquet: barcode: duplicate barcodes"):
+        reader.read_bins(files, size, genes)
