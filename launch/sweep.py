@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"magnet: error: {e}", file=sys.stderr)
         return 2
+    if summary.get("already_finished"):
+        print(f"sweep {summary['sweep_dir']}: finished already, nothing to resume", file=sys.stderr)
     best = summary["best"]
     print(f"sweep {summary['sweep_dir']}: " + ", ".join(f"{n} {k}" for k, n in summary["counts"].items())
           + (f"; best {best['trial']} {cfg.search.metric}={best['value']:.4g} model version {best['model_version']}"

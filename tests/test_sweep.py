@@ -1,6 +1,7 @@
 """Ray Tune sweeps (launch/sweep.py) on `tiny_shards`: 4 trials over 8 and 16 um with ASHA, one MLflow
 parent with a child per trial, the best model registered as `@sweep-best` and loaded in a fresh
-process; a trial with a bad value fails alone; a resolution without shards is refused up front.
+process; a trial with a bad value fails alone; a resolution without shards is refused up front; a
+sweep killed with SIGKILL resumes with --resume without running its finished trials again.
 
 Each sweep is a subprocess with its own local Ray (`ray.num_cpus=2`, `ray.object_store_mb=100`).
 """
@@ -32,10 +33,13 @@ def sweep_env() -> dict:
     return env
 
 
+def _cmd(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "launch/sweep.py", "--config", TINY, f"out_dir={out}",
+            f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", *args]
+
+
 def _sweep(env: dict, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "launch/sweep.py", "--config", TINY, f"out_dir={out}",
-           f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", *args]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(_cmd(out, *args), env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     if check:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
@@ -137,10 +141,11 @@ def test_a_trial_with_a_bad_value_fails_alone(tiny_shards, tmp_path, sweep_env):
     assert status == {rows["-0.001"]["trial"]: "FAILED", rows["0.003"]["trial"]: "FINISHED"}
     assert summary["best"]["trial"] == rows["0.003"]["trial"]
 
-    # the finished sweep resumes (Tuner.restore) into the same parent run, with nothing left to run
-    again = _summary(_sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]",
-                            "space.optim.lr.grid=[0.003,-0.001]", "asha.enabled=false", "name=bad", "--resume"))
-    assert again["parent_run_id"] == summary["parent_run_id"]
+    # resuming the finished sweep does nothing (the failed trial is not retried) and says so
+    again = _sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]",
+                   "space.optim.lr.grid=[0.003,-0.001]", "asha.enabled=false", "name=bad", "--resume")
+    assert again.stderr.strip() == f"sweep {tmp_path / 'bad'}: finished already, nothing to resume"
+    assert _summary(again) == {"parent_run_id": summary["parent_run_id"], "best": summary["best"]}
     assert len(_children(client, summary["parent_run_id"])) == 2
 
 
@@ -159,3 +164,134 @@ def test_resolution_without_shards_is_refused_before_any_trial(tiny_shards, tmp_
     if shards16:
         assert str(tmp_path / shards16 / "16um") in err[0]
     assert not (tmp_path / "tiny").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _trial_states(sweep_dir: Path) -> dict[str, tuple[str, int]]:
+    """Trial id -> (Tune status, step of its last result), from the newest experiment state Tune saved
+    in the sweep folder."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))  # named by the start time of each Tuner.fit
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught while Tune rewrites it
+        return {}
+    out = {}
+    for trial, runtime in data["trial_data"]:
+        trial, runtime = json.loads(trial), json.loads(runtime)
+        out[trial["trial_id"]] = (trial["status"], (runtime.get("last_result") or {}).get("step", 0))
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_shards, tmp_path, sweep_env, capsys):
+    """Two trials at once, of 3 and 24 steps: SIGKILL the sweep's process group once the short one has
+    finished and the long one has saved a checkpoint, then --resume: the finished trial is kept as it is,
+    the other goes on from its checkpoint in its MLflow run, the parent run and the registered model are
+    the sweep's only ones."""
+    import signal
+    import time
+
+    import psutil
+    from mlflow import MlflowClient
+
+    from launch.sweep import main
+
+    args = (f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]", "space.optim.lr.grid=[0.003]",
+            "space.train.steps.grid=[3,24]", "asha.enabled=false", "name=killed",
+            "train_overrides=[train.eval_every=3,train.ckpt_every=3,data.workers=0]")
+    sweep_dir, client = tmp_path / "killed", MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    env = {**sweep_env, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its state every second, not every 10 s
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(_cmd(tmp_path, *args), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # its own process group: Ray's processes included
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until Tune has saved one trial as terminated and a result (with a checkpoint) of the other
+            log_tail = (tmp_path / "first.log").read_text()[-3000:]
+            assert first.poll() is None, "the sweep ended before it was killed: " + log_tail
+            assert time.monotonic() < deadline, log_tail
+            states = _trial_states(sweep_dir)
+            done = [t for t, (status, _) in states.items() if status == "TERMINATED"]
+            killed = [t for t, (status, step) in states.items() if status == "RUNNING" and step > 0]
+            if done and killed:
+                break
+            time.sleep(0.25)
+    finally:
+        spawned = psutil.Process(first.pid).children(recursive=True)  # Ray's trial workers lead groups of their own
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        _, alive = psutil.wait_procs(spawned, timeout=30)
+        for proc in alive:
+            proc.kill()
+    assert not alive, f"processes of the killed sweep still running: {alive}"
+    (done,), (killed,) = done, killed
+    parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
+    kept = [sweep_dir / done / "result.json", *(sweep_dir / "runs" / done).rglob("*")]
+    kept = {p: p.stat().st_mtime_ns for p in kept}
+    before = {c.info.run_name: c for c in _children(client, parent_id)}
+    assert before[done].info.status == "FINISHED" and before[killed].info.status == "RUNNING"
+    assert client.get_run(parent_id).info.status == "RUNNING" and not (sweep_dir / "summary.csv").exists()
+
+    cli = _cmd(tmp_path, *args)[2:]  # the arguments of launch/sweep.py, for its main() in this process
+    capsys.readouterr()
+    assert main(cli) == 2  # without --resume
+    assert capsys.readouterr().err.strip() == \
+        f"magnet: error: {sweep_dir}: name: a sweep of this name exists; pass --resume or another name"
+
+    summary = _summary(_sweep(sweep_env, tmp_path, *args, "--resume"))
+    assert summary["parent_run_id"] == parent_id
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert _trial_states(sweep_dir) == {done: ("TERMINATED", 3), killed: ("TERMINATED", 24)}
+    rows = {r["trial"]: r for r in _rows(sweep_dir)}
+    assert {t: (r["status"], r["step"]) for t, r in rows.items()} == \
+        {done: ("finished", "3"), killed: ("finished", "24")}
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the finished trial did not run again
+    after = _children(client, parent_id)  # one run per trial: the same ones, ended
+    assert sorted((c.info.run_name, c.info.run_id, c.info.status) for c in after) == \
+        sorted((t, before[t].info.run_id, "FINISHED") for t in (done, killed))
+    assert {c.info.run_name: c.info.end_time for c in after}[done] == before[done].info.end_time
+    # the killed trial went on from its checkpoint (step 3 or later): Tune's iterations go on, and the steps
+    # up to the checkpoint were logged once
+    results = [json.loads(line) for line in (sweep_dir / killed / "result.json").read_text().splitlines()]
+    assert [(r["training_iteration"], r["step"]) for r in results] == [(i, 3 * i) for i in range(1, 9)]
+    steps = [m.step for m in client.get_metric_history(before[killed].info.run_id, "loss")]
+    assert set(steps) == set(range(1, 25)) and steps.count(1) == steps.count(2) == steps.count(3) == 1
+    best = summary["best"]  # registered once, from the best trial's run
+    assert best["run_id"] == before[best["trial"]].info.run_id
+    versions = client.search_model_versions("name = 'tiny-sweep'")
+    assert [(str(v.version), v.run_id) for v in versions] == [(best["model_version"], best["run_id"])]
+
+    assert main([*cli, "--resume"]) == 0  # a finished sweep: nothing to do
+    again = capsys.readouterr()
+    assert again.err.strip() == f"sweep {sweep_dir}: finished already, nothing to resume"
+    assert json.loads(again.out.strip().splitlines()[-1]) == summary
+    assert len(client.search_model_versions("name = 'tiny-sweep'")) == 1
+
+
+def test_a_child_run_left_running_by_a_killed_sweep_is_closed_on_resume(tmp_path):
+    """A trial killed before its first checkpoint starts over in a new child run of the same name: on
+    --resume the old run (still RUNNING) ends KILLED, and the new one is the one the sweep records."""
+    from mlflow import MlflowClient
+
+    from magnet.sweep.results import close_interrupted, record_children
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e")
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    child = {"tags": {"mlflow.parentRunId": parent}, "run_name": "t1"}
+    stale = client.create_run(exp, start_time=1000, **child).info.run_id  # the attempt the kill interrupted
+    finished = client.create_run(exp, run_name="t0", tags={"mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(finished, "FINISHED")
+
+    assert close_interrupted(uri, parent) == [stale]
+    assert client.get_run(stale).info.status == "KILLED"
+    assert client.get_run(stale).data.tags["sweep.status"] == "interrupted"
+    assert client.get_run(finished).info.status == "FINISHED"
+
+    fresh = client.create_run(exp, start_time=2000, **child).info.run_id  # the resumed sweep's attempt
+    rows = [{"trial": t, "status": "finished", "step": 4, "val/loss": 1.0, "error": ""} for t in ("t0", "t1")]
+    assert record_children(client, rows, parent, exp, "val/loss") == {"t0": finished, "t1": fresh}
+    assert client.get_run(fresh).info.status == "FINISHED"
+    assert client.get_run(stale).info.status == "KILLED"

@@ -1,6 +1,7 @@
 """After the Tuner: one MLflow child run per trial with its status, the summary table and the
 metric-against-hyperparameter plot on the parent run, and the best finished trial's model
-registered under ``mlflow.register_as`` with ``mlflow.alias`` (``sweep-best``)."""
+registered under ``mlflow.register_as`` with ``mlflow.alias`` (``sweep-best``). Before a resumed
+Tuner: the child runs a killed sweep left RUNNING are closed."""
 
 from __future__ import annotations
 
@@ -46,13 +47,37 @@ def trial_rows(grid, cfg: SweepConfig, base, sweep_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["trial"])
 
 
+def _children(client, parent_id: str) -> list:
+    """The parent's child runs, the most recently started first."""
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=10000, order_by=["attributes.start_time DESC"])
+
+
+def close_interrupted(tracking_uri: str, parent_id: str) -> list[str]:
+    """End as KILLED (tag ``sweep.status`` interrupted) every child run still RUNNING: its trial was
+    killed with the sweep. A trial resumed from its checkpoint reopens its run; one killed before its
+    first checkpoint starts over in a new run of the same name, and this one stays KILLED. Returns
+    the closed run ids."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    closed = [r.info.run_id for r in _children(client, parent_id) if r.info.status == "RUNNING"]
+    for run_id in closed:
+        client.set_tag(run_id, "sweep.status", "interrupted")
+        client.set_terminated(run_id, "KILLED")
+    return closed
+
+
 def record_children(client, rows: list[dict], parent_id: str, experiment_id: str, metric: str) -> dict[str, str]:
     """Each trial's child run ends with its status (a trial that failed before its run started gets
-    one now, with its values); returns trial -> child run id."""
+    one now, with its values); returns trial -> child run id. Of a trial's runs, the latest started
+    is its own (older ones were interrupted, see :func:`close_interrupted`)."""
     from mlflow.entities import Param
 
-    found = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000)
-    by_name = {r.info.run_name: r for r in found}
+    by_name: dict = {}
+    for r in _children(client, parent_id):
+        by_name.setdefault(r.info.run_name, r)
     out = {}
     for row in rows:
         run = by_name.get(row["trial"])

@@ -3,6 +3,7 @@
 Layout of ``out_dir/name``: Tune's experiment state and trial folders, ``runs/<trial id>/`` (each
 trial's training run), ``sweep.yaml`` (resolved config), ``sweep.json`` (the parent run id),
 ``summary.csv``, ``summary.md`` and ``metric_vs_params.png`` (also artifacts of the parent run).
+``sweep.json`` gains the summary once the sweep has finished: ``--resume`` then has nothing to do.
 """
 
 from __future__ import annotations
@@ -47,17 +48,23 @@ def _scheduler(cfg: SweepConfig, last_step: int, sweep_dir: Path):
 
 
 def _search_alg(cfg: SweepConfig):
-    if cfg.search.algorithm == "optuna":
+    """The search algorithm, limited to ``search.max_concurrent`` trials at a time (Tune ignores
+    ``TuneConfig.max_concurrent_trials`` for a BasicVariantGenerator passed as ``search_alg``)."""
+    s = cfg.search
+    if s.algorithm == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
 
-            return OptunaSearch(seed=cfg.search.seed)
+            searcher = OptunaSearch(seed=s.seed)
         except (ImportError, AssertionError):
             raise UserError("config: search.algorithm: optuna is not installed (pip install optuna), "
                             "use random or grid") from None
+        from ray.tune.search import ConcurrencyLimiter
+
+        return ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent) if s.max_concurrent else searcher
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.search.seed)
+    return BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)
 
 
 def _init_ray(cfg: SweepConfig) -> bool:
@@ -76,21 +83,25 @@ def _init_ray(cfg: SweepConfig) -> bool:
 
 
 def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
-    """Run (or with ``resume`` continue) the sweep; returns the summary of :func:`finish_sweep`."""
+    """Run (or with ``resume`` continue) the sweep; returns the summary of :func:`finish_sweep` (for a
+    sweep that had finished already: its saved summary, with ``already_finished``)."""
     cfg = absolute_paths(cfg)
     base = base_config(cfg)
     check_resolutions(cfg, base, origin)
-    space = param_space(cfg)
     sweep_dir = Path(cfg.out_dir) / cfg.name
     state = sweep_dir / STATE_FILE
     if resume and not state.is_file():
         raise UserError(f"{sweep_dir}: name: no sweep to resume here")
     if not resume and state.is_file():
         raise UserError(f"{sweep_dir}: name: a sweep of this name exists; pass --resume or another name")
+    saved = json.loads(state.read_text()) if resume else {}
+    if "finished" in saved:  # a restore would run no trial and log the same results again
+        return {**saved["finished"], "already_finished": True}
+    space = param_space(cfg)
 
     from ray import tune
 
-    from magnet.sweep.results import finish_sweep
+    from magnet.sweep.results import close_interrupted, finish_sweep
     from magnet.sweep.trial import run_trial
     from magnet.train.config import MlflowConfig
     from magnet.train.tracking import Tracker
@@ -98,8 +109,7 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
     m = cfg.mlflow
     tracker = Tracker(MlflowConfig(tracking_uri=m.tracking_uri, experiment=m.experiment, register_as=m.register_as,
                                    alias=m.alias), True)
-    parent_id = json.loads(state.read_text())["parent_run_id"] if resume else None
-    parent_id = tracker.start(cfg.name, to_dict(cfg), run_id=parent_id,
+    parent_id = tracker.start(cfg.name, to_dict(cfg), run_id=saved.get("parent_run_id"),
                               tags={"sweep_dir": sweep_dir, "git_revision": git_revision(), "sweep.role": "parent"})
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -111,14 +121,20 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
             tune.with_parameters(run_trial, sweep=cfg, sweep_dir=str(sweep_dir), parent_run_id=parent_id),
             {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
         if resume:
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False)
+            close_interrupted(cfg.mlflow.tracking_uri, parent_id)
+            # resume_unfinished: the trials that were running (or pending) when the sweep was killed run
+            # again, from their last Tune checkpoint where they have one (trial.py); terminated trials are
+            # kept as they are. resume_errored / restart_errored off: a trial that failed keeps its error
+            # (it would fail again with the same values) and is reported as failed.
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
         else:
             s = cfg.search
             tuner = tune.Tuner(
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(
                     metric=s.metric, mode=s.mode, search_alg=_search_alg(cfg), scheduler=_scheduler(cfg, base.train.steps, sweep_dir),
-                    num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent or None,
+                    num_samples=s.num_samples,
                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
                 run_config=tune.RunConfig(
                     name=cfg.name, storage_path=cfg.out_dir, verbose=1,
@@ -136,4 +152,6 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
 
             ray.shutdown()
     tracker.finish()
+    finished = {k: summary[k] for k in ("sweep_dir", "parent_run_id", "counts", "best")}
+    atomic_write_text(state, json.dumps({"parent_run_id": parent_id, "finished": finished}))
     return summary
