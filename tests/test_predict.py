@@ -48,6 +48,7 @@ def predicted(registered, tiny_cohort, tmp_path_factory):
 
 def test_spaceranger_prediction_matches_the_bins(predicted, registered, tiny_cohort):
     import anndata as ad
+    import scipy.sparse as sp
 
     out, summary = predicted
     adata = ad.read_h5ad(out / "pred.h5ad")
@@ -63,7 +64,8 @@ def test_spaceranger_prediction_matches_the_bins(predicted, registered, tiny_coh
     np.testing.assert_array_equal(adata.obs["array_col"], ref["array_col"])
     np.testing.assert_allclose(adata.obsm["spatial"], ref[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy())
     assert np.isfinite(adata.X).all() and adata.X.std(0).max() > 0
-    assert adata.layers["measured"].shape == adata.shape and adata.layers["measured"].max() > 0
+    measured = adata.layers["measured"]
+    assert sp.issparse(measured) and measured.shape == adata.shape and measured.max() > 0
     assert adata.uns["magnet"]["units"]["method"] == "log1p_libsize"
     assert adata.uns["magnet"]["model"]["version"] == "1"
     spot, glob = adata.uns["magnet"]["spot"], adata.uns["magnet"]["global"]
@@ -118,7 +120,8 @@ def test_predictions_equal_the_registered_model_on_the_shards_samples(predicted,
         out = pm.predict_batch(collate([s], pm.geometry, k_bin=m.k_bin, k_spot=m.k_spot, k_global=m.k_global))
         idx = [row[tuple(rc)] for rc in s["bin_rc"].tolist()]
         np.testing.assert_allclose(adata.X[idx], out["bin"], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(adata.layers["measured"][idx], s["bin_expr"].astype(np.float32), atol=1e-6)
+        np.testing.assert_allclose(adata.layers["measured"][idx].toarray(), s["bin_expr"].astype(np.float32),
+                                   atol=1e-6)
 
 
 def test_image_only_lays_bins_over_tissue(registered, tiny_cohort, tmp_path):
@@ -141,11 +144,12 @@ def test_image_only_lays_bins_over_tissue(registered, tiny_cohort, tmp_path):
     assert np.isfinite(adata.X).all()
 
 
-def _fails(argv: list[str], capsys, out: Path, expect: str) -> None:
+def _fails(argv: list[str], capsys, out: Path, expect: str) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("magnet: error: ") and expect in err[0], err
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+    return err[0]
 
 
 def test_unknown_registry_name_is_refused(registered, tiny_cohort, tmp_path, capsys):
@@ -176,3 +180,28 @@ def test_gene_the_model_lacks_is_refused(registered, tiny_cohort, tmp_path, caps
             "--out", str(out), "--genes", "TUM08,NOTAGENE", "--maps", str(tmp_path / "maps")], capsys, out,
            "'NOTAGENE' is not among the model's")
     assert not (tmp_path / "maps").exists()
+
+
+@pytest.mark.parametrize("damage", ["shape", "missing"])
+def test_weights_that_do_not_fit_the_config_are_refused(registered, tiny_cohort, tmp_path, capsys, damage):
+    """A model folder whose model.safetensors was saved from another architecture: one line, no traceback."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    _, run_dir = registered
+    model = tmp_path / "model"
+    shutil.copytree(run_dir / "model", model)
+    state = load_file(model / "model.safetensors")
+    name = next(k for k, v in state.items() if v.ndim == 2)
+    if damage == "shape":
+        state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
+    else:
+        del state[name]
+    save_file(state, model / "model.safetensors")
+    outs, image = _slide(tiny_cohort)
+    out = tmp_path / "p.h5ad"
+    err = _fails(["predict", "--model", str(model), "--spaceranger", str(outs), "--image", str(image),
+                  "--out", str(out)], capsys, out, f"{model.resolve()}: weights: ")
+    assert name in err

@@ -72,13 +72,12 @@ def run(args) -> int:
         raise UserError(f"{args.model}: --bin-um: {bin_um} um, but the model was trained on "
                         f"{model.python_model.bin_um} um bins")
 
-    from magnet.predict.anndata_out import spatial_images, to_anndata, write_h5ad
-    from magnet.predict.slide import predict_slide, spaceranger_outs
+    from magnet.io import atomic_path
+    from magnet.predict.anndata_out import H5adWriter, spatial_images
+    from magnet.predict.slide import spaceranger_outs, stream_slide
 
     outs = spaceranger_outs(Path(args.spaceranger)) if args.spaceranger else None
-    pred = predict_slide(model, Path(args.image), bin_um, cfg, spaceranger=outs, mpp=args.mpp)
     spatial_dir = outs / "binned_outputs" / f"square_{bin_um:03d}um" / "spatial" if outs else None
-    images = spatial_images(Path(args.image), pred.mpp_full, spatial_dir, cfg.hires_px, cfg.lowres_px)
     gene_ids = genes
     if outs is not None:
         from sharding.reader import read_genes
@@ -88,16 +87,18 @@ def run(args) -> int:
         gene_ids = [id_of.get(g, g) for g in genes]
     info = {"model": model.source, "image": str(Path(args.image).resolve()),
             "spaceranger": str(outs.resolve()) if outs else None, "geometry": model.python_model.geometry.to_dict()}
-    adata = to_anndata(pred, genes, gene_ids, model.python_model.normalisation, images, info)
     out = Path(args.out)
-    write_h5ad(adata, out)
+    with atomic_path(out, suffix=".h5ad") as tmp, H5adWriter(tmp, [genes.index(g) for g in chosen]) as writer:
+        pred = stream_slide(model, Path(args.image), bin_um, cfg, writer, spaceranger=outs, mpp=args.mpp)
+        images = spatial_images(Path(args.image), pred.mpp_full, spatial_dir, cfg.hires_px, cfg.lowres_px)
+        writer.finish(pred, genes, gene_ids, model.python_model.normalisation, images, info)
     save_config(cfg, out.parent / f"{out.stem}.config.yaml", model=model.source, bin_um=bin_um)
     maps = []
     if chosen:
         from magnet.predict.maps import write_maps
 
-        maps = write_maps(Path(args.maps), pred.bins.xy * pred.mpp_full, pred.bin_pred, pred.measured, genes, chosen,
-                          f"{pred.slide} ({bin_um} um bins)", bin_um)
+        maps = write_maps(Path(args.maps), pred.bins.xy[pred.order] * pred.mpp_full, writer.kept_pred,
+                          writer.kept_measured, chosen, chosen, f"{pred.slide} ({bin_um} um bins)", bin_um)
     n = len(pred.bins.barcodes)
     print(json.dumps({"out": str(out), "bins": n, "genes": len(genes), "tiles": len(pred.tile_grid),
                       "bins_per_s": round(n / max(pred.seconds["total"], 1e-9), 1), "seconds": pred.seconds,

@@ -38,6 +38,23 @@ def _mlflow_error(uri: str, e: Exception) -> UserError:
     return UserError(f"{uri}: --model: {first}")
 
 
+def _weights_error(uri: str, e: BaseException) -> UserError | None:
+    """A ``model.safetensors`` that cannot be read, or whose tensors do not fit the model ``config.yaml``
+    builds (torch's multi-line state-dict report), as one line; None for any other error."""
+    while e is not None:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if type(e).__name__ == "SafetensorError":
+            return UserError(f"{uri}: weights: model.safetensors cannot be read ({first[:200]})")
+        if isinstance(e, RuntimeError) and first.startswith("Error(s) in loading state_dict"):
+            problems = [line.strip().rstrip(".") for line in str(e).splitlines()[1:] if line.strip()]
+            detail = problems[0][:200] if problems else first
+            more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
+            return UserError(f"{uri}: weights: model.safetensors does not fit the model config.yaml describes "
+                             f"({detail}{more})")
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _artifacts_dir(model_dir: Path) -> Path:
     return model_dir / "artifacts" if (model_dir / "MLmodel").is_file() else model_dir
 
@@ -53,12 +70,18 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
         try:
             python_model = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model()
         except Exception as e:  # mlflow raises several types for a broken model folder
-            raise _mlflow_error(uri, e) from None
+            raise (_weights_error(uri, e) or _mlflow_error(uri, e)) from None
     else:
         from magnet.train.pyfunc import MagnetPyfunc
 
         python_model = MagnetPyfunc()
-        python_model.load(str(art / "model.safetensors"), str(art / "model_meta.json"), str(art / "config.yaml"))
+        try:
+            python_model.load(str(art / "model.safetensors"), str(art / "model_meta.json"), str(art / "config.yaml"))
+        except Exception as e:
+            err = _weights_error(uri, e)
+            if err is None:
+                raise
+            raise err from None
     meta = json.loads((art / "model_meta.json").read_text())
     if not isinstance(meta.get("encoder"), dict) or "name" not in meta["encoder"]:
         raise UserError(f"{art / 'model_meta.json'}: encoder: missing (the shard encoder is needed for features)")
