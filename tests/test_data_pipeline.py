@@ -12,7 +12,7 @@ import torch
 
 from magnet.batch import collate
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream, samples
-from magnet.data.transforms import augment, decode_sample
+from magnet.data.transforms import augment, chunk_bins, decode_sample, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
 from magnet.train.config import DataConfig
@@ -137,3 +137,24 @@ def test_augmentation_moves_image_bins_spots_and_offsets_together(tiny_shards):
         assert fits and all(np.allclose(s["nbr_offset"] @ m, t["nbr_offset"], atol=1e-3) for m in fits)
     batch = collate([augment(s, g, np.random.default_rng(1))], g, **KNN)
     assert batch.num_bins == len(s["bin_xy"]) and torch.isfinite(batch.bin_pos).all()
+
+
+def test_training_windows_have_the_shape_of_evaluation_chunks(tiny_shards):
+    """A training sample's bins are a run of consecutive stored bins, as an evaluation chunk is: the bin
+    graph then links bins at the same spacing in both."""
+    urls = [{"url": str(p)} for p in sorted((tiny_shards / "16um").glob("train-*.tar"))]
+    sample = next(s for s in map(decode_sample, samples()(iter(urls))) if len(s["bin_xy"]) >= 9)
+    n, cap = len(sample["bin_xy"]), max(2, len(sample["bin_xy"]) // 3)
+    rc = [tuple(r) for r in sample["bin_rc"].tolist()]
+    starts = set()
+    for seed in range(20):
+        w = window_bins(sample, cap, np.random.default_rng(seed))
+        got = [tuple(r) for r in w["bin_rc"].tolist()]
+        start = rc.index(got[0])
+        assert got == rc[start:start + cap]
+        assert np.array_equal(w["bin_expr"], sample["bin_expr"][start:start + cap])
+        starts.add(start)
+    assert len(starts) > 1 and max(starts) <= n - cap
+    chunks = chunk_bins(sample, cap)
+    assert [tuple(r) for c in chunks for r in c["bin_rc"].tolist()] == rc
+    assert window_bins(sample, n, np.random.default_rng(0)) is sample

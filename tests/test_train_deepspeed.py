@@ -43,8 +43,11 @@ def ds_env() -> dict:
 
 
 def _args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    # the engines' tests check that the loss falls from the plain random init (model.init_from_data=false):
+    # from the training mean, 6 steps at the tiny config's lr do not reliably improve on it;
+    # test_training_starts_at_the_training_mean covers the initialisation in the loop
     return ["--config", TINY, f"data.shards={shards}", f"train.out_dir={out}", f"train.run_name={name}",
-            f"train.steps={STEPS}", *extra]
+            f"train.steps={STEPS}", "model.init_from_data=false", *extra]
 
 
 def _magnet_train(port: int, *args: str) -> list[str]:
@@ -223,6 +226,24 @@ def test_one_plain_process_without_launcher(tiny_shards, tmp_path, ds_env):
     assert counts == sorted(counts) and counts[-1] >= 8
     kept = sorted(p.name for p in (tmp_path / "one" / "checkpoints").glob("step*"))
     assert kept == ["step00000004", "step00000006"]  # step 2 pruned: keep the last 2
+
+
+def test_training_starts_at_the_training_mean(zero2_run, tiny_shards, tmp_path, ds_env):
+    """model.init_from_data (the default): the registered weights hold the training split's feature
+    statistics, and the first loss is far below the random init's (same seed, same first batches)."""
+    from safetensors.torch import load_file
+
+    from magnet.data.pipeline import ShardSet
+    from magnet.models.init import training_statistics
+
+    _run([sys.executable, "launch/train.py", *_args(tiny_shards, tmp_path, "init", "train.deepspeed=zero1",
+                                                    "train.steps=1", "model.init_from_data=true")], ds_env)
+    stats = training_statistics(ShardSet(str(tiny_shards), 16, None, None), "train")
+    weights = load_file(str(tmp_path / "init" / "model" / "model.safetensors"))
+    for level in ("spot", "glob"):
+        assert np.allclose(weights[f"feat_scale.{level}.mean"].numpy(), stats[f"{level}_mean"].numpy(), atol=1e-6)
+    random_init = _losses(zero2_run[0])[1]
+    assert _losses(tmp_path / "init")[1] < 0.6 * random_init
 
 
 def test_registered_model_predicts_like_the_engine(zero2_run, ds_env):

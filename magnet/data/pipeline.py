@@ -3,7 +3,7 @@
 Training, per rank: shard_list (the split, repeated forever: resampled) -> shuffle_shards (a seeded
 permutation per round, the same on every rank) -> split_by_node -> split_by_worker -> samples
 (tar members as bytes, shards and member names checked) -> shuffle (a buffer of encoded samples) -> skip (resume position) ->
-decode -> subsample -> augment -> collate -> with_epoch (every rank and worker yields a fixed
+decode -> window -> augment -> collate -> with_epoch (every rank and worker yields a fixed
 number of batches). Every random choice is seeded from (seed, epoch, rank, worker, round or
 sample index), so a stream is a pure function of the seed and a resumed run sees the same batches.
 Corrupted shards and samples are handled by ``data.on_corrupt`` (:mod:`magnet.data.corrupt`).
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from magnet.data.corrupt import Corruption, check_sample, read_tar
 from magnet.data.manifest import check_manifest, geometry_of, load_manifest, manifest_path, split_shards
-from magnet.data.transforms import augment, chunk_bins, decode_sample, subsample_bins
+from magnet.data.transforms import augment, chunk_bins, decode_sample, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
 from sharding.validate import dims_of
@@ -275,7 +275,7 @@ class TrainStream:
             ("number", number()),
             ("skip", skip(lambda: done_batches() * cfg.micro_batch)),
             ("decode", decode(bad)),
-            ("subsample", per_sample(lambda s, r: subsample_bins(s, cfg.max_bins, r), key, 2)),
+            ("window", per_sample(lambda s, r: window_bins(s, cfg.max_bins, r), key, 2)),
         ]
         if cfg.augment:
             g = self.set.geometry

@@ -63,12 +63,18 @@ def take_bins(sample: dict, idx: np.ndarray) -> dict:
     return out
 
 
-def subsample_bins(sample: dict, cap: int, rng: np.random.Generator) -> dict:
-    """At most ``cap`` bins, a random subset kept in stored order."""
+def window_bins(sample: dict, cap: int, rng: np.random.Generator) -> dict:
+    """At most ``cap`` bins: a run of consecutive bins in stored (row-major) order from a random start.
+
+    The same shape as the evaluation chunks (:func:`chunk_bins`), so MagNet's bin graph (kNN within the
+    batch) links bins at the same distances in training as in evaluation and prediction; a random
+    subset of the tile spread the bins out and the graph saw neighbours twice as far apart.
+    """
     n = len(sample["bin_xy"])
     if n <= cap:
         return sample
-    return take_bins(sample, np.sort(rng.choice(n, cap, replace=False)))
+    start = int(rng.integers(n - cap + 1))
+    return take_bins(sample, np.arange(start, start + cap))
 
 
 def chunk_bins(sample: dict, cap: int) -> list[dict]:

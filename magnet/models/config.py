@@ -31,6 +31,7 @@ class ModelConfig:
     k_global: int = 8
     dropout: float = 0.1
     edge_features: bool = True  # relative offsets (um, scaled per level) as GAT edge features
+    init_from_data: bool = True  # outputs start at the training mean, frozen features standardised (models/init.py)
 
     def __post_init__(self):
         if self.name not in MODEL_NAMES:

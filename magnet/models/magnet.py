@@ -3,7 +3,8 @@
 Per step, for a :class:`magnet.batch.Batch`:
 
 1. bin patches -> timm encoder (trained end to end) -> projection to ``width``;
-2. per context level (spot, global): frozen tile features (stop-grad) -> projection = node
+2. per context level (spot, global): frozen tile features (stop-grad), standardised with the
+   training split's statistics (:mod:`magnet.models.init`) -> projection = node
    embeddings; each bin cross-attends to its own tile and that tile's graph neighbours (tokens =
    node embedding + encoded offset from the bin), added residually to the bin embedding;
 3. per level (bin, spot, global): stacked GAT blocks on the level's sparse graph, a transformer
@@ -23,6 +24,7 @@ from torch import nn
 from magnet.geometry import Geometry
 from magnet.models.config import ModelConfig
 from magnet.models.encoder import Encoder
+from magnet.models.init import FeatureScaler
 from magnet.models.layers import ContextCrossAttention, LevelEncoder, head
 from magnet.models.predictions import Predictions
 
@@ -40,6 +42,7 @@ class MagNet(nn.Module):
                       "glob": geometry.global_px * geometry.mpp}
         self.edge_features = cfg.edge_features
         edge_dim = 2 if cfg.edge_features else None
+        self.feat_scale = nn.ModuleDict({name: FeatureScaler(feat_dim) for name in self.levels})  # magnet.models.init
         self.node_proj = nn.ModuleDict({name: nn.Linear(feat_dim, D) for name in self.levels})
         self.token_pos = nn.ModuleDict({name: nn.Linear(2, D) for name in self.levels})
         self.cross = nn.ModuleDict({name: ContextCrossAttention(D, cfg.heads, cfg.dropout) for name in self.levels})
@@ -60,7 +63,8 @@ class MagNet(nn.Module):
         x = self.bin_proj(self.encoder(batch.bin_img.float() / 255.0))
         nodes = {}
         for name in self.levels:
-            nodes[name] = self.node_proj[name](getattr(batch, f"{name}_feat").detach())  # frozen: stop-grad
+            feat = self.feat_scale[name](getattr(batch, f"{name}_feat").detach())  # frozen: stop-grad
+            nodes[name] = self.node_proj[name](feat)
             idx = getattr(batch, f"ctx_{name}")
             offset = getattr(batch, f"ctx_{name}_offset") / self.scale[name]
             tokens = nodes[name][idx] + self.token_pos[name](offset)

@@ -25,7 +25,7 @@ class DataConfig:
     eval_split: str = "val"
     micro_batch: int = 4  # global tiles per micro-batch per rank
     eval_batch: int = 4
-    max_bins: int = 256  # bins kept per tile (a random subset in training, the first ones in evaluation)
+    max_bins: int = 256  # bins per tile and batch: a random run of consecutive bins in training, every bin in such chunks in evaluation
     shuffle_buffer: int = 256  # samples (still encoded bytes) held by the shuffle buffer
     shuffle_initial: int = 64  # samples gathered before the buffer starts yielding
     workers: int = 2  # DataLoader workers per rank (0 = in the training process)
