@@ -15,11 +15,12 @@ imports and model load, where this script divides by the wall time):
   1.5 mm slide, 23,630 bins   before (dense outputs, AnnData in RAM):  peak 1648 MB, 129 bins/s
                               streaming .h5ad:                         peak 1596 MB, 110 bins/s
                               + fixed glibc mmap threshold:            peak 1202 MB,  98 bins/s
-  6.5 mm slide, 440,123 bins  streaming .h5ad (before the mmap fix), stopped at 148 of 545 tiles predicted:
-                              peak 2390 MB (reading the Space Ranger matrix, sharding.reader.read_bins),
-                              RSS 1.56 GB while computing features, 1.86 -> 2.18 GB creeping while
-                              predicting (the heap fragmentation the mmap fix removes); features 545 tiles
-                              in 9.3 min, prediction ~62 bins/s at load 13 (about 2 h for the slide)
+  6.5 mm slide, 440,123 bins  streaming .h5ad + mmap fix + the batched Space Ranger reader, end to end:
+                              1663 s wall (CI running alongside for the first 12 min; features of 545
+                              tiles ~9 min), 264.6 bins/s, peak RSS 1535 MB (tree PSS 1531 MB), RSS flat
+                              at 1.40-1.51 GB while predicting, .h5ad 685 MB
+  (earlier, before the mmap fix and the reader's batching: stopped at 148 of 545 tiles, peak 2390 MB
+  reading the matrix, RSS creeping 1.86 -> 2.18 GB while predicting)
 The model's bin-patch encoder is >95% of prediction time (torch profile: conv + batch norm).
 """
 
