@@ -10,7 +10,6 @@ computed once per tile.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -25,7 +24,7 @@ from .image import SlideImage
 from .reader import BinFiles, Bins, read_bins, read_mpp
 from .samplesheet import SlideEntry
 from .tiles import TileSet, make_tiles
-from .writer import FORMAT_VERSION, PartWriter, encode_image, encode_meta, encode_npy, sample_key
+from .writer import FORMAT_VERSION, EncodedTiles, PartWriter, encode_meta, encode_npy, sample_key
 
 DONE = "done.json"
 TILES_PER_BATCH = 8  # tiles per encoder call: fixed, so features do not depend on scheduling
@@ -131,17 +130,12 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
         spot_feat = np.zeros((len(union), geom.n_spots, extractor.dim), np.float16)
         global_feat = np.zeros((len(union), extractor.dim), np.float16)
         bar = _bar(progress, entry.slide, len(union) + sum(len(lv.tiles.grid) for lv in levels.values()))
-        with tempfile.TemporaryFile(dir=Path(work_dirs[bin_ums[0]]).parent) as spill:
-            spans = []
+        with EncodedTiles(image, geom, mpp_full, cfg.shard.image_format, cfg.shard.jpeg_quality,
+                          Path(work_dirs[bin_ums[0]]).parent) as tile_images:
             for i in range(0, len(union), TILES_PER_BATCH):
                 block = union[i:i + TILES_PER_BATCH]
-                imgs = [image.region(*geom.tile_origin_px(gx, gy), geom.image_px, geom.mpp, mpp_full)
-                        for gy, gx in block]
+                imgs = tile_images.read([(gx, gy) for gy, gx in block])
                 spot_feat[i:i + len(block)], global_feat[i:i + len(block)] = extractor(imgs)
-                for img in imgs:
-                    data = encode_image(img, cfg.shard.image_format, cfg.shard.jpeg_quality)
-                    spans.append((spill.tell(), len(data)))
-                    spill.write(data)
                 bar.update(len(block))
             for b, lv in levels.items():
                 uidx = np.array([where[(int(gy), int(gx))] for gx, gy in lv.tiles.grid], np.int64)
@@ -151,9 +145,8 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
                     tmp.mkdir()
                     writer = PartWriter(tmp, cfg.shard.samples_per_shard, cfg.shard.bytes_per_shard)
                     for t in range(len(lv.tiles.grid)):
-                        spill.seek(spans[uidx[t]][0])
-                        key, members, n, n_tile = make_sample(entry, split, b, lv, t, spill.read(spans[uidx[t]][1]),
-                                                          feats, cfg)
+                        key, members, n, n_tile = make_sample(entry, split, b, lv, t, tile_images.encoded(uidx[t]),
+                                                              feats, cfg)
                         writer.write(key, members, n)
                         n_bins, n_total = n_bins + n, n_total + n_tile
                         bar.update(1)

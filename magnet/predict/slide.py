@@ -179,40 +179,6 @@ def predict_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predic
     return dataclasses.replace(pred, bin_pred=sink.bin_pred, measured=sink.measured)
 
 
-class _Tiles:
-    """Tile images read once: the first pass encodes each (as the shards were) into an unlinked temporary
-    file, the second reads the bytes back (memory: one block of decoded tiles)."""
-
-    def __init__(self, image: SlideImage, geom, grid: np.ndarray, mpp_full: float, cfg: PredictConfig):
-        import tempfile
-
-        self.image, self.geom, self.grid, self.mpp_full, self.cfg = image, geom, grid, mpp_full, cfg
-        self.spill = tempfile.TemporaryFile(prefix="magnet-predict-tiles-")
-        self.spans: list[tuple[int, int]] = []
-
-    def read(self, block: range) -> list[np.ndarray]:
-        """Decoded tiles of ``block`` (in order, first pass), their encoded bytes kept for :meth:`encoded`."""
-        from sharding.writer import encode_image
-
-        g = self.geom
-        imgs = [self.image.region(*g.tile_origin_px(*(int(v) for v in self.grid[t])), g.image_px, g.mpp,
-                                  self.mpp_full) for t in block]
-        self.spill.seek(0, 2)
-        for img in imgs:
-            data = encode_image(img, self.cfg.image_format, self.cfg.jpeg_quality)
-            self.spans.append((self.spill.tell(), len(data)))
-            self.spill.write(data)
-        return imgs
-
-    def encoded(self, t: int) -> bytes:
-        start, size = self.spans[t]
-        self.spill.seek(start)
-        return self.spill.read(size)
-
-    def close(self) -> None:
-        self.spill.close()
-
-
 def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: PredictConfig, sink, *,
                  spaceranger: Path | None = None, mpp: float | None = None, slide: str | None = None,
                  samples_out: list | None = None) -> SlidePrediction:
@@ -230,6 +196,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
     from sharding.reader import BinFiles, read_bins, read_mpp
     from sharding.samplesheet import SlideEntry
     from sharding.slide import Level, make_sample
+    from sharding.writer import EncodedTiles
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -274,17 +241,17 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
 
         from tqdm import tqdm
 
-        bar = tqdm(total=2 * T, unit="tile", desc=f"predict {slide}", disable=not cfg.progress, file=sys.stderr,
-                   dynamic_ncols=True)
         extractor = FeatureExtractor(scfg.encoder, geom, scfg.seed, cfg.threads or torch.get_num_threads())
         spot_feat = np.zeros((T, S, extractor.dim), np.float16)
         global_feat = np.zeros((T, extractor.dim), np.float16)
-        tile_images = _Tiles(image, geom, tiles.grid, mpp_full, cfg)
         block = cfg.tiles_per_block
-        try:
+        with (tqdm(total=2 * T, unit="tile", desc=f"predict {slide}", disable=not cfg.progress, file=sys.stderr,
+                   dynamic_ncols=True) as bar,
+              EncodedTiles(image, geom, mpp_full, cfg.image_format, cfg.jpeg_quality) as tile_images):
             for i in range(0, T, block):
                 r = range(i, min(i + block, T))
-                spot_feat[r.start:r.stop], global_feat[r.start:r.stop] = extractor(tile_images.read(r))
+                imgs = tile_images.read(tiles.grid[r.start:r.stop])
+                spot_feat[r.start:r.stop], global_feat[r.start:r.stop] = extractor(imgs)
                 bar.update(len(r))
             t_feat = time.perf_counter()
 
@@ -336,9 +303,6 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
                 bar.update(1)
             if pending:
                 flush()
-        finally:
-            tile_images.close()
-            bar.close()
     t_pred = time.perf_counter()
     if written != n:
         raise RuntimeError(f"{n - written} bins were not predicted (a bin outside every tile)")
