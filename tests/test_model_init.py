@@ -14,7 +14,7 @@ import torch
 import zstandard
 
 from magnet.batch import collate
-from magnet.data.pipeline import ShardSet
+from magnet.data.pipeline import ShardSet, samples
 from magnet.data.transforms import decode_sample
 from magnet.models.config import ModelConfig
 from magnet.models.factory import create_model
@@ -64,8 +64,7 @@ def test_outputs_start_at_the_training_mean(name, stats, shard_set, tiny_shards)
     feat_dim = manifest["encoder"]["feat_dim"]
     torch.manual_seed(0)
     model = create_model(cfg, len(shard_set.genes), feat_dim, shard_set.geometry).eval()
-    first = next(iter(_members(tiny_shards / "16um" / manifest["shards"][0]["name"]).items()))
-    sample = _sample(tiny_shards, manifest["shards"][0]["name"], first[0])
+    sample = decode_sample(next(samples()(iter([{"url": str(tiny_shards / "16um" / manifest["shards"][0]["name"])}]))))
     batch = collate([sample], shard_set.geometry, k_bin=4, k_spot=4, k_global=4)
     with torch.no_grad():
         init_from_statistics(model, {**stats, "gene_mean": torch.zeros_like(stats["gene_mean"])})  # scalers only
@@ -97,13 +96,3 @@ def test_magnet_standardises_the_frozen_features(stats, shard_set, tiny_shards):
     state = model.state_dict()  # saved with the weights, so prediction uses the training statistics
     assert torch.equal(state["feat_scale.spot.mean"], stats["spot_mean"])
 
-
-def _sample(root, shard_name: str, key: str) -> dict:
-    with tarfile.open(root / "16um" / shard_name) as tf:
-        raw = {"__key__": key}
-        for m in tf.getmembers():
-            k, name = m.name.split(".", 1)
-            if k == key:
-                raw[name] = tf.extractfile(m).read()
-    sample = decode_sample(raw)
-    return sample

@@ -15,7 +15,7 @@ Two things a model cannot learn quickly from its default initialisation, measure
   validation PCC per gene 0.017 -> 0.258, the global head's 0.004 -> 0.205.
 
 Statistics come from the training split only (each training shard's first samples), so every rank
-computes the same values; ``--resume`` then overwrites them with the checkpoint's.
+computes the same values; a resumed run skips this and loads the checkpoint's.
 """
 
 from __future__ import annotations

@@ -126,9 +126,9 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model, len(shard_set.genes), feat_dim(shard_set.manifest), shard_set.geometry)
-    from magnet.models.init import init_from_statistics, training_statistics
+    if cfg.model.init_from_data and tag is None:  # the same statistics on every rank; a resumed run loads its own
+        from magnet.models.init import init_from_statistics, training_statistics
 
-    if cfg.model.init_from_data:  # the same statistics on every rank; --resume then loads the checkpoint's
         init_from_statistics(model, training_statistics(shard_set, cfg.data.train_split))
     ds_cfg = deepspeed_config(cfg, torch.cuda.is_available())
     engine, _, _, _ = deepspeed.initialize(
