@@ -152,8 +152,8 @@ def _finalise(bin_dir: Path, records: list[dict], manifest: dict) -> dict:
                 os.replace(src, dst)
             elif not dst.is_file():
                 raise UserError(f"{dst}: missing and {src} gone; delete {bin_dir} and re-run")
-            shards.append({"name": name, "split": rec["split"], **{k: part[k] for k in
-                                                                    ("n_samples", "n_bins", "bytes", "sha256")}})
+            shards.append({"name": name, "split": rec["split"], "slide": rec["slide"],  # one slide per shard
+                           **{k: part[k] for k in ("n_samples", "n_bins", "bytes", "sha256")}})
     manifest["shards"] = sorted(shards, key=lambda s: s["name"])
     atomic_write_text(bin_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     shutil.rmtree(work)

@@ -8,8 +8,11 @@ USAGE = """examples:
   magnet evaluate --model models:/magnet-hd@champion --model stnet=models:/magnet-hd-stnet@champion \\
       --samplesheet held_out.csv --bin-um 8 16 --out eval
   magnet evaluate --model runs/a/model --model runs/b/model --samplesheet slides.csv --split test --out eval
+  magnet evaluate --model magnet=runs/fold0/model --model magnet=runs/fold1/model --samplesheet slides.csv --out cv
 Each model is scored at the bin size it was trained on and at spot level, on every slide of the samplesheet
-(or those of --split); a slide the model trained on is refused. Writes OUT/evaluation.{md,csv},
+(or those of --split); a slide the model trained on is refused. Cross-validation: models of one label each
+trained with data.fold=k form one row; each slide is scored by the model of its fold (its split reads
+fold<k>), and the table adds mean ± sd over folds (a fold: the mean over its slides). Writes OUT/evaluation.{md,csv},
 OUT/evaluation_slides.csv and OUT/evaluate.config.yaml, and logs them to MLflow (mlflow=false to skip).
 Keys of --config / key=value: magnet/evaluate/config.py (predict.* as in magnet predict)."""
 
@@ -18,7 +21,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="score models on held-out slides (Markdown/CSV table, MLflow)",
                               description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, metavar="[LABEL=]MODEL",
-                   help="models:/NAME@ALIAS, runs:/ID/model or a folder; repeat to compare (label: the model's name)")
+                   help="models:/NAME@ALIAS, runs:/ID/model or a folder; repeat to compare (label: the model's name); "
+                        "one per fold under one label for cross-validation")
     p.add_argument("--samplesheet", required=True, help="CSV: slide,spaceranger,image[,split] of held-out slides")
     p.add_argument("--split", default=None, help="only the slides of this split (samplesheet column, else the "
                                                  "models' shard manifest), e.g. test")
@@ -41,14 +45,14 @@ def run(args) -> int:
 
     from magnet.config import load_config, save_config
     from magnet.evaluate.config import EvaluateConfig
-    from magnet.evaluate.select import load_models, parse_genes, select_slides
+    from magnet.evaluate.select import each_model, load_models, parse_genes, select_slides
     from magnet.train.tracking import resolve_tracking_uri
 
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
     genes = parse_genes(args.genes)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     models = load_models(args.model, args.tracking_uri, args.bin_um)
-    genes = genes or models[next(iter(models))].genes
+    genes = genes or next(each_model(models))[2].genes
     slides = select_slides(args.samplesheet, args.split, models)
 
     from magnet.evaluate import report
@@ -56,23 +60,23 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     table = Table(models, genes, cfg)
-    for entry, split in slides:
-        table.add_slide(entry, split)
+    for entry, split, scorer in slides:
+        table.add_slide(entry, split, scorer)
     rows = table.results()
     notes = [f"Slide {e.slide} is a validation slide of a model: its scores may be optimistic."
-             for e, split in slides if split == "val"]
+             for e, split, _ in slides if split == "val"]
     out = Path(args.out)
     paths = report.write(out, rows, cfg.top_k, notes)
-    sources = {label: m.source for label, m in models.items()}
+    sources = {label if fold is None else f"{label}/fold{fold}": m.source for label, fold, m in each_model(models)}
     paths["config"] = save_config(cfg, out / "evaluate.config.yaml", models=sources, genes=genes,
                                   samplesheet=str(Path(args.samplesheet).resolve()),
-                                  slides={e.slide: split for e, split in slides})
+                                  slides={e.slide: split for e, split, _ in slides})
     run_id = None
     if cfg.mlflow:
         from magnet.config import to_dict
 
         params = {"models": {k: v["uri"] for k, v in sources.items()}, "samplesheet": args.samplesheet,
-                  "slides": ",".join(e.slide for e, _ in slides), "n_genes": len(genes), "config": to_dict(cfg)}
+                  "slides": ",".join(e.slide for e, _, _ in slides), "n_genes": len(genes), "config": to_dict(cfg)}
         run_id = report.log_mlflow(tracking_uri, cfg.experiment, cfg.run_name or time.strftime("evaluate-%Y%m%d-%H%M%S"),
                                    rows, paths, params)
     print(report.markdown(rows, cfg.top_k, notes).split("\n\n")[1])

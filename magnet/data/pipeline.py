@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from magnet.data.corrupt import Corruption, check_sample, read_tar
-from magnet.data.manifest import check_manifest, geometry_of, load_manifest, manifest_path, split_shards
+from magnet.data.manifest import check_manifest, fold_view, geometry_of, load_manifest, manifest_path, split_shards
 from magnet.data.transforms import augment, chunk_bins, decode_sample, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
@@ -217,7 +217,8 @@ def with_epoch(count: Callable[[], int]) -> Stage:
 
 
 class ShardSet:
-    """One bin size's shards: the manifest, checked against what this run expects."""
+    """One bin size's shards: the manifest, checked against what this run expects. ``folds`` is the
+    manifest's ``slide -> fold`` map where the set is a cross-validation view (:meth:`for_training`)."""
 
     def __init__(self, shards: str, bin_um: int, genes: list[str] | None, normalisation: dict | None):
         self.root = Path(shards) / f"{bin_um}um"
@@ -226,6 +227,18 @@ class ShardSet:
         self.geometry = geometry_of(self.manifest)
         self.genes = list(self.manifest["genes"])
         self.normalisation = self.manifest["normalisation"]
+        self.folds: dict[str, int] | None = None
+
+    @classmethod
+    def for_training(cls, data) -> ShardSet:
+        """The shards a training run with ``data`` (:class:`magnet.train.config.DataConfig`) reads: with
+        ``data.fold`` set, the manifest's splits are replaced by that fold's (:func:`fold_view`)."""
+        s = cls(data.shards, data.bin_um, data.genes, data.normalisation)
+        if data.fold is not None:
+            s.manifest = fold_view(s.manifest, manifest_path(data.shards, data.bin_um), data.fold, data.folds,
+                                   data.train_split, data.eval_split)
+            s.folds = dict(sorted(s.manifest["folds"].items()))
+        return s
 
     def shards(self, split: str) -> list[tuple[str, int]]:
         return split_shards(self.manifest, self.root, split)

@@ -1,4 +1,8 @@
-"""The evaluation table as Markdown and CSV (summary and per slide), written atomically, and logged to MLflow."""
+"""The evaluation table as Markdown and CSV (summary and per slide), written atomically, and logged to MLflow.
+
+Rows of a cross-validated model (one model per fold) also carry mean ± sd over folds: a second Markdown
+table, ``n_folds`` and ``{metric}_fold_mean`` / ``{metric}_fold_sd`` CSV columns, and MLflow metrics
+suffixed ``_fold_mean`` / ``_fold_sd``."""
 
 from __future__ import annotations
 
@@ -33,7 +37,24 @@ def markdown(rows: list[dict], top_k: int, notes: list[str]) -> str:
     legend = (f"Mean ± sd over slides (sd shown with more than one slide). PCC per bin: across genes, mean over "
               f"bins (MagNet paper); PCC per gene: across bins, mean over genes (HEST); top {top_k}: the most "
               f"variable measured genes of these slides. Targets: the training normalisation.")
-    return "\n\n".join(["# Evaluation", text, legend, *notes]) + "\n"
+    return "\n\n".join(["# Evaluation", text, legend, *_folds_markdown(rows, heads), *notes]) + "\n"
+
+
+def _folds_markdown(rows: list[dict], heads: list[str]) -> list[str]:
+    """The cross-validated rows as mean ± sd over folds (none: no section)."""
+    folded = [r for r in rows if r["n_folds"]]
+    if not folded:
+        return []
+    lines = ["| level | model | scored | folds | slides | " + " | ".join(heads) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * len(METRICS)]
+    for r in folded:
+        cells = [f"{r[f'{m}_fold_mean']:.3f}" + (f" ± {r[f'{m}_fold_sd']:.3f}" if r["n_folds"] > 1 else "")
+                 for m in METRICS]
+        lines.append(f"| {_level(r)} | {r['model']} | {r['source']} | {r['n_folds']} | {r['n_slides']} | "
+                     + " | ".join(cells) + " |")
+    legend = ("Cross-validation: mean ± sd over folds, a fold's value being the mean over its held-out slides, "
+              "each scored by the model that did not train on it.")
+    return ["## Over folds", "\n".join(lines), legend]
 
 
 def _csv(header: list[str], records: list[list]) -> str:
@@ -44,15 +65,27 @@ def _csv(header: list[str], records: list[list]) -> str:
     return buf.getvalue()
 
 
+def _cell(r: dict, h: str):
+    """A summary value; sds need more than one slide (fold), fold columns a row with folds."""
+    if h.endswith("_fold_sd"):
+        return r[h] if r["n_folds"] > 1 else ""
+    if h.endswith("_fold_mean"):
+        return r[h] if r["n_folds"] else ""
+    if h.endswith("_sd"):
+        return r[h] if r["n_slides"] > 1 else ""
+    return r[h]
+
+
 def summary_csv(rows: list[dict]) -> str:
-    header = ["level", "bin_um", "model", "source", "uri", "n_slides"] + [c for m in METRICS for c in (m, f"{m}_sd")]
-    return _csv(header, [[r[h] if not h.endswith("_sd") or r["n_slides"] > 1 else "" for h in header] for r in rows])
+    header = (["level", "bin_um", "model", "source", "uri", "n_slides"] + [c for m in METRICS for c in (m, f"{m}_sd")]
+              + ["n_folds"] + [c for m in METRICS for c in (f"{m}_fold_mean", f"{m}_fold_sd")])
+    return _csv(header, [[_cell(r, h) for h in header] for r in rows])
 
 
 def slides_csv(rows: list[dict]) -> str:
-    header = ["level", "bin_um", "model", "slide", "split", "n"] + list(METRICS)
-    return _csv(header, [[r["level"], r["bin_um"], r["model"], s, v["split"], v["n"], *(v[m] for m in METRICS)]
-                         for r in rows for s, v in r["slides"].items()])
+    header = ["level", "bin_um", "model", "slide", "split", "fold", "n"] + list(METRICS)
+    return _csv(header, [[r["level"], r["bin_um"], r["model"], s, v["split"], "" if v["fold"] is None else v["fold"],
+                          v["n"], *(v[m] for m in METRICS)] for r in rows for s, v in r["slides"].items()])
 
 
 def write(out: Path, rows: list[dict], top_k: int, notes: list[str]) -> dict[str, Path]:
@@ -72,7 +105,8 @@ def metric_name(row: dict, metric: str) -> str:
 
 def log_mlflow(tracking_uri: str, experiment: str, run_name: str, rows: list[dict], paths: dict[str, Path],
                params: dict) -> str:
-    """One MLflow run holding the metrics (means; sds as ``..._sd``) and the three files; returns its id."""
+    """One MLflow run holding the metrics (means; sds as ``..._sd``; over folds ``..._fold_mean`` and
+    ``..._fold_sd``) and the three files; returns its id."""
     from magnet.train.config import MlflowConfig
     from magnet.train.tracking import Tracker
 
@@ -85,6 +119,10 @@ def log_mlflow(tracking_uri: str, experiment: str, run_name: str, rows: list[dic
                 metrics[metric_name(r, m)] = r[m]
                 if r["n_slides"] > 1:
                     metrics[metric_name(r, m) + "_sd"] = r[f"{m}_sd"]
+                if r["n_folds"]:
+                    metrics[metric_name(r, m) + "_fold_mean"] = r[f"{m}_fold_mean"]
+                if r["n_folds"] > 1:
+                    metrics[metric_name(r, m) + "_fold_sd"] = r[f"{m}_fold_sd"]
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=0)
         for p in paths.values():
             tracker.log_artifact(p, "evaluation")

@@ -3,11 +3,17 @@
 A slide's split comes from the samplesheet's ``split`` column, else from the shard manifest each model
 was trained from (``data.shards``, when that folder is reachable), else it is ``unseen``. A slide a
 model trained on is refused: scores on it say nothing about held-out slides.
+
+Cross-validation: models sharing a label that were each trained with ``data.fold`` (one per fold) form
+one entry of the table, ``{fold: model}``; each slide is scored by the model that held out its fold (the
+model's recorded ``data.folds``), for which its split reads ``fold<k>``. A slide every fold model trained
+on is refused, and so is a slide in none of their folds. A model without a fold is ``{None: model}``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from magnet.errors import UserError
@@ -29,41 +35,75 @@ def parse_genes(text: str | None) -> list[str] | None:
     return names
 
 
-def load_models(specs: list[str], tracking_uri: str | None, bin_um: list[int] | None) -> dict[str, LoadedModel]:
-    """``[LABEL=]MODEL`` -> {label: model}; the label defaults to the model's name (``magnet``, ``stnet``...),
-    suffixed by its bin size when two models would share it."""
+Models = dict[str, dict[int | None, LoadedModel]]  # label -> {data.fold (None: no fold): model}
+
+
+def fold_of(model: LoadedModel) -> int | None:
+    return model.python_model.config.data.fold
+
+
+def each_model(models: Models) -> Iterator[tuple[str, int | None, LoadedModel]]:
+    for label, group in models.items():
+        for fold, model in group.items():
+            yield label, fold, model
+
+
+def load_models(specs: list[str], tracking_uri: str | None, bin_um: list[int] | None) -> Models:
+    """``[LABEL=]MODEL`` -> {label: {fold: model}}; the label defaults to the model's name (``magnet``,
+    ``stnet``...). Models of one label each trained on another ``data.fold`` (same bin size) are one
+    cross-validation entry; other models sharing a label are suffixed by their bin size."""
     from magnet.predict.model import load_model
 
-    loaded = []
+    groups: dict[str, list[LoadedModel]] = {}
     for spec in specs:
         label, _, uri = spec.rpartition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
         model = load_model(uri, tracking_uri)
-        loaded.append((label or model.python_model.config.model.name, model))
-    names = [label for label, _ in loaded]
-    out: dict[str, LoadedModel] = {}
-    for label, model in loaded:
-        if names.count(label) > 1:
-            label = f"{label}-{int(model.python_model.bin_um)}um"
-        if label in out:
-            raise UserError(f"{model.uri}: --model: label '{label}' is used twice; name them LABEL=MODEL")
-        out[label] = model
-    trained = {int(m.python_model.bin_um) for m in out.values()}
-    for label, model in out.items():
+        groups.setdefault(label or model.python_model.config.model.name, []).append(model)
+    out: Models = {}
+    for label, group in groups.items():
+        folds = [fold_of(m) for m in group]
+        if len(group) > 1 and None not in folds:
+            _check_fold_group(label, group)
+            out[label] = {fold_of(m): m for m in sorted(group, key=fold_of)}
+            continue
+        for model in group:
+            name = f"{label}-{int(model.python_model.bin_um)}um" if len(group) > 1 else label
+            if name in out:
+                raise UserError(f"{model.uri}: --model: label '{name}' is used twice; name them LABEL=MODEL")
+            out[name] = {fold_of(model): model}
+    trained = {int(m.python_model.bin_um) for _, _, m in each_model(out)}
+    for label, _, model in each_model(out):
         if bin_um and int(model.python_model.bin_um) not in bin_um:
             raise UserError(f"{model.uri}: --bin-um: model '{label}' was trained on {model.python_model.bin_um} um "
                             f"bins, not one of {bin_um}")
     for b in bin_um or ():
         if b not in trained:
             raise UserError(f"--bin-um: no model was trained on {b} um bins (models: "
-                            f"{', '.join(f'{k} {int(m.python_model.bin_um)} um' for k, m in out.items())})")
+                            f"{', '.join(f'{k} {int(m.python_model.bin_um)} um' for k, _, m in each_model(out))})")
     return out
 
 
+def _check_fold_group(label: str, group: list[LoadedModel]) -> None:
+    """One model per fold, one bin size, one fold assignment."""
+    first = group[0]
+    for model in group[1:]:
+        if fold_of(model) == fold_of(first) or int(model.python_model.bin_um) != int(first.python_model.bin_um):
+            raise UserError(f"{model.uri}: --model: '{label}' is given twice for fold {fold_of(model)} at "
+                            f"{int(model.python_model.bin_um)} um; give one model per fold (or name them LABEL=MODEL)")
+        if model.python_model.config.data.folds != first.python_model.config.data.folds:
+            raise UserError(f"{model.uri}: data.folds: fold model of '{label}' was trained on other folds than "
+                            f"{first.uri}; cross-validate on one shard set")
+
+
 def manifest_splits(model: LoadedModel) -> dict[str, str]:
-    """``slide -> split`` of the shard set the model was trained from ({} when it is not reachable)."""
+    """``slide -> split`` as the model saw it: for a fold model (``data.fold=k``), ``train`` for the slides
+    of the other folds and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's
+    splits ({} when it is not reachable)."""
     from magnet.data.manifest import manifest_path
 
     data = model.python_model.config.data
+    if data.fold is not None:
+        return {s: f"fold{data.fold}" if f == data.fold else "train" for s, f in (data.folds or {}).items()}
     path = manifest_path(data.shards, int(model.python_model.bin_um))
     if not path.is_file():
         return {}
@@ -73,20 +113,32 @@ def manifest_splits(model: LoadedModel) -> dict[str, str]:
         return {}
 
 
-def select_slides(samplesheet: str, split: str | None, models: dict[str, LoadedModel]) -> list[tuple[SlideEntry, str]]:
-    """(slide, its split) for every slide to score; a training slide of any model is a one-line error."""
-    known = {label: manifest_splits(m) for label, m in models.items()}
+def select_slides(samplesheet: str, split: str | None,
+                  models: Models) -> list[tuple[SlideEntry, str, dict[str, int | None]]]:
+    """(slide, its split, ``{label: fold of the model that scores it}``) for every slide to score; a
+    training slide of a model (of every model of a fold entry) is a one-line error."""
+    known = {label: {fold: manifest_splits(m) for fold, m in group.items()} for label, group in models.items()}
     out = []
     for entry in read_samplesheet(samplesheet):
-        seen = {label: s[entry.slide] for label, s in known.items() if entry.slide in s}
+        seen, scorer = {}, {}
+        for label, group in known.items():
+            held = [f for f, s in group.items() if s.get(entry.slide, "train") != "train"]
+            scorer[label] = held[0] if held else next(iter(group))
+            if entry.slide in group[scorer[label]]:
+                seen[label] = group[scorer[label]][entry.slide]
         slide_split = entry.split or next(iter(seen.values()), "unseen")
         if split is not None and slide_split != split:
             continue
+        for label, group in known.items():
+            if None not in group and label not in seen:
+                raise UserError(f"{samplesheet}: slide: '{entry.slide}' is in no fold of model '{label}' (its "
+                                f"data.folds); a cross-validated model scores the slides of its folds")
         for label, s in seen.items():
             if s == "train":
-                raise UserError(f"{samplesheet}: slide: '{entry.slide}' is a training slide of model '{label}' "
+                every = " (every fold's)" if None not in known[label] else ""
+                raise UserError(f"{samplesheet}: slide: '{entry.slide}' is a training slide of model '{label}'{every} "
                                 f"(its shard manifest); evaluate on held-out slides")
-        out.append((entry, slide_split))
+        out.append((entry, slide_split, scorer))
     if not out:
         raise UserError(f"{samplesheet}: split: no slide {'of split ' + repr(split) + ' ' if split else ''}to evaluate")
     return out

@@ -1,4 +1,6 @@
-"""Every model over every held-out slide: whole-slide metrics per (level, model), mean and sd over slides.
+"""Every model over every held-out slide: whole-slide metrics per (level, model), mean and sd over slides,
+and for a cross-validated model (one model per fold) mean and sd over folds, a fold's value being the
+mean over its held-out slides (each scored by the model of its fold).
 
 A model is evaluated at the bin size it was trained on (its ``bin_um``), and at spot level on the spot
 cells of its own geometry. Every model at one bin size is compared on the same bins, the same genes
@@ -16,7 +18,8 @@ import numpy as np
 from magnet.errors import UserError
 from magnet.evaluate import truth
 from magnet.evaluate.config import EvaluateConfig
-from magnet.metrics import ExpressionMetrics
+from magnet.evaluate.select import Models, each_model
+from magnet.metrics import METRICS, ExpressionMetrics
 from magnet.predict.model import LoadedModel
 from sharding.genes import normalise
 from sharding.samplesheet import SlideEntry
@@ -36,6 +39,7 @@ class Row:
     source: str  # what was scored: bin head, spot head, bins pooled per spot cell, expected counts
     uri: str
     metrics: ExpressionMetrics
+    folds: dict[str, int] = dataclasses.field(default_factory=dict)  # slide -> fold of the model that scored it
 
 
 def gene_columns(model: LoadedModel, label: str, genes: list[str]) -> list[int]:
@@ -59,10 +63,10 @@ def gene_config(model: LoadedModel, cfg: EvaluateConfig):
 class Table:
     """Accumulates rows; :meth:`add_slide` runs every model on one slide."""
 
-    def __init__(self, models: dict[str, LoadedModel], genes: list[str], cfg: EvaluateConfig):
+    def __init__(self, models: Models, genes: list[str], cfg: EvaluateConfig):
         self.models, self.genes, self.cfg = models, genes, cfg
-        self.columns = {label: gene_columns(m, label, genes) for label, m in models.items()}
-        norms = {label: gene_config(m, cfg) for label, m in models.items()}
+        self.columns = {(label, fold): gene_columns(m, label, genes) for label, fold, m in each_model(models)}
+        norms = {label: gene_config(m, cfg) for label, _, m in each_model(models)}
         if len({(g.normalisation, g.target_sum) for g in norms.values()}) > 1:
             raise UserError("--model: genes.normalisation: the models were trained on differently normalised targets "
                             f"({', '.join(f'{k}: {v.normalisation}' for k, v in norms.items())}); compare like with like")
@@ -70,40 +74,50 @@ class Table:
         self.rows: dict[tuple[str, int, str, str], Row] = {}
         self.splits: dict[str, str] = {}
 
-    def _row(self, level: str, bin_um: int, model: str, source: str, uri: str) -> ExpressionMetrics:
+    def _row(self, level: str, bin_um: int, model: str, source: str, uri: str, fold: int | None = None,
+             slide: str = "") -> ExpressionMetrics:
         key = (level, bin_um, model, source)
         if key not in self.rows:
             self.rows[key] = Row(level, bin_um, model, source, uri, ExpressionMetrics(len(self.genes)))
+        if fold is not None:
+            self.rows[key].folds[slide] = fold
         return self.rows[key].metrics
 
-    def add_slide(self, entry: SlideEntry, split: str) -> None:
+    def add_slide(self, entry: SlideEntry, split: str, scorer: dict[str, int | None]) -> None:
+        """Every model on ``entry``; ``scorer``: per label, the fold of the model that scores this slide."""
         from magnet.predict.slide import predict_slide
 
         self.splits[entry.slide] = split
         oracle_done: set[int] = set()
-        for label, model in self.models.items():
+        for label, group in self.models.items():
+            fold = scorer[label]
+            model = group[fold]
+            uri = ", ".join(m.uri for m in group.values())
             bin_um = int(model.python_model.bin_um)
             pred = predict_slide(model, entry.image, bin_um, self.cfg.predict, spaceranger=entry.spaceranger,
                                  slide=entry.slide)
             if pred.measured is None:
                 raise UserError(f"{entry.spaceranger}: filtered_feature_bc_matrix.h5: genes: the matrix lacks genes "
                                 f"of model '{label}' (slide {entry.slide})")
-            cols = self.columns[label]
+            cols = self.columns[(label, fold)]
             bins = pred.bins
             counts = bins.counts[:, cols].toarray().astype(np.float64)
             measured = normalise(counts, bins.libsize, self.gcfg)
             names = [entry.slide]
-            self._row("bins", bin_um, label, "bin head", model.uri).update(pred.bin_pred[:, cols], measured,
-                                                                         slide_names=names)
+
+            def row(level: str, source: str) -> ExpressionMetrics:
+                return self._row(level, bin_um, label, source, uri, fold, entry.slide)
+
+            row("bins", "bin head").update(pred.bin_pred[:, cols], measured, slide_names=names)
             cells, inverse = truth.spot_cells(pred.bin_spot)
             if self.cfg.spot:
                 spot_measured = normalise(truth.sum_by(counts, inverse, len(cells)),
                                           truth.sum_by(bins.libsize, inverse, len(cells)), self.gcfg)
                 pooled = truth.pool_bins(pred.bin_pred[:, cols], inverse, len(cells), self.gcfg)
-                self._row("spot", bin_um, label, POOLED, model.uri).update(pooled, spot_measured, slide_names=names)
+                row("spot", POOLED).update(pooled, spot_measured, slide_names=names)
                 head = pred.spot_pred[cells][:, cols]
                 if np.isfinite(head).all():
-                    self._row("spot", bin_um, label, SPOT_HEAD, model.uri).update(head, spot_measured, slide_names=names)
+                    row("spot", SPOT_HEAD).update(head, spot_measured, slide_names=names)
             gt = truth.expected_file(entry.spaceranger, bin_um)
             if self.cfg.oracle and bin_um not in oracle_done and gt.is_file():
                 oracle_done.add(bin_um)
@@ -118,8 +132,10 @@ class Table:
                         slide_names=names)
 
     def results(self) -> list[dict]:
-        """One dict per row: level, bin_um, model, source, uri, n_slides, ``{metric}`` mean and ``{metric}_sd``,
-        and ``slides`` (per-slide metrics, with the slide's split), ordered by level, bin size, then model."""
+        """One dict per row: level, bin_um, model, source, uri, n_slides, ``{metric}`` mean and ``{metric}_sd``
+        over slides, ``n_folds`` with ``{metric}_fold_mean`` and ``{metric}_fold_sd`` over folds (a row
+        without folds: ``n_folds`` 0 and no fold keys), and ``slides`` (per-slide metrics, with the slide's split and fold),
+        ordered by level, bin size, then model."""
         order = {label: i for i, label in enumerate(self.models)} | {ORACLE: len(self.models)}
         out = []
         for key in sorted(self.rows, key=lambda k: (k[0] != "bins", k[1], k[3] == SPOT_HEAD, order[k[2]])):
@@ -127,5 +143,24 @@ class Table:
             res = r.metrics.compute(top_k=self.cfg.top_k)
             out.append({"level": r.level, "bin_um": r.bin_um, "model": r.model, "source": r.source, "uri": r.uri,
                         "n_slides": len(res["slides"]), **res["mean"], **{f"{m}_sd": v for m, v in res["sd"].items()},
-                        "slides": {s: {"split": self.splits[s], **v} for s, v in res["slides"].items()}})
+                        **over_folds(res["slides"], r.folds),
+                        "slides": {s: {"split": self.splits[s], "fold": r.folds.get(s), **v}
+                                   for s, v in res["slides"].items()}})
         return out
+
+
+def over_folds(slides: dict[str, dict], folds: dict[str, int]) -> dict:
+    """``n_folds``, and per metric the mean and sample sd (ddof=1; 0 with one fold) over folds of each
+    fold's mean over its slides; ``{"n_folds": 0}`` for a row without folds."""
+    by_fold: dict[int, list[dict]] = {}
+    for slide, values in slides.items():
+        if slide in folds:
+            by_fold.setdefault(folds[slide], []).append(values)
+    out: dict = {"n_folds": len(by_fold)}
+    if not by_fold:
+        return out
+    for m in METRICS:
+        per_fold = np.array([np.mean([v[m] for v in vs]) for _, vs in sorted(by_fold.items())])
+        out[f"{m}_fold_mean"] = float(per_fold.mean())
+        out[f"{m}_fold_sd"] = float(per_fold.std(ddof=1)) if len(per_fold) > 1 else 0.0
+    return out

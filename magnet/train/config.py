@@ -19,10 +19,22 @@ from magnet.models.config import ModelConfig
 
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
+    """Cross-validation: with ``fold=k`` the run trains on every slide whose manifest fold is not ``k``
+    and evaluates on the slides of fold ``k``; the manifest's split column is then ignored (those two
+    groups take the names ``train_split`` / ``eval_split``). The held-out fold is that fold's test set,
+    so it chooses nothing: no best checkpoint is kept by ``train.best_metric`` (magnet/train/loop.py)
+    and the model is the last step's weights. ``folds`` records the manifest's ``slide -> fold`` map in
+    the run's config (and the registered model's), which is how ``magnet evaluate`` knows the slides a
+    fold model trained on. The gene list was chosen by ``magnet shard`` from the statistics of the
+    manifest's training split, which may include slides of the held-out fold (the genes, not the model,
+    saw them)."""
+
     shards: str = "shards"  # root written by `magnet shard`; this run reads {shards}/{bin_um}um/
     bin_um: int = 16
     train_split: str = "train"
     eval_split: str = "val"
+    fold: int | None = None  # cross-validation fold held out (manifest `folds`); None = the manifest's splits
+    folds: dict[str, int] | None = None  # slide -> fold, recorded from the manifest when `fold` is set
     micro_batch: int = 4  # global tiles per micro-batch per rank
     eval_batch: int = 4
     max_bins: int = 256  # bins per tile and batch: a random run of consecutive bins in training, every bin in such chunks in evaluation

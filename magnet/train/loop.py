@@ -111,8 +111,9 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
         saved = config_from_saved(ExperimentConfig, run_dir / "config.yaml")
         cfg.data.genes = cfg.data.genes if cfg.data.genes is not None else saved.data.genes
         cfg.data.normalisation = cfg.data.normalisation if cfg.data.normalisation is not None else saved.data.normalisation
-    shard_set = ShardSet(cfg.data.shards, cfg.data.bin_um, cfg.data.genes, cfg.data.normalisation)
-    cfg.data.genes, cfg.data.normalisation = shard_set.genes, shard_set.normalisation
+        cfg.data.folds = cfg.data.folds if cfg.data.folds is not None else saved.data.folds
+    shard_set = ShardSet.for_training(cfg.data)
+    cfg.data.genes, cfg.data.normalisation, cfg.data.folds = shard_set.genes, shard_set.normalisation, shard_set.folds
     ckpt_dir = run_dir / "checkpoints"
     if primary:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +229,10 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
                 if primary:
                     bar.write(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                               if isinstance(v, float)))
-                state["best"] = _maybe_best(engine, ckpt_dir, cfg, metrics, state, client_state)
+                if cfg.data.fold is None:
+                    state["best"] = _maybe_best(engine, ckpt_dir, cfg, metrics, state, client_state)
+                # else: the held-out fold is this fold's test set, so its metrics (logged above) pick no
+                # checkpoint; the model is the last step's weights, as for every run (_finish)
             if done or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
                 checkpoint.save(engine, ckpt_dir, step, client_state(), cfg.train.keep_last)
                 ckpt_step = step
