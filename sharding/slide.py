@@ -116,7 +116,7 @@ def make_sample(entry: SlideEntry, split: str, bin_um: int, lv: Level, t: int, i
 def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: dict[int, str], genes: np.ndarray,
                 cfg: ShardConfig, progress: bool) -> dict[int, dict]:
     """Write the slide's samples for each of ``bin_ums`` into ``work_dirs[bin]/{slide}``; return their records."""
-    from .features import FeatureExtractor
+    from .features import FeatureExtractor, centre_on_slide
 
     started = time.perf_counter()
     geom = cfg.shard.geometry()
@@ -139,7 +139,7 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
                 bar.update(len(block))
             for b, lv in levels.items():
                 uidx = np.array([where[(int(gy), int(gx))] for gx, gy in lv.tiles.grid], np.int64)
-                feats = (spot_feat[uidx], global_feat[uidx])
+                feats = centre_on_slide(spot_feat[uidx], global_feat[uidx], lv.spot_mask)
                 n_bins = n_total = 0
                 with atomic_path(Path(work_dirs[b]) / entry.slide) as tmp:
                     tmp.mkdir()

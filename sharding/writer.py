@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: spot/global features centred on the slide (sharding/features.py)
 ZSTD_LEVEL = 3
 
 

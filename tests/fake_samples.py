@@ -13,6 +13,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from magnet.geometry import Geometry
+from sharding.writer import FORMAT_VERSION
 
 
 def _normalise(counts: np.ndarray, target: float = 100.0) -> np.ndarray:
@@ -82,7 +83,7 @@ class VirtualSlide:
             "nbr_offset": offset,
             "nbr_mask": np.arange(k1) < n_real,
             "meta": {"slide": self.slide, "split": "train", "gx": gx, "gy": gy, "bin_um": self.bin_um,
-                     "mpp": g.mpp, "n_bins": len(own["xy"]), "format_version": 1},
+                     "mpp": g.mpp, "n_bins": len(own["xy"]), "format_version": FORMAT_VERSION},
         }
 
     def samples(self, n: int, seed: int = 0) -> list[dict]:

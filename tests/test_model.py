@@ -134,6 +134,10 @@ def test_frozen_features_get_no_gradient_and_every_parameter_trains(batch, name)
     loss, _ = compute_loss(model(b), b, LossConfig())
     loss.backward()
     assert b.spot_feat.grad is None and b.glob_feat.grad is None
+    # MagNet's fused bin head starts at zero, so what feeds it gets gradient from the second step on
+    torch.optim.SGD(model.parameters(), lr=1e-2).step()
+    model.zero_grad()
+    compute_loss(model(b), b, LossConfig())[0].backward()
     params = dict(model.named_parameters())
     assert all(p.requires_grad for p in params.values())
     assert not [n for n, p in params.items() if p.grad is None], "parameters outside the graph"
@@ -142,6 +146,23 @@ def test_frozen_features_get_no_gradient_and_every_parameter_trains(batch, name)
     assert not dead, f"parameters with zero gradient: {dead}"
     if hasattr(model, "encoder"):
         assert next(model.encoder.parameters()).grad.abs().sum() > 0  # the stem trains
+
+
+@pytest.mark.parametrize("name", ["magnet", "magnet_no_spot", "magnet_no_global", "magnet_no_graph"])
+def test_magnet_starts_from_the_single_scale_prediction(batch, name):
+    _, b = batch
+    torch.manual_seed(3)
+    stnet = create_model(tiny_cfg("stnet"), G, F, TINY_GEOMETRY).eval()
+    torch.manual_seed(3)
+    magnet = create_model(tiny_cfg(name), G, F, TINY_GEOMETRY).eval()
+    with torch.no_grad():
+        assert torch.equal(magnet(b).bin, stnet(b).bin)  # the context levels add only what training finds
+        magnet.heads["bin"][-1].weight.normal_()
+        assert not torch.allclose(magnet(b).bin, stnet(b).bin)
+        # in training, a share context_drop of the bins get the local read-out alone
+        magnet.train(), stnet.train()
+        local_only = (magnet(b).bin == stnet(b).bin).all(1).float().mean()
+        assert 0.25 < local_only < 0.75  # context_drop 0.5
 
 
 @pytest.mark.parametrize("gat_type", ["gat", "gatv2"])

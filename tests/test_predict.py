@@ -205,3 +205,20 @@ def test_weights_that_do_not_fit_the_config_are_refused(registered, tiny_cohort,
     err = _fails(["predict", "--model", str(model), "--spaceranger", str(outs), "--image", str(image),
                   "--out", str(out)], capsys, out, f"{model.resolve()}: weights: ")
     assert name in err
+
+
+def test_model_trained_on_another_shard_format_is_refused(registered, tiny_cohort, tmp_path, capsys):
+    """Format 1 shards held uncentred features; prediction now computes centred ones: one line, no output."""
+    import shutil
+
+    _, run_dir = registered
+    model = tmp_path / "model"
+    shutil.copytree(run_dir / "model", model)
+    meta_path = next(model.rglob("model_meta.json"))
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    outs, image = _slide(tiny_cohort)
+    out = tmp_path / "p.h5ad"
+    _fails(["predict", "--model", str(model), "--spaceranger", str(outs), "--image", str(image), "--out", str(out)],
+           capsys, out, "format_version: the model was trained on shards of format 1")

@@ -18,7 +18,7 @@ import pytest
 import tifffile
 
 from magnet.cli import main
-from sharding.writer import decode_npy
+from sharding.writer import FORMAT_VERSION, decode_npy
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/shard/tiny.yaml")
@@ -74,7 +74,7 @@ def log1p_libsize(counts: np.ndarray, genes: list[int]) -> np.ndarray:
 def test_samples_match_inputs(tiny_shards, tiny_cohort):
     folder = tiny_shards / "8um"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and len(manifest["genes"]) == 32
+    assert manifest["format_version"] == FORMAT_VERSION and len(manifest["genes"]) == 32
     assert set(manifest["splits"].values()) <= {"train", "val", "test"} and "train" in manifest["splits"].values()
     geom = manifest["geometry"]
     g, margin, mpp = geom["global_px"], geom["margin"], geom["mpp"]
@@ -83,7 +83,7 @@ def test_samples_match_inputs(tiny_shards, tiny_cohort):
     for slide, (pos, mpp_full, row_of, dense, _) in inputs.items():
         tissue = [b for b in row_of if pos.loc[pos["barcode"] == b, "in_tissue"].iloc[0] == 1]
         assert manifest["slides"][slide]["bins_in_tissue"] == len(tissue)
-    features, nbr_feats, seen = {}, [], 0
+    features, spot_feats, nbr_feats, seen = {}, {}, [], 0
     for key, m in samples(folder):
         meta = json.loads(m["meta.json"])
         pos, mpp_full, row_of, dense, _ = inputs[meta["slide"]]
@@ -121,9 +121,17 @@ def test_samples_match_inputs(tiny_shards, tiny_cohort):
         assert mask[0] and (offs[0] == 0).all() and mask.sum() == min(4, manifest["slides"][meta["slide"]]["tiles"])
         assert np.allclose(offs[mask] % (g * mpp), 0)
         features[(meta["slide"], meta["gx"], meta["gy"])] = decode_npy(m["global_feat.npy.zst"])[0]
+        tissue = decode_npy(m["spot_mask.npy.zst"])[0]
+        spot_feats.setdefault(meta["slide"], []).append(decode_npy(m["spot_feat.npy.zst"])[0][tissue])
         nbr_feats.append((meta["slide"], meta["gx"], meta["gy"], offs, mask, decode_npy(m["global_feat.npy.zst"])))
         seen += 1
     assert seen == sum(s["tiles"] for s in manifest["slides"].values())
+    # frozen features are centred on their slide (sharding/features.py: centre_on_slide): every tile is
+    # one sample's centre, so these are all of a slide's tiles and tissue spot cells
+    for slide in manifest["slides"]:
+        for f in (np.stack([v for k, v in features.items() if k[0] == slide]), np.concatenate(spot_feats[slide])):
+            f = f.astype(np.float64)
+            assert f.std(0).max() > 0 and (np.abs(f.mean(0)) <= 0.01 * f.std(0) + 1e-4).all()
     # a neighbour's features are that tile's own features
     for slide, gx, gy, offs, mask, feats in nbr_feats[:20]:
         for k in np.flatnonzero(mask):

@@ -25,6 +25,9 @@ class MeanProfile(nn.Module):
         self.spot = nn.Parameter(0.1 * torch.randn(n_genes))
         self.glob = nn.Parameter(0.1 * torch.randn(n_genes))
 
+    def output_biases(self) -> list[nn.Parameter]:
+        return [self.bin, self.spot, self.glob]
+
     def forward(self, batch) -> Predictions:
         # repeat, not expand: a view of a parameter requires grad even under no_grad (then .numpy() fails)
         return Predictions(
@@ -41,6 +44,9 @@ class STNet(nn.Module):
         super().__init__()
         self.encoder = Encoder(cfg.encoder, cfg.encoder_weights, seed=cfg.seed, channels_last=cfg.channels_last)
         self.head = nn.Linear(self.encoder.num_features, n_genes)
+
+    def output_biases(self) -> list[nn.Parameter]:
+        return [self.head.bias]
 
     def forward(self, batch) -> Predictions:
         return Predictions(bin=self.head(self.encoder(batch.bin_img.float() / 255.0)))

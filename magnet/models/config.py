@@ -30,6 +30,7 @@ class ModelConfig:
     k_spot: int = 8
     k_global: int = 8
     dropout: float = 0.1
+    context_drop: float = 0.5  # MagNet: share of training bins predicted by the local read-out alone (magnet.py)
     edge_features: bool = True  # relative offsets (um, scaled per level) as GAT edge features
     init_from_data: bool = True  # outputs start at the training mean, frozen features standardised (models/init.py)
 
@@ -43,3 +44,5 @@ class ModelConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.context_drop < 1.0:
+            raise ValueError(f"context_drop must be in [0, 1), got {self.context_drop}")

@@ -51,17 +51,10 @@ def training_statistics(shard_set, split: str, max_samples: int = 512) -> dict[s
 
 def init_from_statistics(model: nn.Module, stats: dict[str, torch.Tensor]) -> None:
     """Every expression output starts at the training mean; MagNet's feature scalers take the feature
-    statistics. Models without a part (ST-Net has no scalers) skip it."""
-    from magnet.models.baselines import MeanProfile
-
+    statistics. Each model names its offsets (``output_biases()``); ST-Net has no scalers."""
     mean = stats["gene_mean"]
-    outputs = [h[-1].bias for h in getattr(model, "heads", {}).values()]
-    if isinstance(getattr(model, "head", None), nn.Linear):
-        outputs.append(model.head.bias)
-    if isinstance(model, MeanProfile):
-        outputs += [model.bin, model.spot, model.glob]
     with torch.no_grad():
-        for p in outputs:
+        for p in model.output_biases():
             p.add_(mean.to(p.dtype))
     for name, scaler in getattr(model, "feat_scale", {}).items():
         scaler.set(stats[f"{name}_mean"], stats[f"{name}_sd"])

@@ -64,6 +64,12 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
     for name in ("model_meta.json", "example_input.npz", "model.safetensors", "config.yaml"):
         if not (art / name).is_file():
             raise UserError(f"{art / name}: --model: file missing (not a MagNet model folder)")
+    from sharding.writer import FORMAT_VERSION
+
+    meta = json.loads((art / "model_meta.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{art / 'model_meta.json'}: format_version: the model was trained on shards of format "
+                        f"{meta.get('format_version')}, prediction computes format {FORMAT_VERSION} inputs; retrain it")
     if (model_dir / "MLmodel").is_file():
         import mlflow.pyfunc
 
@@ -82,7 +88,6 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
             if err is None:
                 raise
             raise err from None
-    meta = json.loads((art / "model_meta.json").read_text())
     if not isinstance(meta.get("encoder"), dict) or "name" not in meta["encoder"]:
         raise UserError(f"{art / 'model_meta.json'}: encoder: missing (the shard encoder is needed for features)")
     with np.load(art / "example_input.npz") as ex:

@@ -192,7 +192,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
 
     from magnet.batch import collate
     from magnet.data.transforms import chunk_bins, decode_sample
-    from sharding.features import FeatureExtractor
+    from sharding.features import FeatureExtractor, centre_on_slide
     from sharding.reader import BinFiles, read_bins, read_mpp
     from sharding.samplesheet import SlideEntry
     from sharding.slide import Level, make_sample
@@ -291,7 +291,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
                         glob_sum[t] += gl[j, 0]
                 pending.clear()
 
-            feats = (spot_feat, global_feat)
+            feats = centre_on_slide(spot_feat, global_feat, lv.spot_mask)
             for t in range(T):
                 key, members, _, _ = make_sample(entry, "predict", bin_um, lv, t, tile_images.encoded(t), feats, scfg)
                 sample = decode_sample({"__key__": key, **members})
