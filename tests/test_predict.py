@@ -222,3 +222,25 @@ def test_model_trained_on_another_shard_format_is_refused(registered, tiny_cohor
     out = tmp_path / "p.h5ad"
     _fails(["predict", "--model", str(model), "--spaceranger", str(outs), "--image", str(image), "--out", str(out)],
            capsys, out, "format_version: the model was trained on shards of format 1")
+
+
+def test_terminated_prediction_leaves_no_temporary_file(registered, tiny_cohort, tmp_path):
+    """SIGTERM (a scheduler's kill) while the .h5ad is being written: exit 143, neither output nor temp file."""
+    import signal
+    import time
+
+    uri, _ = registered
+    outs, image = _slide(tiny_cohort)
+    out = tmp_path / "p.h5ad"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "magnet", "predict", "--model", "models:/tiny@champion",
+                             "--tracking-uri", uri, "--spaceranger", str(outs), "--image", str(image),
+                             "--out", str(out), "progress=false"],
+                            env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    while proc.poll() is None and not list(tmp_path.glob(".p.h5ad.*.tmp")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "prediction ended before its temporary file was seen"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, proc.stderr.read().decode()
+    assert not out.exists() and not list(tmp_path.iterdir())

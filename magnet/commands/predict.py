@@ -48,9 +48,16 @@ def _check_args(args) -> list[str]:
     return [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds the with-blocks: the temporary .h5ad is removed
+
+
 def run(args) -> int:
     import json
     import resource
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)  # a scheduler's kill leaves no half-written output
     from pathlib import Path
 
     from magnet.config import load_config, save_config
