@@ -53,11 +53,22 @@ def _terminated(signum, frame):
 
 
 def run(args) -> int:
+    """A scheduler's SIGTERM exits 143 without half-written output (the handler is restored after)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     import json
     import resource
-    import signal
-
-    signal.signal(signal.SIGTERM, _terminated)  # a scheduler's kill leaves no half-written output
     from pathlib import Path
 
     from magnet.config import load_config, save_config

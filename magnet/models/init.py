@@ -6,13 +6,15 @@ Two things a model cannot learn quickly from its default initialisation, measure
   about 3 while the heads start near 0; with Adam a bias moves by about ``lr`` per step, so for
   hundreds of steps the MSE term is dominated by that offset (worst behind MagNet's LayerNorm
   heads, which reach it through their bias only). Every expression output therefore starts at the
-  per-gene training mean: MagNet's and ST-Net's final biases, the mean profile's vectors.
+  per-gene training mean (each model's ``output_biases()``): MagNet's local read-out and spot and
+  global heads (its context head starts at zero), ST-Net's head, the mean profile's vectors.
 - **Frozen-feature scale.** The spot and global tile features come from a frozen encoder; with
   random weights (no pretrained weights reachable) they vary across tiles by about 0.01 per
-  dimension around a common vector of about 0.07, so MagNet's node projections see near-constant
-  inputs. MagNet standardises them per dimension with the training split's mean and sd (buffers
-  saved with the model, like an encoder's input mean/std). Demo, 16 um, 150 steps: the spot head's
-  validation PCC per gene 0.017 -> 0.258, the global head's 0.004 -> 0.205.
+  dimension (before sharding centred them on the slide, around a common vector of about 0.07), so
+  MagNet's node projections see near-constant inputs. MagNet standardises them per dimension with
+  the training split's mean and sd (buffers saved with the model, like an encoder's input
+  mean/std). Demo, 16 um, 150 steps: the spot head's validation PCC per gene 0.017 -> 0.258, the
+  global head's 0.004 -> 0.205.
 
 Statistics come from the training split only (each training shard's first samples), so every rank
 computes the same values; a resumed run skips this and loads the checkpoint's.

@@ -68,7 +68,7 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
 
     meta = json.loads((art / "model_meta.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{art / 'model_meta.json'}: format_version: the model was trained on shards of format "
+        raise UserError(f"{uri}: format_version: the model was trained on shards of format "
                         f"{meta.get('format_version')}, prediction computes format {FORMAT_VERSION} inputs; retrain it")
     if (model_dir / "MLmodel").is_file():
         import mlflow.pyfunc
