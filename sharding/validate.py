@@ -2,7 +2,8 @@
 
 Checks per shard: size and sha256, sample and bin counts; per sample: the members of the format,
 array dtypes and shapes against the manifest (genes, neighbours, spot cells, feature size) and
-``meta.json``. Any mismatch is a UserError naming the shard and the field.
+``meta.json`` (slide and split: the shard entry's). Any mismatch is a UserError naming the shard and
+the field.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ def _samples(path: Path):
         yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
 
 
-def _check_sample(where: str, members: dict, dims: dict, manifest: dict, split: str) -> int:
+def _check_sample(where: str, members: dict, dims: dict, manifest: dict, shard: dict) -> int:
     image = [m for m in members if m.startswith("image.")]
     if len(image) != 1:
         raise UserError(f"{where}: image: expected one image member, found {image}")
     meta = json.loads(members["meta.json"])
     n = meta["n_bins"]
-    for field, expect in (("split", split), ("bin_um", manifest["bin_um"]), ("format_version", FORMAT_VERSION)):
+    for field, expect in (("slide", shard["slide"]), ("split", shard["split"]), ("bin_um", manifest["bin_um"]),
+                          ("format_version", FORMAT_VERSION)):
         if meta.get(field) != expect:
             raise UserError(f"{where}: meta.json: {field} is {meta.get(field)!r}, manifest says {expect!r}")
     sizes = dict(dims, n=n)
@@ -95,7 +97,7 @@ def validate(folder: str | Path) -> dict:
             raise UserError(f"{path}: sha256: does not match manifest.json")
         n_samples = n_bins = 0
         for key, members in _samples(path):
-            n = _check_sample(f"{path}: {key}", members, dims, manifest, shard["split"])
+            n = _check_sample(f"{path}: {key}", members, dims, manifest, shard)
             slide = json.loads(members["meta.json"])["slide"]
             counts = per_slide.setdefault(slide, [0, 0])
             counts[0] += 1

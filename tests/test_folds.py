@@ -8,22 +8,20 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train_env
 
 from magnet.cli import main
 from magnet.config import config_from_saved
 from magnet.data.pipeline import EvalStream, Pipeline, ShardSet, TrainStream, samples
 from magnet.dist import WorldInfo
-from magnet.errors import UserError
 from magnet.metrics import METRICS
-from magnet.train.config import DataConfig, ExperimentConfig
+from magnet.train.config import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -34,20 +32,11 @@ def _manifest(tiny_shards) -> dict:
     return json.loads((tiny_shards / "16um" / "manifest.json").read_text())
 
 
-def _env() -> dict:
-    ext = REPO / "build" / "torch_extensions"
-    ext.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI")}
-    env.update(TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
-    return env
-
-
 def _train(tiny_shards, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
            f"data.shards={tiny_shards}", f"train.out_dir={out}", "train.steps=2", "train.eval_every=1",
            "train.ckpt_every=0", "train.deepspeed=zero1", "data.workers=0", *extra]
-    return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +171,27 @@ def test_fold_out_of_range_is_one_line(tiny_shards, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_manifest_without_shard_slides_is_refused(tiny_shards, tmp_path):
-    """Shards written before the per-shard ``slide`` field: data.fold says to re-shard (no fold: as before)."""
-    old = tmp_path / "shards" / "16um"
-    shutil.copytree(tiny_shards / "16um", old)
-    man = _manifest(tiny_shards)
-    for s in man["shards"]:
-        del s["slide"]
-    (old / "manifest.json").write_text(json.dumps(man))
-    assert ShardSet.for_training(DataConfig(shards=str(old.parent))).shards("train")
-    with pytest.raises(UserError, match=r"manifest\.json: shards: .* does not name its slide.*re-shard"):
-        ShardSet.for_training(DataConfig(shards=str(old.parent), fold=0))
+def test_a_fold_given_twice_is_refused(fold_runs, tiny_cohort, tmp_path, capsys):
+    """Models of folds 0, 1, 1 under one label: the repeated fold is named, not one of its models dropped."""
+    runs, _ = fold_runs
+    models = [str(runs[k] / "model") for k in (0, 1, 1)]
+    out = tmp_path / "eval"
+    assert main(["evaluate", *(a for m in models for a in ("--model", m)), "--samplesheet",
+                 str(tiny_cohort / "samplesheet.csv"), "--out", str(out), "mlflow=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'magnet' is given twice for fold 1" in err[0], err
+    assert err[0].startswith(f"magnet: error: {(runs[1] / 'model').resolve()}: --model: ")
+    assert not out.exists()
+
+
+def test_resuming_a_fold_run_without_its_fold_is_refused(fold_runs, tiny_shards):
+    """Without data.fold the resumed run would train on the manifest's splits, held-out fold included."""
+    runs, _ = fold_runs
+    saved = (runs[0] / "config.yaml").read_text()
+    proc = _train(tiny_shards, runs[0].parent, "train.run_name=f0", "train.steps=3", "--resume", "latest")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert err == [f"magnet: error: {runs[0] / 'config.yaml'}: data.fold: the run was trained with fold 0 "
+                   f"(given None)"], err
+    assert (runs[0] / "config.yaml").read_text() == saved
+    assert (runs[0] / "checkpoints" / "latest").read_text() == "step00000002"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train_env
 
 REPO = Path(__file__).resolve().parents[1]
 N_GENES = 2000  # genes of the synthetic slides and the model: the dense n x G array must stand out
@@ -36,10 +37,7 @@ def test_a_larger_slide_is_predicted_in_bounded_memory(tmp_path):
     import anndata as ad
     import pandas as pd
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
-    ext = REPO / "build" / "torch_extensions"
-    ext.mkdir(parents=True, exist_ok=True)
-    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ext))
+    env = train_env()
     magnet = [sys.executable, "-m", "magnet"]
     logs = tmp_path / "logs"
     for name, size in (("large", 1500), ("small", 384)):

@@ -147,6 +147,15 @@ def test_validate_and_corruption(tiny_shards, tmp_path, capsys):
     manifest = json.loads((copy / "manifest.json").read_text())
     assert summary["bins"] == sum(s["bins"] for s in manifest["slides"].values()) > 0
     assert summary["slides"] == 3 and summary["genes"] == 32
+    swapped = json.loads(json.dumps(manifest))  # two shards of two slides, each entry naming the other's slide
+    first = swapped["shards"][0]
+    other = next(s for s in swapped["shards"] if s["slide"] != first["slide"])
+    first["slide"], other["slide"] = other["slide"], first["slide"]
+    (copy / "manifest.json").write_text(json.dumps(swapped))
+    assert main(["shard", "validate", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert first["name"] in err and "meta.json: slide" in err and "\n" not in err
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     victim = copy / manifest["shards"][1]["name"]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF

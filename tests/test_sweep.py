@@ -1,7 +1,7 @@
 """Ray Tune sweeps (launch/sweep.py) on `tiny_shards`: 4 trials over 8 and 16 um with ASHA, one MLflow
 parent with a child per trial, the best model registered as `@sweep-best` and loaded in a fresh
-process; a trial with a bad value fails alone; a resolution without shards is refused up front; a
-sweep killed with SIGKILL resumes with --resume without running its finished trials again.
+process; a trial with a bad value fails alone; a resolution without shards, or `data.fold`, is refused
+up front; a sweep killed with SIGKILL resumes with --resume without running its finished trials again.
 
 Each sweep is a subprocess with its own local Ray (`ray.num_cpus=2`, `ray.object_store_mb=100`).
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/sweep/tiny.yaml")
@@ -24,13 +25,7 @@ TINY = str(REPO / "configs/sweep/tiny.yaml")
 
 @pytest.fixture(scope="module")
 def sweep_env() -> dict:
-    ext = REPO / "build" / "torch_extensions"  # shared with tests/test_train_deepspeed.py: the shm op compiles once
-    ext.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI")}
-    env.update(RAY_AUTH_MODE="disabled", TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               CI="true", RAY_DEDUP_LOGS="0")
-    return env
+    return train_env(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", CI="true", RAY_DEDUP_LOGS="0")
 
 
 def _cmd(out: Path, *args: str) -> list[str]:
@@ -163,6 +158,31 @@ def test_resolution_without_shards_is_refused_before_any_trial(tiny_shards, tmp_
     assert len(err) == 1 and err[0].startswith("magnet: error: ") and "shards.16" in err[0]
     if shards16:
         assert str(tmp_path / shards16 / "16um") in err[0]
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("where", ["train_config", "train_overrides", "space"])
+def test_a_held_out_fold_is_refused_before_ray_starts(tmp_path, capsys, where):
+    """data.fold would let Tune choose trials on the held-out fold: refused, naming the file and key."""
+    import yaml
+
+    from launch.sweep import main
+
+    base = yaml.safe_load((REPO / "configs/train/tiny.yaml").read_text())
+    base.setdefault("data", {})["fold"] = 0
+    fold_config = tmp_path / "fold.yaml"
+    fold_config.write_text(yaml.safe_dump(base))
+    extra = {"train_config": [f"train_config={fold_config}"],
+             "train_overrides": ['train_overrides=["train.steps=4", "data.fold=1"]'],
+             "space": ["space.data.fold.grid=[0, 1]"]}[where]
+    args = ["--config", TINY, f"out_dir={tmp_path}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"shards.8={tmp_path}", f"shards.16={tmp_path}", *extra]  # refused before the shards are looked at
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("magnet: error: "), err
+    named = {"train_config": f"{fold_config}: data.fold: is 0",
+             "train_overrides": f"{TINY}: train_overrides: data.fold: is 1", "space": f"{TINY}: space.data.fold: "}[where]
+    assert named in err[0] and "held-out fold" in err[0], err[0]
     assert not (tmp_path / "tiny").exists() and not (tmp_path / "mlflow.db").exists()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train_env
 
 from magnet.dist import free_port
 
@@ -32,14 +33,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def ds_env() -> dict:
-    # one compile cache for every run; torch 2.14 guards each op's build with an OS advisory lock
-    # on <op>/lock (released by the kernel if a builder is killed), so a leftover lock file is harmless
-    ext = REPO / "build" / "torch_extensions"
-    ext.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI")}
-    env.update(TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+    return train_env(PYTHONUNBUFFERED="1")
 
 
 def _args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:

@@ -12,8 +12,9 @@ USAGE = """examples:
 Each model is scored at the bin size it was trained on and at spot level, on every slide of the samplesheet
 (or those of --split); a slide the model trained on is refused. Cross-validation: models of one label each
 trained with data.fold=k form one row; each slide is scored by the model of its fold (its split reads
-fold<k>), and the table adds mean ± sd over folds (a fold: the mean over its slides). Writes OUT/evaluation.{md,csv},
-OUT/evaluation_slides.csv and OUT/evaluate.config.yaml, and logs them to MLflow (mlflow=false to skip).
+fold<k> unless the samplesheet's split column gives one), and the table adds mean ± sd over folds (a fold:
+the mean over its slides). Writes OUT/evaluation.{md,csv}, OUT/evaluation_slides.csv and
+OUT/evaluate.config.yaml, and logs them to MLflow (mlflow=false to skip).
 Keys of --config / key=value: magnet/evaluate/config.py (predict.* as in magnet predict)."""
 
 

@@ -71,18 +71,12 @@ def fold_view(man: dict, path: str | Path, fold: int, expected: dict | None, tra
     and slide of that fold is relabelled ``eval_split``, every other one ``train_split``; the split
     column is ignored. Shard-level, since each shard holds one slide and names it (``shards[].slide``).
     ``expected``: the ``slide -> fold`` map a run recorded (``data.folds``), which must still hold."""
-    folds = man.get("folds")
-    if not folds:
-        raise UserError(f"{path}: folds: missing; data.fold needs shards written with folds (re-run `magnet shard`)")
+    folds = man["folds"]
     known = sorted(set(folds.values()))
     if fold not in known:
         raise UserError(f"{path}: data.fold: {fold} is not a fold of this manifest (its folds: {known})")
     if expected is not None and dict(expected) != dict(folds):
         raise UserError(f"{path}: folds: differ from data.folds (the folds recorded for this run)")
-    unnamed = [s["name"] for s in man["shards"] if "slide" not in s]
-    if unnamed:
-        raise UserError(f"{path}: shards: {unnamed[0]} does not name its slide (written before data.fold existed); "
-                        f"re-shard with `magnet shard` into a new --out to train with data.fold")
     role = {slide: eval_split if f == fold else train_split for slide, f in folds.items()}
     return {**man, "splits": role, "shards": [{**s, "split": role[s["slide"]]} for s in man["shards"]],
             "slides": {name: {**v, "split": role[name]} for name, v in man.get("slides", {}).items()}}

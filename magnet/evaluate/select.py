@@ -6,8 +6,9 @@ model trained on is refused: scores on it say nothing about held-out slides.
 
 Cross-validation: models sharing a label that were each trained with ``data.fold`` (one per fold) form
 one entry of the table, ``{fold: model}``; each slide is scored by the model that held out its fold (the
-model's recorded ``data.folds``), for which its split reads ``fold<k>``. A slide every fold model trained
-on is refused, and so is a slide in none of their folds. A model without a fold is ``{None: model}``.
+model's recorded ``data.folds``); its split reads ``fold<k>`` unless the samplesheet's ``split`` column
+gives one. A slide every fold model trained on is refused, and so is a slide in none of their folds. A
+model without a fold is ``{None: model}``.
 """
 
 from __future__ import annotations
@@ -85,11 +86,17 @@ def load_models(specs: list[str], tracking_uri: str | None, bin_um: list[int] | 
 
 def _check_fold_group(label: str, group: list[LoadedModel]) -> None:
     """One model per fold, one bin size, one fold assignment."""
-    first = group[0]
-    for model in group[1:]:
-        if fold_of(model) == fold_of(first) or int(model.python_model.bin_um) != int(first.python_model.bin_um):
-            raise UserError(f"{model.uri}: --model: '{label}' is given twice for fold {fold_of(model)} at "
-                            f"{int(model.python_model.bin_um)} um; give one model per fold (or name them LABEL=MODEL)")
+    first, seen = group[0], {}
+    for model in group:
+        fold, bin_um = fold_of(model), int(model.python_model.bin_um)
+        if bin_um != int(first.python_model.bin_um):
+            raise UserError(f"{model.uri}: --model: fold models of '{label}' were trained on {bin_um} um and "
+                            f"{int(first.python_model.bin_um)} um bins ({first.uri}); give one bin size per label "
+                            f"(or name them LABEL=MODEL)")
+        if fold in seen:
+            raise UserError(f"{model.uri}: --model: '{label}' is given twice for fold {fold} (also {seen[fold].uri}); "
+                            f"give one model per fold")
+        seen[fold] = model
         if model.python_model.config.data.folds != first.python_model.config.data.folds:
             raise UserError(f"{model.uri}: data.folds: fold model of '{label}' was trained on other folds than "
                             f"{first.uri}; cross-validate on one shard set")

@@ -16,7 +16,7 @@ from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
 from magnet.io import atomic_write_text
 from magnet.sweep.config import SweepConfig
-from magnet.sweep.space import base_config, check_resolutions, param_space
+from magnet.sweep.space import base_config, check_no_fold, check_resolutions, param_space
 
 STATE_FILE = "sweep.json"
 
@@ -87,6 +87,7 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
     sweep that had finished already: its saved summary, with ``already_finished``)."""
     cfg = absolute_paths(cfg)
     base = base_config(cfg)
+    check_no_fold(cfg, base, origin)
     check_resolutions(cfg, base, origin)
     sweep_dir = Path(cfg.out_dir) / cfg.name
     state = sweep_dir / STATE_FILE

@@ -95,6 +95,19 @@ def check_resolutions(cfg: SweepConfig, base: ExperimentConfig, origin: str) -> 
             raise UserError(f"{origin}: shards.{bin_um}: no shard set at {path.parent} (manifest.json missing)")
 
 
+def check_no_fold(cfg: SweepConfig, base: ExperimentConfig, origin: str) -> None:
+    """Refuse ``data.fold`` (in the base experiment or the space): Tune would pick trials by their scores
+    on the held-out fold, which then no longer measures held-out slides."""
+    why = ("a sweep picks trials by their evaluation, which data.fold makes the held-out fold; sweep on the "
+           "train/val split, then cross-validate the chosen values")
+    if "data.fold" in leaves(cfg.space):
+        raise UserError(f"{origin}: space.data.fold: {why}")
+    if base.data.fold is not None:
+        overridden = any(o.split("=", 1)[0].strip() == "data.fold" for o in cfg.train_overrides)
+        where = f"{origin}: train_overrides: data.fold" if overridden else f"{cfg.train_config}: data.fold"
+        raise UserError(f"{where}: is {base.data.fold}; {why}")
+
+
 def trial_config(cfg: SweepConfig, params: dict[str, Any], run_root: Path, run_name: str,
                  parent_run_id: str) -> ExperimentConfig:
     """The base experiment with the trial's values, its resolution's shards, and MLflow as a child run."""

@@ -109,6 +109,9 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     run_dir, tag = decided
     if tag is not None:  # expectations recorded by the run being resumed
         saved = config_from_saved(ExperimentConfig, run_dir / "config.yaml")
+        if cfg.data.fold != saved.data.fold:  # another fold trains (and holds out) other slides
+            raise UserError(f"{run_dir / 'config.yaml'}: data.fold: the run was trained with fold {saved.data.fold} "
+                            f"(given {cfg.data.fold})")
         cfg.data.genes = cfg.data.genes if cfg.data.genes is not None else saved.data.genes
         cfg.data.normalisation = cfg.data.normalisation if cfg.data.normalisation is not None else saved.data.normalisation
         cfg.data.folds = cfg.data.folds if cfg.data.folds is not None else saved.data.folds
