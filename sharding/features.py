@@ -69,5 +69,5 @@ def centre_on_slide(spot_feat: np.ndarray, global_feat: np.ndarray, spot_mask: n
     """
     spot = spot_feat.astype(np.float32)
     glob = global_feat.astype(np.float32)
-    cells = spot[spot_mask] if spot_mask.any() else spot.reshape(-1, spot.shape[-1])
-    return (spot - cells.mean(0)).astype(np.float16), (glob - glob.mean(0)).astype(np.float16)
+    # every tile holds bins, so every tile has a tissue spot cell
+    return (spot - spot[spot_mask].mean(0)).astype(np.float16), (glob - glob.mean(0)).astype(np.float16)

@@ -65,6 +65,12 @@ def split_shards(man: dict, root: Path, split: str) -> list[tuple[str, int]]:
     return out
 
 
+def fold_roles(folds: dict[str, int], fold: int, held_out: str, train: str) -> dict[str, str]:
+    """``slide -> role`` of a cross-validation run holding out ``fold``: ``held_out`` for that fold's
+    slides, ``train`` for every other slide."""
+    return {slide: held_out if f == fold else train for slide, f in folds.items()}
+
+
 def fold_view(man: dict, path: str | Path, fold: int, expected: dict | None, train_split: str,
               eval_split: str) -> dict:
     """The manifest as a cross-validation run holding out ``fold`` reads it (``data.fold``): every shard
@@ -77,7 +83,7 @@ def fold_view(man: dict, path: str | Path, fold: int, expected: dict | None, tra
         raise UserError(f"{path}: data.fold: {fold} is not a fold of this manifest (its folds: {known})")
     if expected is not None and dict(expected) != dict(folds):
         raise UserError(f"{path}: folds: differ from data.folds (the folds recorded for this run)")
-    role = {slide: eval_split if f == fold else train_split for slide, f in folds.items()}
+    role = fold_roles(folds, fold, eval_split, train_split)
     return {**man, "splits": role, "shards": [{**s, "split": role[s["slide"]]} for s in man["shards"]],
             "slides": {name: {**v, "split": role[name]} for name, v in man.get("slides", {}).items()}}
 

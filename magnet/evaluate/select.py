@@ -106,11 +106,11 @@ def manifest_splits(model: LoadedModel) -> dict[str, str]:
     """``slide -> split`` as the model saw it: for a fold model (``data.fold=k``), ``train`` for the slides
     of the other folds and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's
     splits ({} when it is not reachable)."""
-    from magnet.data.manifest import manifest_path
+    from magnet.data.manifest import fold_roles, manifest_path
 
     data = model.python_model.config.data
     if data.fold is not None:
-        return {s: f"fold{data.fold}" if f == data.fold else "train" for s, f in (data.folds or {}).items()}
+        return fold_roles(data.folds or {}, data.fold, f"fold{data.fold}", "train")
     path = manifest_path(data.shards, int(model.python_model.bin_um))
     if not path.is_file():
         return {}

@@ -67,6 +67,7 @@ class H5adWriter:
         self.keep = list(keep)
         self.row = 0
         self.buffer: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.buffered = 0  # bytes of predictions in the buffer
 
     def __enter__(self) -> "H5adWriter":
         return self
@@ -95,7 +96,8 @@ class H5adWriter:
 
     def write(self, idx: np.ndarray, pred: np.ndarray, measured: np.ndarray | None) -> None:
         self.buffer.append((pred, measured))
-        if sum(p.nbytes for p, _ in self.buffer) >= BUFFER_BYTES:
+        self.buffered += pred.nbytes
+        if self.buffered >= BUFFER_BYTES:
             self._flush()
 
     def _flush(self) -> None:
@@ -118,6 +120,7 @@ class H5adWriter:
             self.nnz = end
         self.row = rows.stop
         self.buffer.clear()
+        self.buffered = 0
 
     def finish(self, pred: SlidePrediction, genes: list[str], gene_ids: list[str], units: dict, images: dict,
                info: dict) -> None:
