@@ -106,3 +106,18 @@ class SlideImage:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+FULLRES_BLOCK_PX = 4096  # at most this many full-res px per side are decoded at a time
+
+
+def thumbnail(image: SlideImage, mpp_full: float, mpp: float) -> np.ndarray:
+    """The whole slide at ``mpp`` um/px, read block by block (memory: one block plus the result)."""
+    w, h = (max(1, math.ceil(n * mpp_full / mpp)) for n in image.size)
+    step = int(max(16, min(1024, FULLRES_BLOCK_PX * mpp_full / mpp)))
+    out = np.empty((h, w, 3), np.uint8)
+    for y in range(0, h, step):
+        for x in range(0, w, step):
+            block = image.region(x, y, step, mpp, mpp_full)
+            out[y:y + step, x:x + step] = block[:min(step, h - y), :min(step, w - x)]
+    return out

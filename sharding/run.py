@@ -32,6 +32,7 @@ from magnet.io import atomic_write_text
 from .config import ShardConfig
 from .genes import GeneStats, genes_from_file, normalisation_record, select_genes
 from .image import SlideImage
+from .pairing import check_pairing
 from .reader import BinFiles, check_positions_columns, read_genes, read_mpp
 from .samplesheet import SPLITS, SlideEntry, read_samplesheet
 from .slide import DONE, inspect_slide, shard_slide
@@ -46,12 +47,13 @@ def check_inputs(entries: list[SlideEntry], bin_ums: list[int]) -> tuple[list[st
     """Cheap checks of every slide at every bin size; the cohort's (gene ids, gene names)."""
     reference = None
     for e in entries:
-        with SlideImage(e.image) as image:
-            width, height = image.size
         mpps = {}
         for b in bin_ums:
             files = BinFiles.of(e.spaceranger, b)
             mpps[b] = read_mpp(files.scalefactors, b)
+            if b == bin_ums[0]:
+                with SlideImage(e.image) as image:
+                    check_pairing(image, files.scalefactors.parent)
             check_positions_columns(files.positions)
             genes = read_genes(files.matrix)
             if reference is None:

@@ -172,6 +172,16 @@ def test_image_of_another_size_is_refused(registered, tiny_cohort, tmp_path, cap
             "--out", str(out)], capsys, out, "image size")
 
 
+def test_image_of_another_slide_is_refused(registered, tiny_cohort, tmp_path, capsys):
+    """One slide's outs/ with another slide's image (same size) predicted noise with exit 0."""
+    _, run_dir = registered
+    outs, _ = _slide(tiny_cohort)
+    _, other = _slide(tiny_cohort, "synth_001")
+    out = tmp_path / "p.h5ad"
+    _fails(["predict", "--model", str(run_dir / "model"), "--spaceranger", str(outs), "--image", str(other),
+            "--out", str(out)], capsys, out, f"{other}: image: does not look like")
+
+
 def test_gene_the_model_lacks_is_refused(registered, tiny_cohort, tmp_path, capsys):
     _, run_dir = registered
     outs, image = _slide(tiny_cohort)
@@ -244,3 +254,42 @@ def test_terminated_prediction_leaves_no_temporary_file(registered, tiny_cohort,
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, (tmp_path.parent / "terminated.err").read_text()[-2000:]
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def _peak_rss_mb(argv: list[str]) -> tuple[int, float, str]:
+    """Exit status, peak resident memory (MB) and stderr of ``magnet ARGV`` in a fresh process."""
+    err = Path(os.environ.get("TMPDIR", "/tmp")) / f"magnet-rss-{os.getpid()}.err"
+    with err.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "magnet", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=f, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+    text = err.read_text()
+    err.unlink()
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024, text
+
+
+def _image_only(registered, tiny_cohort) -> list[str]:
+    _, run_dir = registered
+    _, image = _slide(tiny_cohort, "synth_001")
+    return ["predict", "--model", str(run_dir / "model"), "--image", str(image), "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def correct_rss_mb(registered, tiny_cohort, tmp_path_factory) -> float:
+    rc, mb, err = _peak_rss_mb([*_image_only(registered, tiny_cohort), "--mpp", "0.5",
+                                "--out", str(tmp_path_factory.mktemp("rss") / "good.h5ad")])
+    assert rc == 0, err[-2000:]
+    return mb
+
+
+@pytest.mark.parametrize("typo", [["--mpp", "50"], ["--mpp", "5000"], ["--mpp", "0.5", "--bin-um", "160"]])
+def test_mistyped_size_is_refused_before_memory_grows(registered, tiny_cohort, correct_rss_mb, tmp_path, typo):
+    """--mpp 50 for 0.50 grew a prediction to 24 GB: the pixel size and the bin size are checked against the image and
+    the model before anything is allocated, so a typo costs no more memory than the correct run (here far less)."""
+    out = tmp_path / "typo.h5ad"
+    rc, typo_mb, err = _peak_rss_mb([*_image_only(registered, tiny_cohort), *typo, "--out", str(out)])
+    lines = [line for line in err.splitlines() if line.startswith("magnet: error: ")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert ("--mpp" in lines[0] and "mistyped" in lines[0]) if typo[1] != "0.5" else "--bin-um" in lines[0]
+    assert typo_mb <= 2 * correct_rss_mb, (typo_mb, correct_rss_mb)
+    assert not out.exists() and not list(tmp_path.glob(".typo.h5ad*"))

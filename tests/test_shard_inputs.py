@@ -121,6 +121,13 @@ def grayscale(d):
     return "synth_000_fullres.tif", "grayscale"
 
 
+def image_of_another_slide(d):
+    """Same size, other content (here the slide turned by 180 degrees): the hires image tells them apart."""
+    path = d / "synth_000" / "synth_000_fullres.tif"
+    tifffile.imwrite(path, tifffile.imread(path)[::-1, ::-1], tile=(256, 256))
+    return "synth_000_fullres.tif", "does not look like"
+
+
 def truncated_h5(d):
     path = d / "synth_000" / BIN8 / "filtered_feature_bc_matrix.h5"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -128,7 +135,7 @@ def truncated_h5(d):
 
 
 CASES = [missing_folder, missing_image, parquet_column, unknown_barcode, duplicate_barcode, outside_image,
-         inconsistent_mpp, no_tissue, negative_counts, nan_counts, grayscale, truncated_h5]
+         inconsistent_mpp, no_tissue, negative_counts, nan_counts, grayscale, image_of_another_slide, truncated_h5]
 
 
 def run_shard(sheet: Path, out: Path, *extra) -> int:

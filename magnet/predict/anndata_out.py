@@ -34,7 +34,7 @@ def spatial_images(image_path: Path, mpp_full: float, spatial_dir: Path | None, 
                     images[k] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
             return {"images": images, "scalefactors": {f"tissue_{k}_scalef": float(sf[f"tissue_{k}_scalef"])
                                                        for k in paths}}
-    from magnet.predict.grid import thumbnail
+    from sharding.image import thumbnail
 
     images, scalefactors = {}, {}
     with SlideImage(image_path) as image:

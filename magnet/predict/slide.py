@@ -23,9 +23,9 @@ from magnet.errors import UserError
 from magnet.predict.config import PredictConfig
 from magnet.predict.model import LoadedModel
 from sharding.image import SlideImage
+from sharding.pairing import check_pairing
 from sharding.reader import Bins
 
-SIZE_TOLERANCE = 0.02  # relative, plus 2 px: full-res size implied by the hires PNG and its scale factor
 
 
 @dataclasses.dataclass
@@ -82,22 +82,22 @@ def spaceranger_outs(path: Path) -> Path:
     return path / "outs" if not (path / "binned_outputs").is_dir() and (path / "outs").is_dir() else path
 
 
-def check_image_size(image: SlideImage, spatial: Path, scalefactors: dict) -> None:
-    """Refuse an image whose size disagrees with Space Ranger's hires image and its scale factor."""
-    from PIL import Image
+MAX_UPSAMPLE = 2.0  # an image coarser than this many model pixels per image pixel holds too little detail to predict from
+MAX_SIDE_MM = 80.0  # a glass slide is 75 x 25 mm: a longer side means the pixel size is wrong
 
-    hires = spatial / "tissue_hires_image.png"
-    scale = scalefactors.get("tissue_hires_scalef")
-    if not hires.is_file() or not isinstance(scale, (int, float)) or scale <= 0:
-        return
-    with Image.open(hires) as im:
-        hw, hh = im.size
-    ew, eh = hw / scale, hh / scale
+
+def check_extent(image: SlideImage, mpp_full: float, model_mpp: float, where: str) -> None:
+    """Refuse a pixel size that makes the slide larger than a glass slide or coarser than the model's pixels, before
+    any bin grid, thumbnail or tile array is allocated: a typo there (50 for 0.50) would otherwise grow memory
+    with the square of the mistake. ``where`` names where the pixel size came from (``file: field``)."""
     w, h = image.size
-    if abs(w - ew) > SIZE_TOLERANCE * ew + 2 or abs(h - eh) > SIZE_TOLERANCE * eh + 2:
-        raise UserError(f"{image.path}: image size: {w} x {h} px does not match the Space Ranger coordinates "
-                        f"({hires.name} {hw} x {hh} at tissue_hires_scalef {scale:g} implies about "
-                        f"{ew:.0f} x {eh:.0f} px)")
+    side_mm = max(w, h) * mpp_full / 1000
+    if side_mm > MAX_SIDE_MM:
+        raise UserError(f"{where}: {mpp_full:g} um/px makes the {w} x {h} px image {side_mm:.0f} mm long, "
+                        f"more than a glass slide ({MAX_SIDE_MM:.0f} mm); is the pixel size mistyped?")
+    if mpp_full > MAX_UPSAMPLE * model_mpp:
+        raise UserError(f"{where}: {mpp_full:g} um/px is coarser than {MAX_UPSAMPLE:g}x the model's "
+                        f"{model_mpp:g} um/px; the model needs a full-resolution scan (is the pixel size mistyped?)")
 
 
 def _gene_index(matrix: Path, genes: list[str]) -> np.ndarray | None:
@@ -217,9 +217,8 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
         if spaceranger is not None:
             files = BinFiles.of(spaceranger_outs(Path(spaceranger)), bin_um)
             mpp_full = read_mpp(files.scalefactors, bin_um)
-            import json
-
-            check_image_size(image, files.scalefactors.parent, json.loads(files.scalefactors.read_text()))
+            check_extent(image, mpp_full, geom.mpp, f"{files.scalefactors}: microns_per_pixel")
+            check_pairing(image, files.scalefactors.parent)
             index = _gene_index(files.matrix, genes)
             measured_ok = index is not None
             bins = read_bins(files, image.size, index if measured_ok else None)
@@ -231,6 +230,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
             from magnet.predict.grid import tissue_bins
 
             mpp_full = float(mpp)
+            check_extent(image, mpp_full, geom.mpp, f"{image_path}: --mpp")
             bins, _ = tissue_bins(image, mpp_full, bin_um, cfg.tissue_level_um, cfg.tissue_min_fraction, len(genes))
             if not len(bins.libsize):
                 raise UserError(f"{image_path}: image: no tissue detected (saturation threshold found no H&E)")
