@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     rc = main()
+    from magnet.train.rundir import release_all
+
+    release_all()  # os._exit skips atexit: a failed run must not leave its run folder locked
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)

@@ -191,7 +191,7 @@ def test_resuming_a_fold_run_without_its_fold_is_refused(fold_runs, tiny_shards)
     proc = _train(tiny_shards, runs[0].parent, "train.run_name=f0", "train.steps=3", "--resume", "latest")
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert err == [f"magnet: error: {runs[0] / 'config.yaml'}: data.fold: the run was trained with fold 0 "
-                   f"(given None)"], err
+    assert err == [f"magnet: error: {runs[0] / 'config.yaml'}: data.fold: the run was trained with 0; resuming with "
+                   "None would not match its weights (resume without that override, or start another run)"], err
     assert (runs[0] / "config.yaml").read_text() == saved
     assert (runs[0] / "checkpoints" / "latest").read_text() == "step00000002"

@@ -31,6 +31,14 @@ def test_unknown_key_and_wrong_type_name_the_key():
         load_config(ExperimentConfig, None, ["data.workers=two"])
 
 
+@pytest.mark.parametrize("override", ["optim.lr=-0.1", "optim.lr=nan", "optim.lr=inf", "optim.lr=0",
+                                      "optim.weight_decay=nan", "optim.betas=[0.9,1.5]"])
+def test_optimizer_values_that_cannot_train_are_refused(override):
+    """A negative or NaN learning rate reached the optimizer and failed there with a traceback."""
+    with pytest.raises(UserError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(ExperimentConfig, None, [override])
+
+
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3", "zero2_offload"])
 def test_deepspeed_dict_takes_batch_precision_and_optimizer_from_the_experiment(stage):
     cfg = load_config(ExperimentConfig, None, [f"train.deepspeed={stage}", "data.micro_batch=3", "train.grad_accum=5",

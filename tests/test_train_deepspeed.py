@@ -193,12 +193,72 @@ def test_resume_after_kill_gives_the_same_losses(zero2_run, tiny_shards, tmp_pat
     assert failed_after < 120, failed_after
     assert (tmp_path / "k" / "checkpoints" / "latest").read_text() == "step00000003"
 
+    # an override the weights cannot take is refused before anything of the run is rewritten
+    def files() -> dict:  # the killed run's lock is stale (its owner is gone): taken over, then released
+        return {p: p.read_bytes() for p in (tmp_path / "k").rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    proc = subprocess.run(_magnet_train(free_port(), "--resume", "latest", *_args(tiny_shards, tmp_path, "k", "model.width=64")),
+                          env=ds_env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{tmp_path / 'k' / 'config.yaml'}: model.width: the run was trained with 32; resuming with 64" in proc.stderr
+    assert files() == before and not (tmp_path / "k" / ".lock").exists()
+
     port = free_port()
     _run(_magnet_train(port, "--resume", "latest", *_args(tiny_shards, tmp_path, "k", "train.eval_every=3")), ds_env)
     _release_shm(port)
     ref, resumed = _losses(ref_dir), _losses(tmp_path / "k")
     for step in range(4, STEPS + 1):
         assert resumed[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, resumed)
+
+
+def test_second_training_on_a_run_in_use_is_refused(tiny_shards, tmp_path, ds_env):
+    """Two trainings on one run name interleaved their metrics and checkpoints: the second is refused within seconds,
+    before it launches anything, and the first runs to the end untouched."""
+    port = free_port()
+    first = subprocess.Popen(_magnet_train(port, *_args(tiny_shards, tmp_path, "busy")), env=ds_env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = tmp_path / "busy" / ".lock"
+    deadline = time.monotonic() + 240
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), "the first training never took its run folder"
+    started = time.monotonic()
+    second = subprocess.run(_magnet_train(free_port(), *_args(tiny_shards, tmp_path, "busy")), env=ds_env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    refused_in = time.monotonic() - started
+    still_running = first.poll() is None
+    out, _ = first.communicate(timeout=300)
+    _release_shm(port)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"{tmp_path / 'busy'}: train.run_name: in use by pid" in second.stderr
+    assert still_running and refused_in < 5, (still_running, refused_in)
+    assert first.returncode == 0, out[-3000:]
+    _assert_trained(tmp_path / "busy")  # every step once: nothing interleaved
+    assert not lock.exists()
+
+
+def test_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path):
+    from magnet.errors import UserError
+    from magnet.train import rundir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.LOCK_NAME).write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "started": 0}))
+    rundir.acquire(run)  # its owner is gone
+    assert json.loads((run / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    rundir.release(run)
+    assert not (run / rundir.LOCK_NAME).exists()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for host in (os.uname().nodename, "another-node"):
+            (run / rundir.LOCK_NAME).write_text(json.dumps({"host": host, "pid": alive.pid, "started": 0}))
+            with pytest.raises(UserError, match=f"in use by pid {alive.pid} on {host}"):
+                rundir.acquire(run)
+    finally:
+        alive.kill()
 
 
 def test_one_plain_process_without_launcher(tiny_shards, tmp_path, ds_env):

@@ -52,4 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)
+    if cfg.train.run_name or args.resume not in (None, "latest"):  # a run in use is refused before the launch (rank 0 takes the lock)
+        from pathlib import Path
+
+        from magnet.train.rundir import refuse_if_owned
+
+        named = Path(cfg.train.out_dir) / cfg.train.run_name
+        refuse_if_owned(named if args.resume in (None, "latest") else Path(args.resume))
     return subprocess.call(command(args))

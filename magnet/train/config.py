@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from magnet.errors import UserError
-from magnet.losses import LossConfig
+from magnet.loss_config import LossConfig
 from magnet.models.config import ModelConfig
 
 
@@ -66,6 +66,14 @@ class OptimConfig:
     eps: float = 1e-8
     momentum: float = 0.9  # sgd only
     clip: float = 1.0  # gradient-norm clipping; 0 = off
+
+    def __post_init__(self):  # NaN fails every comparison: each check is written so that NaN is refused
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if not (0 <= self.weight_decay < float("inf") and 0 < self.eps < 1 and 0 <= self.clip < float("inf")):
+            raise ValueError("optim.weight_decay and optim.clip must be finite and >= 0, optim.eps in (0, 1)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas) or not 0 <= self.momentum < 1:
+            raise ValueError(f"optim.betas must be two values in [0, 1) and optim.momentum in [0, 1), got {self.betas}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -24,7 +24,7 @@ from magnet.data.manifest import feat_dim
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.errors import UserError
 from magnet.io import atomic_write_text
-from magnet.train import checkpoint
+from magnet.train import checkpoint, rundir
 from magnet.train.config import ExperimentConfig
 from magnet.train.ds_config import deepspeed_config
 from magnet.train.schedule import make_scheduler
@@ -37,6 +37,7 @@ def _run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, str | Non
     if resume is None:
         name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")
         run = out / name
+        rundir.refuse_if_owned(run)
         if checkpoint.read_pointer(run / "checkpoints") is not None:
             raise UserError(f"{run}: train.run_name: this run has checkpoints; pass --resume latest or another name")
         return run, None
@@ -52,6 +53,7 @@ def _run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, str | Non
     for run in candidates:
         tag = checkpoint.read_pointer(run / "checkpoints")
         if tag is not None:
+            rundir.refuse_if_owned(run)
             return run, tag
     raise UserError(f"--resume {resume}: no checkpoint found under {candidates[0] if candidates else out}")
 
@@ -101,6 +103,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     if primary:
         try:
             decided = _run_dir(cfg, resume)
+            rundir.acquire(decided[0])  # before anything is written there
         except UserError as e:  # every rank must learn of it, or the others wait in the broadcast
             decided = str(e)
     decided = dist.broadcast_object(decided)
@@ -109,12 +112,10 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     run_dir, tag = decided
     if tag is not None:  # expectations recorded by the run being resumed
         saved = config_from_saved(ExperimentConfig, run_dir / "config.yaml")
-        if cfg.data.fold != saved.data.fold:  # another fold trains (and holds out) other slides
-            raise UserError(f"{run_dir / 'config.yaml'}: data.fold: the run was trained with fold {saved.data.fold} "
-                            f"(given {cfg.data.fold})")
         cfg.data.genes = cfg.data.genes if cfg.data.genes is not None else saved.data.genes
         cfg.data.normalisation = cfg.data.normalisation if cfg.data.normalisation is not None else saved.data.normalisation
         cfg.data.folds = cfg.data.folds if cfg.data.folds is not None else saved.data.folds
+        rundir.check_resume(to_dict(saved), to_dict(cfg), run_dir / "config.yaml")  # e.g. another data.fold
     shard_set = ShardSet.for_training(cfg.data)
     cfg.data.genes, cfg.data.normalisation, cfg.data.folds = shard_set.genes, shard_set.normalisation, shard_set.folds
     ckpt_dir = run_dir / "checkpoints"
@@ -255,6 +256,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     tracker.finish()
     dist.barrier()
     dist.release_shm()
+    if primary:
+        rundir.release(run_dir)
     return summary
 
 
