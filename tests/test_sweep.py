@@ -125,20 +125,22 @@ def test_best_trial_is_registered_and_loads_in_a_fresh_process(main_sweep, sweep
 def test_a_trial_with_a_bad_value_fails_alone(tiny_shards, tmp_path, sweep_env):
     from mlflow import MlflowClient
 
-    proc = _sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]",
-                  "space.optim.lr.grid=[0.003,-0.001]", "asha.enabled=false", "name=bad")
+    # a value only the trial can find wrong (the config cannot know timm's model names): that trial fails alone
+    space = 'space.model.encoder.grid=["test_resnet","no_such_encoder"]'
+    proc = _sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]", space,
+                  "asha.enabled=false", "name=bad")
     summary = _summary(proc)
-    rows = {r["optim.lr"]: r for r in _rows(tmp_path / "bad")}
-    assert rows["-0.001"]["status"] == "failed" and "learning rate" in rows["-0.001"]["error"].lower()
-    assert rows["0.003"]["status"] == "finished" and int(rows["0.003"]["step"]) == 4
+    rows = {r["model.encoder"]: r for r in _rows(tmp_path / "bad")}
+    assert rows["no_such_encoder"]["status"] == "failed" and "unknown timm model" in rows["no_such_encoder"]["error"]
+    assert rows["test_resnet"]["status"] == "finished" and int(rows["test_resnet"]["step"]) == 4
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     status = {c.info.run_name: c.info.status for c in _children(client, summary["parent_run_id"])}
-    assert status == {rows["-0.001"]["trial"]: "FAILED", rows["0.003"]["trial"]: "FINISHED"}
-    assert summary["best"]["trial"] == rows["0.003"]["trial"]
+    assert status == {rows["no_such_encoder"]["trial"]: "FAILED", rows["test_resnet"]["trial"]: "FINISHED"}
+    assert summary["best"]["trial"] == rows["test_resnet"]["trial"]
 
     # resuming the finished sweep does nothing (the failed trial is not retried) and says so
-    again = _sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]",
-                   "space.optim.lr.grid=[0.003,-0.001]", "asha.enabled=false", "name=bad", "--resume")
+    again = _sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]", space,
+                   "asha.enabled=false", "name=bad", "--resume")
     assert again.stderr.strip() == f"sweep {tmp_path / 'bad'}: finished already, nothing to resume"
     assert _summary(again) == {"parent_run_id": summary["parent_run_id"], "best": summary["best"]}
     assert len(_children(client, summary["parent_run_id"])) == 2
@@ -158,6 +160,33 @@ def test_resolution_without_shards_is_refused_before_any_trial(tiny_shards, tmp_
     assert len(err) == 1 and err[0].startswith("magnet: error: ") and "shards.16" in err[0]
     if shards16:
         assert str(tmp_path / shards16 / "16um") in err[0]
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("space, words", [
+    ("", "space: empty"),
+    ("space.loss.bin_pcc.loguniform=[0.0,0.1]", "space.loss.bin_pcc.loguniform: low must be > 0"),
+    ("space.optim.weight_decay.uniform=[0.1,0.01]", "space.optim.weight_decay.uniform: expected numbers low < high"),
+    ("space.optim.lr.grid=[0.003,-0.001]", "space.optim.lr.grid: -0.001 is not a valid value"),
+    ('space.model.gat_layers.choice=[2,"two"]', "space.model.gat_layers.choice: 'two' is not a valid value"),
+])
+def test_a_space_that_cannot_run_is_refused_before_ray_starts(tmp_path, capsys, space, words):
+    """An empty space ran one default trial and registered it as best; a bad bound or a wrongly typed value
+    failed inside Ray and left the sweep without its summary: both refused before Ray starts."""
+    import yaml
+
+    from launch.sweep import main
+
+    config = TINY
+    if not space:  # the YAML's own space emptied (overrides merge into it)
+        config = tmp_path / "empty.yaml"
+        config.write_text(yaml.safe_dump({**yaml.safe_load(Path(TINY).read_text()), "space": {},
+                                          "train_config": str(REPO / "configs/train/tiny.yaml")}))
+    args = ["--config", str(config), f"out_dir={tmp_path}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"shards.8={tmp_path}", f"shards.16={tmp_path}", *([space] if space else [])]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("magnet: error: ") and words in err[0], err
     assert not (tmp_path / "tiny").exists() and not (tmp_path / "mlflow.db").exists()
 
 

@@ -88,6 +88,7 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
     cfg = absolute_paths(cfg)
     base = base_config(cfg)
     check_no_fold(cfg, base, origin)
+    space = param_space(cfg)  # every value checked: nothing may fail inside Ray for want of a check here
     check_resolutions(cfg, base, origin)
     sweep_dir = Path(cfg.out_dir) / cfg.name
     state = sweep_dir / STATE_FILE
@@ -98,7 +99,6 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
     saved = json.loads(state.read_text()) if resume else {}
     if "finished" in saved:  # a restore would run no trial and log the same results again
         return {**saved["finished"], "already_finished": True}
-    space = param_space(cfg)
 
     from ray import tune
 

@@ -48,14 +48,32 @@ def _check_key(key: str) -> None:
         cls = typing.get_type_hints(cls)[part]
 
 
+def _check_values(cfg: SweepConfig, key: str, kind: str, values: list) -> None:
+    """Every value a trial can get is a valid experiment config (a bad one failed inside Ray, mid-sweep)."""
+    if kind in ("uniform", "loguniform", "randint"):
+        low, high = values
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or not low < high:
+            raise UserError(f"config: space.{key}.{kind}: expected numbers low < high, got {values}")
+        if kind == "loguniform" and not low > 0:
+            raise UserError(f"config: space.{key}.loguniform: low must be > 0, got {low}")
+    for v in values:
+        try:
+            load_config(ExperimentConfig, cfg.train_config, [*cfg.train_overrides, f"{key}={json.dumps(v)}"])
+        except UserError as e:
+            raise UserError(f"config: space.{key}.{kind}: {v!r} is not a valid value ({e})") from None
+
+
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
-    """Tune's param space, keyed by dotted experiment keys."""
+    """Tune's param space, keyed by dotted experiment keys; every value checked before any trial starts."""
     from ray import tune
 
     algorithm = cfg.search.algorithm
     out: dict[str, Any] = {}
+    if not leaves(cfg.space):
+        raise UserError("config: space: empty; a sweep varies at least one key (one run is `magnet train`)")
     for key, (kind, values) in leaves(cfg.space).items():
         _check_key(key)
+        _check_values(cfg, key, kind, values)
         if algorithm == "grid" and kind != "grid":
             raise UserError(f"config: space.{key}: search.algorithm grid needs 'grid' values, got '{kind}'")
         if kind == "grid":
