@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
+        if cfg.mlflow.enabled and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone talks to MLflow
+            from magnet.train.tracking import check_tracking_uri
+
+            check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
         train(cfg, resume=args.resume)
     except UserError as e:
         print(f"magnet: error: {e}", file=sys.stderr)

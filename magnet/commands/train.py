@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)
+    if cfg.mlflow.enabled:
+        from magnet.train.tracking import check_tracking_uri
+
+        check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
     if cfg.train.run_name or args.resume not in (None, "latest"):  # a run in use is refused before the launch (rank 0 takes the lock)
         from pathlib import Path
 

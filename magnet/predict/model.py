@@ -107,13 +107,11 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from magnet.train.tracking import mask_credentials
-
-    from magnet.train.tracking import resolve_tracking_uri
+    from magnet.train.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"{uri}: --tracking-uri: database file not found (needed to resolve {spec})")
+    if spec.startswith(("models:/", "runs:/")):  # resolved through the tracking store (s3://, file:// are not)
+        check_tracking_uri(uri, "--tracking-uri", existing=True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     source = {"uri": spec, "tracking_uri": mask_credentials(uri)}
@@ -125,6 +123,9 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
             return _from_folder(Path(path), spec, source)
     except MlflowException as e:
         raise _mlflow_error(spec, e) from None
+    except ImportError as e:  # e.g. s3:// without boto3: MLflow imports the store's client on first use
+        raise UserError(f"{spec}: --model: reading it needs the Python package '{e.name}', which is not installed "
+                        f"(pip install {e.name})") from None
 
 
 def _registry_version(spec: str) -> dict:

@@ -17,6 +17,7 @@ from magnet.errors import UserError
 from magnet.io import atomic_write_text
 from magnet.sweep.config import SweepConfig
 from magnet.sweep.space import base_config, check_no_fold, check_resolutions, param_space
+from magnet.train.tracking import check_tracking_uri
 
 STATE_FILE = "sweep.json"
 
@@ -86,6 +87,7 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
     """Run (or with ``resume`` continue) the sweep; returns the summary of :func:`finish_sweep` (for a
     sweep that had finished already: its saved summary, with ``already_finished``)."""
     cfg = absolute_paths(cfg)
+    check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
     base = base_config(cfg)
     check_no_fold(cfg, base, origin)
     space = param_space(cfg)  # every value checked: nothing may fail inside Ray for want of a check here

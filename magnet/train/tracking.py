@@ -22,6 +22,38 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_tracking_uri(uri: str, field: str, existing: bool) -> str:
+    """Fail in seconds, naming ``field``, for a store that cannot answer (an unreachable server took about
+    4 minutes of MLflow's retries; a mistyped sqlite path created folders and an empty database). ``existing``:
+    the store must already hold something (a model to load, a version to promote)."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    from magnet.errors import UserError
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if existing and not db.is_file():
+            raise UserError(f"{uri}: {field}: database file not found")
+        if not db.parent.is_dir():
+            raise UserError(f"{uri}: {field}: folder {db.parent} does not exist")
+    elif uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise UserError(f"{mask_credentials(uri)}: {field}: no tracking server answers at {parts.hostname}:{port} "
+                            f"within {CONNECT_TIMEOUT_S:g} s ({e.strerror or type(e).__name__})") from None
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # then a server that dies mid-run fails in
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # about a minute, not MLflow's default minutes
+    return uri
+
+
 def mask_credentials(uri: str) -> str:
     return re.sub(r"//[^/@]+@", "//***@", uri)
 
