@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"magnet: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: one line, from rank 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("magnet: error: interrupted; the checkpoints written so far are kept (--resume latest)", file=sys.stderr)
+        return 130
     return 0
 
 

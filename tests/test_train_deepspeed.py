@@ -238,6 +238,23 @@ def test_second_training_on_a_run_in_use_is_refused(tiny_shards, tmp_path, ds_en
     assert not lock.exists()
 
 
+def test_interrupted_training_is_one_line(tiny_shards, tmp_path, ds_env):
+    """Ctrl-C (SIGINT to the process group) during training printed tracebacks from every process."""
+    proc = subprocess.Popen([sys.executable, "launch/train.py", *_args(tiny_shards, tmp_path, "int", "train.steps=500")],
+                            env=ds_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("magnet train: run"):
+            break
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("magnet: error: ")] == [
+        "magnet: error: interrupted; the checkpoints written so far are kept (--resume latest)"]
+
+
 def test_stale_lock_is_taken_over_and_a_live_one_refused(tmp_path):
     from magnet.errors import UserError
     from magnet.train import rundir
