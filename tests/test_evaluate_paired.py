@@ -211,3 +211,13 @@ def test_bad_gene_groups_file_is_one_line_error(registered, tiny_cohort, tiny_sh
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"magnet: error: {bad}: group: column missing (header: gene,grp; expected gene,group)"]
     assert not out.exists()
+
+
+def test_a_label_with_the_replicate_mark_is_refused(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", "a#1=runs/x/model", "--samplesheet", str(tmp_path / "s.csv"),
+                 "--out", str(out), "mlflow=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["magnet: error: a#1=runs/x/model: --model: a label holds neither '#' nor '(' (they mark "
+                   "replicates and controls)"]
+    assert not out.exists()

@@ -9,7 +9,7 @@ USAGE = """examples:
       --samplesheet held_out.csv --bin-um 8 16 --out eval
   magnet evaluate --model runs/a/model --model runs/b/model --samplesheet slides.csv --split test --out eval
   magnet evaluate --model magnet=runs/fold0/model --model magnet=runs/fold1/model --samplesheet slides.csv --out cv
-  magnet evaluate --model magnet=runs/s0/model,runs/s1/model,runs/s2/model --model stnet=URI1,URI2,URI3 \
+  magnet evaluate --model magnet=runs/s0/model,runs/s1/model,runs/s2/model --model stnet=URI1,URI2,URI3 \\
       --samplesheet slides.csv --split test --gene-groups groups.csv --compare magnet:stnet --out eval
 Each model is scored at the bin size it was trained on and at spot level, on every slide of the samplesheet
 (or those of --split); a slide the model trained on is refused. Cross-validation: models of one label each

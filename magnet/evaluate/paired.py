@@ -21,6 +21,7 @@ slide, ``pcc[r, s, g]`` for replicate ``r`` (``LABEL#r``; one without replicates
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -130,13 +131,12 @@ def compare(a: GenePcc, b: GenePcc, index: dict[str, np.ndarray], seed: int, n_b
     rows = []
     for group, cols in index.items():
         rng = np.random.default_rng(seed)
-        lo = hi = float("nan")
+        draws = None
         if over == "slides":
             draws = d[rng.integers(0, S, (n_boot, S))][:, :, cols].mean((1, 2))
         elif len(cols) >= MIN_GENES_FOR_GENE_BOOTSTRAP:
             draws = d_gene[cols][rng.integers(0, len(cols), (n_boot, len(cols)))].mean(1)
-        if over == "slides" or len(cols) >= MIN_GENES_FOR_GENE_BOOTSTRAP:
-            lo, hi = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
+        lo, hi = (float(v) for v in np.percentile(draws, [2.5, 97.5])) if draws is not None else (math.nan,) * 2
         dg = d_gene[cols]
         p = float(wilcoxon(dg).pvalue) if np.any(dg != 0) else 1.0
         verdict = (f"{a.name} better" if lo > 0 else f"{b.name} better" if hi < 0 else
