@@ -126,8 +126,8 @@ def test_a_trial_with_a_bad_value_fails_alone(tiny_shards, tmp_path, sweep_env):
     from mlflow import MlflowClient
 
     # a value only the trial can find wrong (the config cannot know timm's model names): that trial fails alone
-    space = 'space.model.encoder.grid=["test_resnet","no_such_encoder"]'
-    proc = _sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]", space,
+    space = ['space.model.encoder.grid=["test_resnet","no_such_encoder"]', "space.optim.lr.grid=[0.003]"]
+    proc = _sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]", *space,
                   "asha.enabled=false", "name=bad")
     summary = _summary(proc)
     rows = {r["model.encoder"]: r for r in _rows(tmp_path / "bad")}
@@ -139,7 +139,7 @@ def test_a_trial_with_a_bad_value_fails_alone(tiny_shards, tmp_path, sweep_env):
     assert summary["best"]["trial"] == rows["test_resnet"]["trial"]
 
     # resuming the finished sweep does nothing (the failed trial is not retried) and says so
-    again = _sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]", space,
+    again = _sweep(sweep_env, tmp_path, f"shards.16={tiny_shards}", "space.data.bin_um.grid=[16]", *space,
                    "asha.enabled=false", "name=bad", "--resume")
     assert again.stderr.strip() == f"sweep {tmp_path / 'bad'}: finished already, nothing to resume"
     assert _summary(again) == {"parent_run_id": summary["parent_run_id"], "best": summary["best"]}
