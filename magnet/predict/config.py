@@ -7,6 +7,24 @@ from typing import Literal
 
 
 @dataclasses.dataclass(kw_only=True)
+class CohortConfig:
+    """``--samplesheet``: Ray workers, each loading the model once. ``num_cpus`` and ``object_store_mb`` size a
+    local Ray only (ignored with ``--address``)."""
+
+    workers: int = 0  # 0 = one per GPU of the cluster, else one per cpus_per_worker CPUs
+    cpus_per_worker: int = 1  # also the worker's torch threads (unless ``threads`` is set)
+    gpus_per_worker: float = 1.0  # used when the cluster has GPUs
+    num_cpus: int = 0  # local Ray: 0 = all cores of this machine
+    object_store_mb: int = 256
+
+    def __post_init__(self):
+        if min(self.workers, self.num_cpus) < 0 or self.cpus_per_worker < 1 or self.object_store_mb < 64:
+            raise ValueError("workers, num_cpus must be >= 0, cpus_per_worker >= 1, object_store_mb >= 64")
+        if not self.gpus_per_worker > 0:
+            raise ValueError("gpus_per_worker must be > 0")
+
+
+@dataclasses.dataclass(kw_only=True)
 class PredictConfig:
     batch_size: int = 0  # global-tile chunks per forward pass; 0 = the model's data.eval_batch
     max_bins: int = 0  # bins per chunk of a tile (the bin graph is built within a chunk); 0 = the model's data.max_bins
@@ -22,6 +40,7 @@ class PredictConfig:
     hires_px: int = 2000  # longest side of uns['spatial'] images when Space Ranger gives none
     lowres_px: int = 600
     progress: bool = True
+    cohort: CohortConfig = dataclasses.field(default_factory=CohortConfig)
 
     def __post_init__(self):
         if min(self.batch_size, self.max_bins, self.threads) < 0 or self.tiles_per_block < 1:
