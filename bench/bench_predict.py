@@ -24,7 +24,16 @@ imports and model load, where this script divides by the wall time):
                               at 1.40-1.51 GB while predicting, .h5ad 685 MB
   (earlier, before the mmap fix and the reader's batching: stopped at 148 of 545 tiles, peak 2390 MB
   reading the matrix, RSS creeping 1.86 -> 2.18 GB while predicting)
-The model's bin-patch encoder is >95% of prediction time (torch profile: conv + batch norm).
+Issue 15 (2026-11, same tiny model on default-geometry 16 um shards, 1 mm slide of 2,692 bins, 2 cores at
+load 10-20, so wall rates are noisy; CPU seconds of the predict process, profiled with cProfile on process time):
+imports + model load 17 cpu-s (not in magnet predict's own rate), model forward 27 (bin encoder 18: conv 12,
+batch norm 2.5, relu 2.3; graph, attention and heads 9), frozen features 6, .h5ad 2.3 (mostly the anndata
+import), tile read + JPEG encode 0.3, JPEG decode 0.2, sample building 0.3.
+  baseline (fold_bn=false channels_last=false) vs default (folded, channels-last), one run:
+      bins per CPU-s x1.15, own bins/s x1.00 (bin encoder alone: x1.25-1.6 per CPU-s in isolation)
+  baseline vs default + batch_bins=512 (16 chunks of 32 bins per pass instead of 4), one run:
+      bins per CPU-s x1.42, own bins/s x1.45, wall x1.28; peak RSS 1314 -> 1684 MB
+  torch.compile of the bin encoder: no gain on the CPU (331 vs 369 images/CPU-s) after ~56 s of compiling.
 """
 
 from __future__ import annotations
