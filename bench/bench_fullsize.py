@@ -78,7 +78,7 @@ def measure(name: str, cmd: list[str], env: dict) -> dict:
     seconds = time.monotonic() - t0
     if proc.returncode:
         sys.exit(f"{name} failed ({proc.returncode}):\n" + "".join(log[-40:]))
-    row = {"step": name, "seconds": seconds, "peak_rss_mb": peak_rss, "peak_tree_pss_mb": peak_pss}
+    row = {"step": name, "seconds": seconds, "peak_rss_mb": peak_rss, "peak_tree_pss_mb": peak_pss, "log": log}
     flag = "" if max(peak_rss, peak_pss) < TARGET_MB else f"  OVER {TARGET_MB} MB"
     print(f"{name:28s} {seconds:8.1f} s   peak RSS {peak_rss:7.0f} MB   tree PSS {peak_pss:7.0f} MB{flag}", flush=True)
     return row

@@ -5,8 +5,11 @@
 
 The slide is `--slide` (a `magnet synth` slide folder: outs/ and {name}_fullres.tif) or a synthetic one of
 `--size-um`. Prints, per run, wall seconds, bins/s, the peak RSS of the predict process (polled from /proc
-by bench_fullsize.measure) and the .h5ad's size, for the default batch size and, as the baseline measured
-in the same run, batch_size=1 (one chunk per forward pass; `--default-only` skips it); and RSS after imports.
+by bench_fullsize.measure) and the .h5ad's size, for the default settings and, as the baseline measured
+in the same run, the settings before issue 15 (`--baseline`, default `fold_bn=false channels_last=false`:
+batch norms unfolded, the encoder's memory format as trained (`--settings batch_bins=512` adds larger passes); `--default-only` skips it); and RSS after imports.
+Rates are bins per wall second and per CPU second of the predict process (user + sys, from
+getrusage): on a shared machine the CPU-second rate moves less with other jobs' load.
 
 Measured 2026-11 (2 CPU cores shared with 3 other engineers' jobs, load 6-13, so rates are lower bounds
 and vary by run; tiny 2-step model: configs/train/tiny.yaml on default-geometry 8 um shards, 250 genes;
@@ -21,13 +24,24 @@ imports and model load, where this script divides by the wall time):
                               at 1.40-1.51 GB while predicting, .h5ad 685 MB
   (earlier, before the mmap fix and the reader's batching: stopped at 148 of 545 tiles, peak 2390 MB
   reading the matrix, RSS creeping 1.86 -> 2.18 GB while predicting)
-The model's bin-patch encoder is >95% of prediction time (torch profile: conv + batch norm).
+Issue 15 (2026-11, same tiny model on default-geometry 16 um shards, 1 mm slide of 2,692 bins, 2 cores at
+load 10-20, so wall rates are noisy; CPU seconds of the predict process, profiled with cProfile on process time):
+imports + model load 17 cpu-s (not in magnet predict's own rate), model forward 27 (bin encoder 18: conv 12,
+batch norm 2.5, relu 2.3; graph, attention and heads 9), frozen features 6, .h5ad 2.3 (mostly the anndata
+import), tile read + JPEG encode 0.3, JPEG decode 0.2, sample building 0.3.
+  baseline (fold_bn=false channels_last=false) vs default (folded, channels-last), one run:
+      bins per CPU-s x1.15, own bins/s x1.00 (bin encoder alone: x1.25-1.6 per CPU-s in isolation)
+  baseline vs default + batch_bins=512 (16 chunks of 32 bins per pass instead of 4), one run:
+      bins per CPU-s x1.42, own bins/s x1.45, wall x1.28; peak RSS 1314 -> 1684 MB
+  torch.compile of the bin encoder: no gain on the CPU (331 vs 369 images/CPU-s) after ~56 s of compiling.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -46,13 +60,16 @@ def main() -> None:
     ap.add_argument("--slide", default=None, help="existing slide folder (outs/, {name}_fullres.tif)")
     ap.add_argument("--size-um", type=float, default=1000.0, help="side of the synthetic slide without --slide")
     ap.add_argument("--bin-um", type=int, default=16)
-    ap.add_argument("--default-only", action="store_true", help="skip the batch_size=1 baseline run")
+    ap.add_argument("--default-only", action="store_true", help="skip the baseline run")
+    ap.add_argument("--baseline", default="fold_bn=false channels_last=false",
+                    help="predict config overrides of the baseline run (the settings before issue 15)")
+    ap.add_argument("--settings", default="", help="predict config overrides of the run compared with it")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the predict process")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         if a.slide:
-            slide = Path(a.slide)
+            slide = Path(a.slide).resolve()  # the runs start in the repository
         else:
             cfg = Path(tmp) / "synth.yaml"
             cfg.write_text(yaml.safe_dump({"slides": 1, "size_um": a.size_um, "mpp": 0.5, "seed": 1,
@@ -60,20 +77,25 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "magnet", "synth", "--config", str(cfg), "--out", f"{tmp}/c"],
                            check=True, capture_output=True)
             slide = Path(tmp) / "c" / "synth_000"
-        base = [sys.executable, "-m", "magnet", "predict", "--model", a.model, "--spaceranger", str(slide / "outs"),
-                "--image", str(slide / f"{slide.name}_fullres.tif"), "--bin-um", str(a.bin_um), "progress=false"]
+        model = str(Path(a.model).resolve()) if Path(a.model).is_dir() else a.model
+        base = [sys.executable, "-m", "magnet", "predict", "--model", model, "--spaceranger", str(slide / "outs"),
+                "--image", str(slide / f"{slide.name}_fullres.tif"), "--bin-um", str(a.bin_um)]
         if a.tracking_uri:
             base += ["--tracking-uri", a.tracking_uri]
         idle = subprocess.run([sys.executable, "-c", "import resource, torch, mlflow, anndata, magnet.predict.slide;"
                                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
                               capture_output=True, text=True, check=True)
         print(f"slide {slide}, {a.bin_um} um bins; RSS after imports {float(idle.stdout):.0f} MB", flush=True)
-        runs = [("default batch", [])] if a.default_only else [("batch_size=1 (baseline)", ["batch_size=1"]),
-                                                                ("default batch", [])]
+        after = ("default" + (f" {a.settings}" if a.settings else ""), a.settings.split())
+        runs = [after] if a.default_only else [(f"baseline {a.baseline}", a.baseline.split()), after]
         rows = []
         for i, (name, extra) in enumerate(runs):
             out = Path(tmp) / f"{i}.h5ad"
-            row = measure(name, base + ["--out", str(out), *extra], env)
+            cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            row = measure(name, base + ["--out", str(out), "progress=false", *extra], env)
+            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            row["own_rate"] = json.loads(row.pop("log")[-1])["bins_per_s"]  # magnet predict's: without imports
+            row["cpu_s"] = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
             import h5py
 
             with h5py.File(out) as f:
@@ -81,10 +103,13 @@ def main() -> None:
             row["mb"] = out.stat().st_size / 2**20
             rows.append(row)
     base_rate = rows[0]["bins"] / rows[0]["seconds"]
+    base_cpu = rows[0]["bins"] / rows[0]["cpu_s"]
     for r in rows:
-        rate = r["bins"] / r["seconds"]
-        print(f"{r['step']:24s} bins {r['bins']:7d} bins/s {rate:7.1f} (x{rate / base_rate:.2f}) "
-              f"wall {r['seconds']:7.1f} s peak RSS {r['peak_rss_mb']:5.0f} MB .h5ad {r['mb']:6.0f} MB")
+        rate, cpu_rate = r["bins"] / r["seconds"], r["bins"] / r["cpu_s"]
+        print(f"{r['step']:44s} bins {r['bins']:7d} bins/s {rate:7.1f} (x{rate / base_rate:.2f}) "
+              f"bins/cpu-s {cpu_rate:7.1f} (x{cpu_rate / base_cpu:.2f}) own bins/s {r['own_rate']:7.1f} "
+              f"(x{r['own_rate'] / rows[0]['own_rate']:.2f}) wall {r['seconds']:7.1f} s "
+              f"peak RSS {r['peak_rss_mb']:5.0f} MB .h5ad {r['mb']:6.0f} MB")
 
 
 if __name__ == "__main__":

@@ -70,8 +70,9 @@ def check_inputs(entries: list[SlideEntry], bin_ums: list[int]) -> tuple[list[st
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, cfg: ShardConfig):
-    """Connect to a cluster (``address``), or start Ray locally; reuse a session already started."""
+def ray_session(address: str | None, num_cpus: int = 0, object_store_mb: int = 256, log_to_driver: bool = True):
+    """Connect to a cluster (``address``), or start Ray locally (``num_cpus`` 0: all cores); reuse a session
+    already started."""
     import ray
 
     if ray.is_initialized():
@@ -80,8 +81,8 @@ def ray_session(address: str | None, cfg: ShardConfig):
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                 object_store_memory=cfg.ray.object_store_mb * 2**20, log_to_driver=cfg.ray.progress)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 object_store_memory=object_store_mb * 2**20, log_to_driver=log_to_driver)
     try:
         yield ray
     finally:
@@ -179,7 +180,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "shard_config.yaml")
     by_slide = {e.slide: e for e in entries}
-    with ray_session(address, cfg) as ray:
+    with ray_session(address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress) as ray:
         inspect = ray.remote(num_cpus=cfg.ray.cpus_per_task)(inspect_slide)
         found = _gather(ray, {e.slide: inspect.remote(e, read_bins_at, len(gene_ids), cfg, stats_bin) for e in entries})
         stats = GeneStats(len(gene_ids), cfg.genes)

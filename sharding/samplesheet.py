@@ -32,7 +32,9 @@ def _outs(path: Path) -> Path:
     return path / "outs" if not (path / "binned_outputs").is_dir() and (path / "outs").is_dir() else path
 
 
-def read_samplesheet(path: str | Path) -> list[SlideEntry]:
+def read_samplesheet(path: str | Path, check_paths: bool = True) -> list[SlideEntry]:
+    """The entries; ``check_paths=False`` leaves missing slide files to the caller (``magnet predict`` reports
+    them per slide and predicts the others)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: samplesheet not found")
@@ -58,7 +60,7 @@ def read_samplesheet(path: str | Path) -> list[SlideEntry]:
         for col, kind in (("spaceranger", "folder"), ("image", "file")):
             value = (row[col] or "").strip()
             p = Path(value) if Path(value).is_absolute() else path.parent / value
-            if not value or not (p.is_dir() if kind == "folder" else p.is_file()):
+            if not value or (check_paths and not (p.is_dir() if kind == "folder" else p.is_file())):
                 raise UserError(f"{where} (slide {slide}): {col}: {kind} not found: {p}")
             paths[col] = p
         split = (row.get("split") or "").strip() or None

@@ -1,4 +1,5 @@
-"""``magnet predict``: a registered model and a slide to an AnnData (.h5ad) of predicted HD expression."""
+"""``magnet predict``: a registered model and a slide (or a samplesheet's cohort, on Ray) to AnnData (.h5ad)
+of predicted HD expression."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 USAGE = """examples:
   magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --bin-um 8 --out pred.h5ad
   magnet predict --model runs:/RUN_ID/model --image he.tif --mpp 0.2738 --out pred.h5ad --genes EPCAM,CD3E --maps maps
+  magnet predict --model models:/magnet-hd@champion --samplesheet slides.csv --out preds [--address auto]
   magnet predict --model runs/NAME/model ... [--config FILE] [key=value ...]   (keys: magnet/predict/config.py)"""
 
 
@@ -14,13 +16,17 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict HD gene expression of a slide (AnnData + PNG gene maps)",
                               description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
-    p.add_argument("--image", required=True, help="full-resolution H&E image (TIFF, pyramidal or not; PNG; JPEG)")
+    p.add_argument("--image", default=None, help="full-resolution H&E image (TIFF, pyramidal or not; PNG; JPEG)")
+    p.add_argument("--samplesheet", default=None,
+                   help="a cohort instead of --image (slide,spaceranger,image): one DIR/{slide}.h5ad each, on Ray")
+    p.add_argument("--address", default=None, help="with --samplesheet: Ray cluster address ('auto'); default local")
+    p.add_argument("--slide", default=None, help="slide name in uns['spatial'] (default: the image name)")
     p.add_argument("--spaceranger", default=None, help="Space Ranger outs/ folder: bins, barcodes, pixel size")
     p.add_argument("--mpp", type=float, default=None, help="image-only input: microns per pixel of --image")
     p.add_argument("--bin-um", type=int, default=None, help="bin size in um (default: the model's)")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--out", required=True, help="output .h5ad (with --samplesheet: a folder)")
     p.add_argument("--genes", default=None, help="comma-separated genes to draw with --maps")
-    p.add_argument("--maps", default=None, help="folder for PNG gene maps ({gene}.png)")
+    p.add_argument("--maps", default=None, help="folder for PNG gene maps ({gene}.png; a cohort: {slide}/{gene}.png)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
     p.add_argument("--config", default=None, help="YAML predict config")
@@ -33,9 +39,20 @@ def _check_args(args) -> list[str]:
 
     from magnet.errors import UserError
 
-    if not Path(args.image).is_file():
+    if args.samplesheet is not None:
+        given = [f for f in ("image", "spaceranger", "mpp", "slide") if getattr(args, f) is not None]
+        if given:
+            raise UserError(f"{args.samplesheet}: --{given[0]}: not used with --samplesheet (the samplesheet names "
+                            f"each slide's files)")
+        if not Path(args.samplesheet).is_file():
+            raise UserError(f"{args.samplesheet}: --samplesheet: file not found")
+    elif args.image is None:
+        raise UserError("--image: needed (or --samplesheet for a cohort)")
+    elif args.address is not None:
+        raise UserError(f"{args.address}: --address: only with --samplesheet")
+    elif not Path(args.image).is_file():
         raise UserError(f"{args.image}: --image: file not found")
-    if args.spaceranger is None and args.mpp is None:
+    if args.samplesheet is None and args.spaceranger is None and args.mpp is None:
         raise UserError(f"{args.image}: --mpp: needed without --spaceranger (the image's microns per pixel)")
     if args.spaceranger is not None and args.mpp is not None:
         raise UserError(f"{args.spaceranger}: --mpp: not used with --spaceranger (its scalefactors give the pixel size)")
@@ -68,10 +85,9 @@ def run(args) -> int:
 
 def _run(args) -> int:
     import json
-    import resource
     from pathlib import Path
 
-    from magnet.config import load_config, save_config
+    from magnet.config import load_config
     from magnet.errors import UserError
     from magnet.predict.config import PredictConfig
 
@@ -90,36 +106,38 @@ def _run(args) -> int:
         raise UserError(f"{args.model}: --bin-um: {bin_um} um, but the model was trained on "
                         f"{model.python_model.bin_um} um bins")
 
-    from magnet.io import atomic_path
-    from magnet.predict.anndata_out import H5adWriter, spatial_images
-    from magnet.predict.slide import spaceranger_outs, stream_slide
+    if args.samplesheet is not None:
+        return _run_cohort(args, model, bin_um, cfg, chosen)
+    from magnet.predict.output import predict_to_h5ad
 
-    outs = spaceranger_outs(Path(args.spaceranger)) if args.spaceranger else None
-    spatial_dir = outs / "binned_outputs" / f"square_{bin_um:03d}um" / "spatial" if outs else None
-    gene_ids = genes
-    if outs is not None:
-        from sharding.reader import read_genes
-
-        ids, names = read_genes(outs / "binned_outputs" / f"square_{bin_um:03d}um" / "filtered_feature_bc_matrix.h5")
-        id_of = dict(zip(names, ids))
-        gene_ids = [id_of.get(g, g) for g in genes]
-    info = {"model": model.source, "image": str(Path(args.image).resolve()),
-            "spaceranger": str(outs.resolve()) if outs else None, "geometry": model.python_model.geometry.to_dict()}
-    out = Path(args.out)
-    with atomic_path(out, suffix=".h5ad") as tmp, H5adWriter(tmp, [genes.index(g) for g in chosen]) as writer:
-        pred = stream_slide(model, Path(args.image), bin_um, cfg, writer, spaceranger=outs, mpp=args.mpp)
-        images = spatial_images(Path(args.image), pred.mpp_full, spatial_dir, cfg.hires_px, cfg.lowres_px)
-        writer.finish(pred, genes, gene_ids, model.python_model.normalisation, images, info)
-    save_config(cfg, out.parent / f"{out.stem}.config.yaml", model=model.source, bin_um=bin_um)
-    maps = []
-    if chosen:
-        from magnet.predict.maps import write_maps
-
-        maps = write_maps(Path(args.maps), pred.bins.xy[pred.order] * pred.mpp_full, writer.kept_pred,
-                          writer.kept_measured, chosen, chosen, f"{pred.slide} ({bin_um} um bins)", bin_um)
-    n = len(pred.bins.barcodes)
-    print(json.dumps({"out": str(out), "bins": n, "genes": len(genes), "tiles": len(pred.tile_grid),
-                      "bins_per_s": round(n / max(pred.seconds["total"], 1e-9), 1), "seconds": pred.seconds,
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                      "maps": [str(p) for p in maps]}))
+    summary = predict_to_h5ad(model, Path(args.image), bin_um, cfg, Path(args.out), spaceranger=args.spaceranger,
+                              mpp=args.mpp, chosen=chosen, maps_dir=args.maps, slide=args.slide)
+    summary.pop("slide")
+    print(json.dumps(summary))
     return 0
+
+
+def _run_cohort(args, model, bin_um: int, cfg, chosen: list[str]) -> int:
+    """Every slide goes on when one fails; the failed ones are listed at the end (exit 2 when all failed on
+    bad input such as a missing or unreadable file, else 1)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from magnet.errors import UserError
+    from magnet.predict.cohort import predict_cohort
+
+    rows = predict_cohort(Path(args.samplesheet), args.model, args.tracking_uri, model, bin_um, cfg, Path(args.out),
+                          args.address, chosen, Path(args.maps) if args.maps else None)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("predicted", "skipped", "failed")}
+    print(json.dumps({"out": args.out, "summary": str(Path(args.out) / "summary.csv"), "slides": len(rows),
+                      **counts, "bins": sum(r["bins"] for r in rows if r["status"] == "predicted")}))
+    failed = [r for r in rows if r["status"] == "failed"]
+    if not failed:
+        return 0
+    message = (f"{args.samplesheet}: {len(failed)} of {len(rows)} slides failed: "
+               + "; ".join(f"{r['slide']} ({r['error']})" for r in failed))
+    if all(r.get("user_error") for r in failed):
+        raise UserError(message)
+    print(f"magnet: error: {message}", file=sys.stderr)
+    return 1

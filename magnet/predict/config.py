@@ -7,11 +7,36 @@ from typing import Literal
 
 
 @dataclasses.dataclass(kw_only=True)
+class CohortConfig:
+    """``--samplesheet``: Ray workers, each loading the model once. ``num_cpus`` and ``object_store_mb`` size a
+    local Ray only (ignored with ``--address``)."""
+
+    workers: int = 0  # 0 = one per GPU of the cluster, else one per cpus_per_worker CPUs
+    cpus_per_worker: int = 1  # also the worker's torch threads (unless ``threads`` is set)
+    gpus_per_worker: float = 1.0  # used when the cluster has GPUs
+    num_cpus: int = 0  # local Ray: 0 = all cores of this machine
+    object_store_mb: int = 256
+
+    def __post_init__(self):
+        if min(self.workers, self.num_cpus) < 0 or self.cpus_per_worker < 1 or self.object_store_mb < 64:
+            raise ValueError("workers, num_cpus must be >= 0, cpus_per_worker >= 1, object_store_mb >= 64")
+        if not self.gpus_per_worker > 0:
+            raise ValueError("gpus_per_worker must be > 0")
+
+
+@dataclasses.dataclass(kw_only=True)
 class PredictConfig:
-    batch_size: int = 0  # global-tile chunks per forward pass; 0 = the model's data.eval_batch
+    batch_size: int = 0  # global-tile chunks per forward pass; 0 = max(the model's data.eval_batch, batch_bins // max_bins)
+    # bins per forward pass that batch_size 0 aims at (0: the model's eval_batch). Larger passes are faster on the CPU
+    # (x1.4 at 512 bins on the tiny model), but not the default: collate links the bins of one slide across the
+    # chunks of a batch (kNN), so the batch size changes predictions at chunk borders (up to ~0.003 here)
+    batch_bins: int = 0
     max_bins: int = 0  # bins per chunk of a tile (the bin graph is built within a chunk); 0 = the model's data.max_bins
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    fold_bn: bool = True  # fold the bin encoder's batch norms into its convolutions (same outputs up to fp32 rounding)
+    channels_last: bool = True  # channels-last bin encoder (False: as the model was trained)
+    compile: bool = False  # torch.compile the bin encoder (minutes of compiling first; pays off on large cohorts)
     encoder_weights: str | None = None  # the shards' local encoder checkpoint, when model_meta.json names one by sha256
     threads: int = 0  # torch CPU threads; 0 = torch's default
     tiles_per_block: int = 8  # tiles read and encoded together (frozen-encoder batch, memory bound)
@@ -24,10 +49,11 @@ class PredictConfig:
     progress: bool = True
     context: Literal["keep", "zero", "shuffle"] = "keep"  # inference-time context control (magnet/predict/context.py)
     context_seed: int = 0  # of the shuffle control's tile permutation
+    cohort: CohortConfig = dataclasses.field(default_factory=CohortConfig)
 
     def __post_init__(self):
-        if min(self.batch_size, self.max_bins, self.threads) < 0 or self.tiles_per_block < 1:
-            raise ValueError("batch_size, max_bins, threads must be >= 0 and tiles_per_block >= 1")
+        if min(self.batch_size, self.batch_bins, self.max_bins, self.threads) < 0 or self.tiles_per_block < 1:
+            raise ValueError("batch_size, batch_bins, max_bins, threads must be >= 0 and tiles_per_block >= 1")
         if self.tissue_level_um <= 0 or not 0 < self.tissue_min_fraction <= 1:
             raise ValueError("tissue_level_um must be > 0 and tissue_min_fraction in (0, 1]")
         if min(self.hires_px, self.lowres_px) < 16:

@@ -147,6 +147,10 @@ class _Runner:
         self.pm = model.python_model
         self.device, self.bf16 = _device(cfg)
         self.pm.model.to(self.device)
+        from magnet.models.inference import for_inference
+
+        self.prepared = for_inference(self.pm.model, fold_bn=cfg.fold_bn, channels_last=cfg.channels_last,
+                                      compile=cfg.compile, input_px=self.pm.geometry.bin_px)
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         return self.pm.predict_batch(batch, bf16=self.bf16)
@@ -210,8 +214,8 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
     entry = SlideEntry(slide=slide, spaceranger=spaceranger or Path("."), image=Path(image_path))
     runner = _Runner(model, cfg)
     mcfg = pm.config.model
-    batch_size = cfg.batch_size or pm.config.data.eval_batch
     max_bins = cfg.max_bins or pm.config.data.max_bins
+    batch_size = cfg.batch_size or max(pm.config.data.eval_batch, cfg.batch_bins // max_bins)
     with SlideImage(image_path) as image:
         measured_ok = False
         if spaceranger is not None:
