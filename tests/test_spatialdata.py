@@ -103,3 +103,82 @@ def test_feature_slice_sums_to_the_binned_matrices(tiny_cohort):
     p2 = pd.read_parquet(outs / "binned_outputs" / "square_002um" / "spatial" / "tissue_positions.parquet")
     xy = to_px @ np.stack([p2["array_col"], p2["array_row"], np.ones(len(p2))])
     np.testing.assert_allclose(xy[:2].T, p2[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def both_formats(registered, tiny_cohort, tmp_path_factory):
+    """The same prediction written as .h5ad and as a SpatialData store (the CLI, in this process)."""
+    from magnet.cli import main
+
+    uri, _ = registered
+    out = tmp_path_factory.mktemp("sdata")
+    base = ["predict", "--model", "models:/tiny@champion", "--tracking-uri", uri, "--spaceranger", str(_outs(tiny_cohort)),
+            "--image", str(_image(tiny_cohort)), "--bin-um", "16", "batch_size=1", "max_bins=100000", "progress=false"]
+    assert main([*base, "--out", str(out / "pred.h5ad")]) == 0
+    assert main([*base, "--format", "spatialdata", "--out", str(out / "pred.zarr")]) == 0
+    return out
+
+
+def test_spatialdata_store_lines_up_with_the_h5ad(both_formats):
+    import anndata as ad
+    import dask.array as da
+    import spatialdata
+    from spatialdata.models import TableModel
+
+    adata = ad.read_h5ad(both_formats / "pred.h5ad")
+    sdata = spatialdata.read_zarr(both_formats / "pred.zarr")
+    slide = SLIDE + "_fullres"  # the slide's name: the image file's, as in the .h5ad's uns['spatial']
+    assert list(adata.uns["spatial"]) == [slide] and list(sdata.coordinate_systems) == [slide]
+    table = sdata.tables["magnet_square_016um"]
+    TableModel.validate(table)
+    assert table.uns["spatialdata_attrs"]["region"] == f"{slide}_magnet_square_016um"
+    assert list(table.obs_names) == list(adata.obs_names) and list(table.var_names) == list(adata.var_names)
+    np.testing.assert_allclose(table.X, adata.X, rtol=1e-6, atol=1e-6)
+    assert (table.layers["measured"] != adata.layers["measured"]).nnz == 0 and adata.layers["measured"].nnz > 0
+    for col in adata.obs.columns:
+        np.testing.assert_array_equal(table.obs[col], adata.obs[col])
+    np.testing.assert_array_equal(table.obsm["spatial"], adata.obsm["spatial"])
+    for level, table_name, shapes_name in (("spot", "magnet_spots", f"{slide}_magnet_spots"),
+                                           ("global", "magnet_tiles", f"{slide}_magnet_tiles")):
+        ref = adata.uns["magnet"][level]
+        np.testing.assert_allclose(sdata.tables[table_name].X, ref["X"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(sdata.tables[table_name].obsm["spatial"], ref["spatial"])
+        assert len(sdata.shapes[shapes_name]) == len(ref["X"])
+    np.testing.assert_array_equal(sdata.tables["magnet_spots"].obs["in_tissue"] == 1, adata.uns["magnet"]["spot"]["tissue"])
+    image = sdata.images[f"{slide}_full_image"]
+    assert list(image) == ["scale0", "scale1"] and isinstance(image["scale0"]["image"].data, da.Array)
+    assert image["scale0"]["image"].shape == (3, 768, 768) and image["scale1"]["image"].shape == (3, 384, 384)
+
+
+def test_bin_shapes_sit_on_their_pixels(both_formats, tiny_cohort):
+    """Through the coordinate transformations, bin i's square is centred on the .h5ad's obsm['spatial'][i], is
+    one bin wide, and the image pixel there is the slide image's pixel; squares tile without overlap."""
+    import anndata as ad
+    import shapely
+    import spatialdata
+    import tifffile
+    from spatialdata.transformations import get_transformation
+
+    adata = ad.read_h5ad(both_formats / "pred.h5ad")
+    sdata = spatialdata.read_zarr(both_formats / "pred.zarr")
+    slide = SLIDE + "_fullres"
+    table = sdata.tables["magnet_square_016um"]
+    bins = spatialdata.transform(sdata.shapes[f"{slide}_magnet_square_016um"], to_coordinate_system=slide)
+    polys = bins.geometry.loc[table.obs["instance_id"].to_numpy()]
+    centres = np.stack([polys.centroid.x, polys.centroid.y], axis=1)
+    np.testing.assert_allclose(centres, adata.obsm["spatial"], atol=1e-6)
+    side = 16 / adata.uns["spatial"][slide]["scalefactors"]["microns_per_pixel"]
+    np.testing.assert_allclose(polys.area, side**2, rtol=1e-3)
+    assert shapely.union_all(polys.to_numpy()).area == pytest.approx(polys.area.sum(), rel=1e-6)  # no overlap
+    key = {(r, c): k for k, (r, c) in enumerate(zip(table.obs["array_row"], table.obs["array_col"]))}
+    pairs = [(k, key[r, c + 1]) for (r, c), k in key.items() if (r, c + 1) in key]
+    assert len(pairs) > 100
+    corners = shapely.get_coordinates(polys.to_numpy()).reshape(len(polys), 5, 2)  # from the top-left, clockwise
+    i, j = np.array(pairs).T  # neighbours along a row share an edge: i's right one is j's left one
+    np.testing.assert_allclose(corners[i][:, [1, 2]], corners[j][:, [0, 3]], atol=1e-6)
+    image = sdata.images[f"{slide}_full_image"]["scale0"]["image"]
+    assert get_transformation(image, to_coordinate_system=slide).to_affine_matrix(("x", "y"), ("x", "y")).tolist() == \
+        np.eye(3).tolist()
+    x, y = np.floor(centres).astype(int).T
+    tif = tifffile.imread(_image(tiny_cohort))
+    np.testing.assert_array_equal(image.values[:, y, x], tif[y, x, :3].T)

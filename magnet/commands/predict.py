@@ -1,4 +1,5 @@
-"""``magnet predict``: a registered model and a slide to an AnnData (.h5ad) of predicted HD expression."""
+"""``magnet predict``: a registered model and a slide to an AnnData (.h5ad) of predicted HD expression, or to a
+SpatialData zarr store (``--format spatialdata``: image, bins as shapes, tables; docs/spatialdata.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 USAGE = """examples:
   magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --bin-um 8 --out pred.h5ad
   magnet predict --model runs:/RUN_ID/model --image he.tif --mpp 0.2738 --out pred.h5ad --genes EPCAM,CD3E --maps maps
+  magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --format spatialdata --out pred.zarr
   magnet predict --model runs/NAME/model ... [--config FILE] [key=value ...]   (keys: magnet/predict/config.py)"""
 
 
@@ -18,7 +20,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--spaceranger", default=None, help="Space Ranger outs/ folder: bins, barcodes, pixel size")
     p.add_argument("--mpp", type=float, default=None, help="image-only input: microns per pixel of --image")
     p.add_argument("--bin-um", type=int, default=None, help="bin size in um (default: the model's)")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--out", required=True, help="output .h5ad, or the SpatialData store's folder (.zarr)")
+    p.add_argument("--format", choices=("h5ad", "spatialdata"), default="h5ad",
+                   help="AnnData .h5ad (scanpy layout) or SpatialData zarr store (scverse tools)")
     p.add_argument("--genes", default=None, help="comma-separated genes to draw with --maps")
     p.add_argument("--maps", default=None, help="folder for PNG gene maps ({gene}.png)")
     p.add_argument("--tracking-uri", default=None,
@@ -43,6 +47,14 @@ def _check_args(args) -> list[str]:
         raise UserError(f"{args.image}: --mpp: must be > 0, got {args.mpp}")
     if args.spaceranger is not None and not Path(args.spaceranger).is_dir():
         raise UserError(f"{args.spaceranger}: --spaceranger: folder not found")
+    if args.format == "spatialdata":
+        import importlib.util
+
+        if importlib.util.find_spec("spatialdata") is None:
+            raise UserError("--format: spatialdata needs the [spatialdata] extra (pip install 'magnet-hd[spatialdata]')")
+        from magnet.predict.spatialdata_out import check_out
+
+        check_out(Path(args.out))
     if (args.genes is None) != (args.maps is None):
         raise UserError("--genes/--maps: give both (genes to draw and the folder for their maps)")
     return [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
@@ -106,10 +118,18 @@ def _run(args) -> int:
     info = {"model": model.source, "image": str(Path(args.image).resolve()),
             "spaceranger": str(outs.resolve()) if outs else None, "geometry": model.python_model.geometry.to_dict()}
     out = Path(args.out)
-    with atomic_path(out, suffix=".h5ad") as tmp, H5adWriter(tmp, [genes.index(g) for g in chosen]) as writer:
+    keep = [genes.index(g) for g in chosen]
+    if args.format == "spatialdata":
+        from magnet.predict.spatialdata_out import SpatialDataWriter
+    with atomic_path(out, suffix=f".{args.format}") as tmp, (
+            H5adWriter(tmp, keep) if args.format == "h5ad" else
+            SpatialDataWriter(tmp, Path(args.image), bin_um, keep)) as writer:
         pred = stream_slide(model, Path(args.image), bin_um, cfg, writer, spaceranger=outs, mpp=args.mpp)
-        images = spatial_images(Path(args.image), pred.mpp_full, spatial_dir, cfg.hires_px, cfg.lowres_px)
-        writer.finish(pred, genes, gene_ids, model.python_model.normalisation, images, info)
+        if args.format == "h5ad":
+            images = spatial_images(Path(args.image), pred.mpp_full, spatial_dir, cfg.hires_px, cfg.lowres_px)
+            writer.finish(pred, genes, gene_ids, model.python_model.normalisation, images, info)
+        else:
+            writer.finish(pred, genes, gene_ids, model.python_model.normalisation, info)
     save_config(cfg, out.parent / f"{out.stem}.config.yaml", model=model.source, bin_um=bin_um)
     maps = []
     if chosen:
