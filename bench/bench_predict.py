@@ -27,6 +27,7 @@ The model's bin-patch encoder is >95% of prediction time (torch profile: conv + 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--bin-um", type=int, default=16)
     ap.add_argument("--default-only", action="store_true", help="skip the batch_size=1 baseline run")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the predict process")
+    ap.add_argument("--no-spatialdata", action="store_true", help="skip the --format spatialdata run")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,21 +72,32 @@ def main() -> None:
         print(f"slide {slide}, {a.bin_um} um bins; RSS after imports {float(idle.stdout):.0f} MB", flush=True)
         runs = [("default batch", [])] if a.default_only else [("batch_size=1 (baseline)", ["batch_size=1"]),
                                                                 ("default batch", [])]
+        if not a.no_spatialdata:  # the same default-batch prediction as a SpatialData store
+            runs.append(("default, spatialdata", ["--format", "spatialdata"]))
         rows = []
         for i, (name, extra) in enumerate(runs):
-            out = Path(tmp) / f"{i}.h5ad"
+            zarr = "spatialdata" in extra
+            out = Path(tmp) / (f"{i}.zarr" if zarr else f"{i}.h5ad")
             row = measure(name, base + ["--out", str(out), *extra], env)
             import h5py
 
-            with h5py.File(out) as f:
-                row["bins"] = f["X"].shape[0]
-            row["mb"] = out.stat().st_size / 2**20
+            if zarr:
+                meta = json.loads(next(out.glob("tables/magnet_square_*/X/zarr.json")).read_text())
+                row["bins"] = meta["shape"][0]
+            else:
+                with h5py.File(out) as f:
+                    row["bins"] = f["X"].shape[0]
+            row["mb"] = sum(p.stat().st_size for p in ([out] if out.is_file() else out.rglob("*"))) / 2**20
             rows.append(row)
     base_rate = rows[0]["bins"] / rows[0]["seconds"]
     for r in rows:
         rate = r["bins"] / r["seconds"]
         print(f"{r['step']:24s} bins {r['bins']:7d} bins/s {rate:7.1f} (x{rate / base_rate:.2f}) "
-              f"wall {r['seconds']:7.1f} s peak RSS {r['peak_rss_mb']:5.0f} MB .h5ad {r['mb']:6.0f} MB")
+              f"wall {r['seconds']:7.1f} s peak RSS {r['peak_rss_mb']:5.0f} MB output {r['mb']:6.0f} MB")
+    if not a.no_spatialdata:
+        h5ad, sdata = rows[-2], rows[-1]
+        print(f"peak RSS spatialdata / h5ad: {sdata['peak_rss_mb']:.0f} / {h5ad['peak_rss_mb']:.0f} MB = "
+              f"x{sdata['peak_rss_mb'] / h5ad['peak_rss_mb']:.2f} (target <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -182,3 +182,48 @@ def test_bin_shapes_sit_on_their_pixels(both_formats, tiny_cohort):
     x, y = np.floor(centres).astype(int).T
     tif = tifffile.imread(_image(tiny_cohort))
     np.testing.assert_array_equal(image.values[:, y, x], tif[y, x, :3].T)
+
+
+def test_overlay_png_draws_measured_next_to_predicted(both_formats, tmp_path):
+    """The docs' spatialdata-plot example (scripts/spatialdata_overlay.py): two panels over the H&E that differ."""
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("overlay", Path(__file__).parents[1] / "scripts/spatialdata_overlay.py")
+    overlay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overlay)
+    png = tmp_path / "overlay.png"
+    overlay.overlay(str(both_formats / "pred.zarr"), "TUM08", str(png))
+    rgb = np.asarray(Image.open(png).convert("RGB"), np.float32)
+    h, w, _ = rgb.shape
+    assert w > 1.6 * h and h > 300
+    left, right = rgb[:, : w // 2], rgb[:, w // 2:]
+    assert np.abs(left - right).mean() > 5  # measured and predicted colourings differ
+    assert left.std() > 20 and right.std() > 20
+
+
+def _refused(argv, capsys, expect):
+    from magnet.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("magnet: error: ") and expect in err[0], err
+
+
+def test_bad_spatialdata_output_is_refused_and_nothing_is_left(registered, tiny_cohort, tmp_path, capsys):
+    import tifffile
+
+    _, run_dir = registered
+    base = ["predict", "--model", str(run_dir / "model"), "--spaceranger", str(_outs(tiny_cohort)), "--format",
+            "spatialdata"]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    _refused([*base, "--image", str(_image(tiny_cohort)), "--out", str(folder)], capsys, "not a SpatialData store")
+    assert (folder / "notes.txt").read_text() == "keep me"
+    small = tmp_path / "small.tif"  # refused while predicting: after the store was begun under a temporary name
+    tifffile.imwrite(small, tifffile.imread(_image(tiny_cohort))[:600, :600])
+    out = tmp_path / "p.zarr"
+    _refused([*base, "--image", str(small), "--out", str(out)], capsys, "image size")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "small.tif"]
