@@ -33,6 +33,7 @@ from magnet.errors import UserError
 from magnet.geometry import Geometry
 from magnet.predict.anndata_out import ARRAY, H5adWriter, bin_obs
 from magnet.predict.slide import SlidePrediction
+from sharding.image import SlideImage
 
 CHUNK_BYTES = 1 << 20  # target size of a chunk of the bin table's X
 IMAGE_CHUNK = 1024  # px per side of a chunk of each image level
@@ -140,13 +141,11 @@ class SpatialDataWriter(H5adWriter):
             self._finish(pred, genes, gene_ids, units, info)
 
     def _finish(self, pred: SlidePrediction, genes: list[str], gene_ids: list[str], units: dict, info: dict) -> None:
-        import anndata as ad
         import dask
         import pandas as pd
-        from anndata.io import write_elem
+        from geopandas import GeoDataFrame
         from spatialdata import SpatialData
-        from spatialdata._io.format import CurrentTablesFormat
-        from spatialdata.models import Image2DModel, ShapesModel, TableModel
+        from spatialdata.models import ShapesModel
         from spatialdata.transformations import Identity
 
         self._flush()
@@ -155,68 +154,77 @@ class SpatialDataWriter(H5adWriter):
             raise RuntimeError(f"{n - self.row} of {n} bins were not written")
         el = names(pred.slide, pred.bin_um)
         cs = {pred.slide: Identity()}
-        b, o = pred.bins, pred.order
-        geom = Geometry(**{k: info["geometry"][k] for k in ("mpp", "global_px", "spot_px", "bin_px")})
-        scale = geom.mpp / pred.mpp_full  # full-res px per model px
         var = pd.DataFrame({"gene_ids": list(gene_ids), "feature_types": "Gene Expression"},
                            index=pd.Index(list(genes), name="gene"))
         magnet = {"units": {k: v for k, v in units.items() if v is not None}, "bin_um": pred.bin_um,
                   "grid": "spaceranger" if pred.from_spaceranger else "tissue_detection", "seconds": pred.seconds,
                   **{k: v for k, v in info.items() if v is not None}}
-
-        # the bin table: its matrices are on disk; the rest through anndata's element writer
-        f = self.file
-        obs = annotating(bin_obs(pred), el["bins"])
-        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        write_elem(f, "obs", obs)
-        write_elem(f, "var", var)
-        write_elem(f, "obsm", {"spatial": np.ascontiguousarray(b.xy[o], dtype=np.float64)})
-        for name in ("varm", "obsp", "varp"):
-            write_elem(f, name, {})
-        write_elem(f, "uns", {"magnet": magnet, "spatialdata_attrs": {
-            "region": el["bins"], "region_key": "region", "instance_key": "instance_id"}})
-        f.attrs.update({"spatialdata-encoding-type": "ngff:regions_table", "region": el["bins"],
-                        "region_key": "region", "instance_key": "instance_id",
-                        "version": CurrentTablesFormat().spatialdata_format_version})
-
-        side = pred.bin_um / pred.mpp_full
-        e_col, e_row = grid_axes(b.rc[o], b.xy[o], side)
-        shapes = {el["bins"]: squares(b.xy[o], e_col, e_row)}
+        self._bin_table(pred, var, magnet, el["bins"])
+        b, o = pred.bins, pred.order
+        shapes = {el["bins"]: squares(b.xy[o], *grid_axes(b.rc[o], b.xy[o], pred.bin_um / pred.mpp_full))}
         tables = {}
-        cell = geom.global_px / geom.spots_per_side * scale
-        levels = [("spots", "spot_table", pred.spot_pred, pred.spot_xy, cell,
-                   {"in_tissue": pred.spot_tissue.astype(np.int64),
-                    "magnet_tile": np.repeat(np.arange(len(pred.tile_grid)), geom.n_spots)}),
-                  ("tiles", "tile_table", pred.global_pred, pred.global_xy, geom.global_px * scale,
-                   {"grid_x": pred.tile_grid[:, 0], "grid_y": pred.tile_grid[:, 1]})]
-        for key, table_key, values, xy, size, columns in levels:
-            if np.isnan(values).all():
-                continue  # the model has no head at this level
-            shapes[el[key]] = squares(xy, np.array([size, 0.0]), np.array([0.0, size]))
-            obs = annotating(pd.DataFrame(columns, index=np.arange(len(xy)).astype(str)), el[key])
-            adata = ad.AnnData(X=values, obs=obs, var=var, obsm={"spatial": np.asarray(xy, np.float64)},
-                               uns={"magnet": magnet})
-            tables[el[table_key]] = TableModel.parse(adata, region=el[key], region_key="region",
-                                                     instance_key="instance_id")
-        shapes = {k: ShapesModel.parse(gpd_frame(v), transformations=cs) for k, v in shapes.items()}
-
-        from sharding.image import SlideImage
-
-        with SlideImage(self.image) as slide_image, dask.config.set(scheduler="synchronous"):
-            full = slide_image.full_resolution()
-            k = 1
-            while max(full.shape[1:]) / 2 ** k > SMALLEST_LEVEL:
-                k += 1
-            image = Image2DModel.parse(full, dims=("c", "y", "x"), c_coords=["r", "g", "b"],
-                                       scale_factors=[2] * k, chunks=(3, IMAGE_CHUNK, IMAGE_CHUNK),
-                                       transformations=cs)
-            sdata = SpatialData(images={el["image"]: image}, shapes=shapes, tables=tables)
+        geom = Geometry(**{k: info["geometry"][k] for k in ("mpp", "global_px", "spot_px", "bin_px")})
+        for key, (polygons, table) in level_elements(pred, geom, var, magnet, el).items():
+            shapes[el[key]] = polygons
+            tables[el[f"{key[:-1]}_table"]] = table
+        shapes = {k: ShapesModel.parse(GeoDataFrame(geometry=v, index=np.arange(len(v))), transformations=cs)
+                  for k, v in shapes.items()}
+        with SlideImage(self.image) as slide_image, dask.config.set(scheduler="synchronous"):  # one chunk at a time
+            sdata = SpatialData(images={el["image"]: multiscale(slide_image, cs)}, shapes=shapes, tables=tables)
             sdata.path = self.path
             sdata.write_element(list(sdata.images) + list(sdata.shapes) + list(sdata.tables))
         sdata.write_consolidated_metadata()
 
+    def _bin_table(self, pred: SlidePrediction, var, magnet: dict, region: str) -> None:
+        """The bin table's O(n) parts through anndata's element writer (X and measured are on disk already)."""
+        from anndata.io import write_elem
+        from spatialdata._io.format import CurrentTablesFormat
 
-def gpd_frame(polygons):
-    from geopandas import GeoDataFrame
+        f = self.file
+        keys = {"region": region, "region_key": "region", "instance_key": "instance_id"}
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        write_elem(f, "obs", annotating(bin_obs(pred), region))
+        write_elem(f, "var", var)
+        write_elem(f, "obsm", {"spatial": np.ascontiguousarray(pred.bins.xy[pred.order], dtype=np.float64)})
+        for name in ("varm", "obsp", "varp"):
+            write_elem(f, name, {})
+        write_elem(f, "uns", {"magnet": magnet, "spatialdata_attrs": keys})
+        # what spatialdata's table writer adds to the group
+        f.attrs.update({"spatialdata-encoding-type": "ngff:regions_table", **keys,
+                        "version": CurrentTablesFormat().spatialdata_format_version})
 
-    return GeoDataFrame(geometry=polygons, index=np.arange(len(polygons)))
+
+def level_elements(pred: SlidePrediction, geom: Geometry, var, magnet: dict, el: dict) -> dict:
+    """{"spots"|"tiles": (square polygons, table)} for the levels the model predicts (spot cells tile a tile)."""
+    import anndata as ad
+    import pandas as pd
+    from spatialdata.models import TableModel
+
+    scale = geom.mpp / pred.mpp_full  # full-res px per model px
+    levels = {"spots": (pred.spot_pred, pred.spot_xy, geom.global_px / geom.spots_per_side * scale,
+                        {"in_tissue": pred.spot_tissue.astype(np.int64),
+                         "magnet_tile": np.repeat(np.arange(len(pred.tile_grid)), geom.n_spots)}),
+              "tiles": (pred.global_pred, pred.global_xy, geom.global_px * scale,
+                        {"grid_x": pred.tile_grid[:, 0], "grid_y": pred.tile_grid[:, 1]})}
+    out = {}
+    for key, (values, xy, size, columns) in levels.items():
+        if np.isnan(values).all():
+            continue  # the model has no head at this level
+        obs = annotating(pd.DataFrame(columns, index=np.arange(len(xy)).astype(str)), el[key])
+        adata = ad.AnnData(X=values, obs=obs, var=var, obsm={"spatial": np.asarray(xy, np.float64)},
+                           uns={"magnet": magnet})
+        out[key] = (squares(xy, np.array([size, 0.0]), np.array([0.0, size])),
+                    TableModel.parse(adata, region=el[key], region_key="region", instance_key="instance_id"))
+    return out
+
+
+def multiscale(slide_image: SlideImage, cs: dict):
+    """The slide's full-resolution image as a lazy multiscale image, halved until it fits SMALLEST_LEVEL."""
+    from spatialdata.models import Image2DModel
+
+    full = slide_image.full_resolution()
+    k = 1
+    while max(full.shape[1:]) / 2**k > SMALLEST_LEVEL:
+        k += 1
+    return Image2DModel.parse(full, dims=("c", "y", "x"), c_coords=["r", "g", "b"], scale_factors=[2] * k,
+                              chunks=(3, IMAGE_CHUNK, IMAGE_CHUNK), transformations=cs)
