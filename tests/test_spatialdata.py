@@ -115,7 +115,9 @@ def both_formats(registered, tiny_cohort, tmp_path_factory):
     base = ["predict", "--model", "models:/tiny@champion", "--tracking-uri", uri, "--spaceranger", str(_outs(tiny_cohort)),
             "--image", str(_image(tiny_cohort)), "--bin-um", "16", "batch_size=1", "max_bins=100000", "progress=false"]
     assert main([*base, "--out", str(out / "pred.h5ad")]) == 0
-    assert main([*base, "--format", "spatialdata", "--out", str(out / "pred.zarr")]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # the bin squares are streamed in batches: several of them here
+        mp.setattr("magnet.predict.spatialdata_out.SHAPE_BATCH", 100)
+        assert main([*base, "--format", "spatialdata", "--out", str(out / "pred.zarr")]) == 0
     return out
 
 
@@ -170,6 +172,12 @@ def test_bin_shapes_sit_on_their_pixels(both_formats, tiny_cohort):
     side = 16 / adata.uns["spatial"][slide]["scalefactors"]["microns_per_pixel"]
     np.testing.assert_allclose(polys.area, side**2, rtol=1e-3)
     assert shapely.union_all(polys.to_numpy()).area == pytest.approx(polys.area.sum(), rel=1e-6)  # no overlap
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(next((both_formats / "pred.zarr" / "shapes").glob("*_magnet_square_016um/shapes.parquet")))
+    assert parquet.num_row_groups == -(-len(polys) // 100)  # written in batches of 100 bins
+    bbox = json.loads(parquet.schema_arrow.metadata[b"geo"])["columns"]["geometry"]["bbox"]
+    np.testing.assert_allclose(bbox, bins.total_bounds, atol=1e-6)
     key = {(r, c): k for k, (r, c) in enumerate(zip(table.obs["array_row"], table.obs["array_col"]))}
     pairs = [(k, key[r, c + 1]) for (r, c), k in key.items() if (r, c + 1) in key]
     assert len(pairs) > 100
