@@ -37,7 +37,7 @@ from magnet.predict.slide import SlidePrediction
 from sharding.image import SlideImage
 
 CHUNK_BYTES = 1 << 20  # target size of a chunk of the bin table's X
-SHAPE_BATCH = 65536  # bin squares made and written at a time
+SHAPE_BATCH = 16384  # bin squares made and written at a time (~0.8 kB each while made)
 IMAGE_CHUNK = 1024  # px per side of a chunk of each image level
 SMALLEST_LEVEL = 1024  # px: halve the image (at least once) until its longest side is at most this
 
