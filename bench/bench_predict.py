@@ -5,8 +5,10 @@
 
 The slide is `--slide` (a `magnet synth` slide folder: outs/ and {name}_fullres.tif) or a synthetic one of
 `--size-um`. Prints, per run, wall seconds, bins/s, the peak RSS of the predict process (polled from /proc
-by bench_fullsize.measure) and the .h5ad's size, for the default batch size and, as the baseline measured
+by bench_fullsize.measure) and the output's size, for the default batch size and, as the baseline measured
 in the same run, batch_size=1 (one chunk per forward pass; `--default-only` skips it); and RSS after imports.
+The default batch is also run with `--format spatialdata` (`--no-spatialdata` skips it) and its peak RSS is
+given as a ratio to the .h5ad run's (target <= 1.2).
 
 Measured 2026-11 (2 CPU cores shared with 3 other engineers' jobs, load 6-13, so rates are lower bounds
 and vary by run; tiny 2-step model: configs/train/tiny.yaml on default-geometry 8 um shards, 250 genes;
@@ -22,6 +24,11 @@ imports and model load, where this script divides by the wall time):
   (earlier, before the mmap fix and the reader's batching: stopped at 148 of 545 tiles, peak 2390 MB
   reading the matrix, RSS creeping 1.86 -> 2.18 GB while predicting)
 The model's bin-patch encoder is >95% of prediction time (torch profile: conv + batch norm).
+.h5ad vs SpatialData store, same slide and model (2-step tiny model on the tiny cohort's 16 um shards, 32 genes,
+--default-only --threads 1, load 14-16 on the 2 cores, 2026-11-29):
+  1.5 mm slide,  6,059 16 um bins:  peak RSS .h5ad 1216 MB, spatialdata 1267 MB (x1.04)
+  4 mm slide,   42,912 16 um bins:  peak RSS .h5ad 1344 MB, spatialdata 1412 MB (x1.05); outputs 65 / 179 MB
+                                    (the store holds the 8000 x 8000 px image as a multiscale copy)
 """
 
 from __future__ import annotations
