@@ -235,3 +235,28 @@ def test_bad_spatialdata_output_is_refused_and_nothing_is_left(registered, tiny_
     out = tmp_path / "p.zarr"
     _refused([*base, "--image", str(small), "--out", str(out)], capsys, "image size")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "small.tif"]
+
+
+def test_image_only_png_prediction_as_spatialdata(registered, tiny_cohort, tmp_path):
+    """A PNG and --mpp alone: bins laid over detected tissue, no measured layer, the image copied exactly."""
+    import spatialdata
+    import tifffile
+    from PIL import Image
+
+    from magnet.cli import main
+
+    _, run_dir = registered
+    rgb = tifffile.imread(_image(tiny_cohort))[..., :3]
+    png = tmp_path / "he.png"
+    Image.fromarray(rgb).save(png)
+    out = tmp_path / "he.zarr"
+    assert main(["predict", "--model", str(run_dir / "model"), "--image", str(png), "--mpp", "0.5", "--bin-um", "16",
+                 "--format", "spatialdata", "--out", str(out), "batch_size=1", "max_bins=100000",
+                 "progress=false"]) == 0
+    sdata = spatialdata.read_zarr(out)
+    table = sdata.tables["magnet_square_016um"]
+    assert table.n_obs > 100 and "measured" not in table.layers and table.uns["magnet"]["grid"] == "tissue_detection"
+    bins = sdata.shapes["he_magnet_square_016um"].geometry.loc[table.obs["instance_id"].to_numpy()]
+    np.testing.assert_allclose(np.stack([bins.centroid.x, bins.centroid.y], 1), table.obsm["spatial"], atol=1e-6)
+    np.testing.assert_allclose(bins.area, 32.0**2, rtol=1e-6)
+    np.testing.assert_array_equal(sdata.images["he_full_image"]["scale0"]["image"].values, rgb.transpose(2, 0, 1))
