@@ -30,7 +30,7 @@ def overlay(store: str, gene: str, out: str) -> None:
     ref = table.layers[layers[0][0]] if layers[0][0] else table.X
     ref = np.asarray(ref[:, g].todense() if hasattr(ref, "todense") else ref[:, g]).ravel()
     norm = Normalize(*np.percentile(ref, [1, 99]))  # one colour scale for both panels (same units)
-    fig, axes = plt.subplots(1, len(layers), figsize=(6.5 * len(layers), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(layers), figsize=(7 * len(layers), 6), squeeze=False, gridspec_kw={"wspace": 0.4})
     for ax, (layer, label) in zip(axes[0], layers):
         (sdata.pl.render_images(image)
             .pl.render_shapes(bins, color=gene, table_name=table_name, table_layer=layer, norm=norm, cmap="magma",
