@@ -31,11 +31,12 @@ def overlay(store: str, gene: str, out: str) -> None:
     ref = np.asarray(ref[:, g].todense() if hasattr(ref, "todense") else ref[:, g]).ravel()
     norm = Normalize(*np.percentile(ref, [1, 99]))  # one colour scale for both panels (same units)
     fig, axes = plt.subplots(1, len(layers), figsize=(7 * len(layers), 6), squeeze=False, gridspec_kw={"wspace": 0.4})
+    units = table.uns["magnet"]["units"]["method"]
     for ax, (layer, label) in zip(axes[0], layers):
         (sdata.pl.render_images(image)
             .pl.render_shapes(bins, color=gene, table_name=table_name, table_layer=layer, norm=norm, cmap="magma",
                               fill_alpha=0.75)
-            .pl.show(coordinate_systems=slide, ax=ax, title=f"{gene} {label} ({table.uns['magnet']['units']['method']})"))
+            .pl.show(coordinate_systems=slide, ax=ax, title=f"{gene} {label} ({units})"))
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

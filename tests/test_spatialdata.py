@@ -112,8 +112,9 @@ def both_formats(registered, tiny_cohort, tmp_path_factory):
 
     uri, _ = registered
     out = tmp_path_factory.mktemp("sdata")
-    base = ["predict", "--model", "models:/tiny@champion", "--tracking-uri", uri, "--spaceranger", str(_outs(tiny_cohort)),
-            "--image", str(_image(tiny_cohort)), "--bin-um", "16", "batch_size=1", "max_bins=100000", "progress=false"]
+    base = ["predict", "--model", "models:/tiny@champion", "--tracking-uri", uri,
+            "--spaceranger", str(_outs(tiny_cohort)), "--image", str(_image(tiny_cohort)), "--bin-um", "16",
+            "batch_size=1", "max_bins=100000", "progress=false"]
     assert main([*base, "--out", str(out / "pred.h5ad")]) == 0
     with pytest.MonkeyPatch.context() as mp:  # the bin squares are streamed in batches: several of them here
         mp.setattr("magnet.predict.spatialdata_out.SHAPE_BATCH", 100)
@@ -146,7 +147,8 @@ def test_spatialdata_store_lines_up_with_the_h5ad(both_formats):
         np.testing.assert_allclose(sdata.tables[table_name].X, ref["X"], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(sdata.tables[table_name].obsm["spatial"], ref["spatial"])
         assert len(sdata.shapes[shapes_name]) == len(ref["X"])
-    np.testing.assert_array_equal(sdata.tables["magnet_spots"].obs["in_tissue"] == 1, adata.uns["magnet"]["spot"]["tissue"])
+    np.testing.assert_array_equal(sdata.tables["magnet_spots"].obs["in_tissue"] == 1,
+                                  adata.uns["magnet"]["spot"]["tissue"])
     image = sdata.images[f"{slide}_full_image"]
     assert list(image) == ["scale0", "scale1"] and isinstance(image["scale0"]["image"].data, da.Array)
     assert image["scale0"]["image"].shape == (3, 768, 768) and image["scale1"]["image"].shape == (3, 384, 384)
@@ -198,7 +200,8 @@ def test_overlay_png_draws_measured_next_to_predicted(both_formats, tmp_path):
 
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("overlay", Path(__file__).parents[1] / "scripts/spatialdata_overlay.py")
+    script = Path(__file__).parents[1] / "scripts" / "spatialdata_overlay.py"
+    spec = importlib.util.spec_from_file_location("overlay", script)
     overlay = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overlay)
     png = tmp_path / "overlay.png"

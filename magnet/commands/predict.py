@@ -8,7 +8,8 @@ import argparse
 USAGE = """examples:
   magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --bin-um 8 --out pred.h5ad
   magnet predict --model runs:/RUN_ID/model --image he.tif --mpp 0.2738 --out pred.h5ad --genes EPCAM,CD3E --maps maps
-  magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --format spatialdata --out pred.zarr
+  magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --format spatialdata \
+      --out pred.zarr
   magnet predict --model runs/NAME/model ... [--config FILE] [key=value ...]   (keys: magnet/predict/config.py)"""
 
 
@@ -51,7 +52,8 @@ def _check_args(args) -> list[str]:
         import importlib.util
 
         if importlib.util.find_spec("spatialdata") is None:
-            raise UserError("--format: spatialdata needs the [spatialdata] extra (pip install 'magnet-hd[spatialdata]')")
+            raise UserError("--format: spatialdata needs the [spatialdata] extra "
+                            "(pip install 'magnet-hd[spatialdata]')")
         from magnet.predict.spatialdata_out import check_out
 
         check_out(Path(args.out))
