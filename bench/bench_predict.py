@@ -5,11 +5,13 @@
 
 The slide is `--slide` (a `magnet synth` slide folder: outs/ and {name}_fullres.tif) or a synthetic one of
 `--size-um`. Prints, per run, wall seconds, bins/s, the peak RSS of the predict process (polled from /proc
-by bench_fullsize.measure) and the .h5ad's size, for the default settings and, as the baseline measured
+by bench_fullsize.measure) and the output's size, for the default settings and, as the baseline measured
 in the same run, the settings before issue 15 (`--baseline`, default `fold_bn=false channels_last=false`:
-batch norms unfolded, the encoder's memory format as trained (`--settings batch_bins=512` adds larger passes); `--default-only` skips it); and RSS after imports.
-Rates are bins per wall second and per CPU second of the predict process (user + sys, from
-getrusage): on a shared machine the CPU-second rate moves less with other jobs' load.
+batch norms unfolded, the encoder's memory format as trained (`--settings batch_bins=512` adds larger passes);
+`--default-only` skips it); and RSS after imports. Rates are bins per wall second and per CPU second of the
+predict process (user + sys, from getrusage): on a shared machine the CPU-second rate moves less with other
+jobs' load. The default settings are also run with `--format spatialdata` (`--no-spatialdata` skips it) and
+its peak RSS is given as a ratio to the .h5ad run's (target <= 1.2).
 
 Measured 2026-11 (2 CPU cores shared with 3 other engineers' jobs, load 6-13, so rates are lower bounds
 and vary by run; tiny 2-step model: configs/train/tiny.yaml on default-geometry 8 um shards, 250 genes;
@@ -34,6 +36,11 @@ import), tile read + JPEG encode 0.3, JPEG decode 0.2, sample building 0.3.
   baseline vs default + batch_bins=512 (16 chunks of 32 bins per pass instead of 4), one run:
       bins per CPU-s x1.42, own bins/s x1.45, wall x1.28; peak RSS 1314 -> 1684 MB
   torch.compile of the bin encoder: no gain on the CPU (331 vs 369 images/CPU-s) after ~56 s of compiling.
+.h5ad vs SpatialData store, same slide and model (2-step tiny model on the tiny cohort's 16 um shards, 32 genes,
+--default-only --threads 1, load 14-16 on the 2 cores, 2026-11-29):
+  1.5 mm slide,  6,059 16 um bins:  peak RSS .h5ad 1216 MB, spatialdata 1267 MB (x1.04)
+  4 mm slide,   42,912 16 um bins:  peak RSS .h5ad 1344 MB, spatialdata 1412 MB (x1.05); outputs 65 / 179 MB
+                                    (the store holds the 8000 x 8000 px image as a multiscale copy)
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ def main() -> None:
                     help="predict config overrides of the baseline run (the settings before issue 15)")
     ap.add_argument("--settings", default="", help="predict config overrides of the run compared with it")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the predict process")
+    ap.add_argument("--no-spatialdata", action="store_true", help="skip the --format spatialdata run")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,9 +96,12 @@ def main() -> None:
         print(f"slide {slide}, {a.bin_um} um bins; RSS after imports {float(idle.stdout):.0f} MB", flush=True)
         after = ("default" + (f" {a.settings}" if a.settings else ""), a.settings.split())
         runs = [after] if a.default_only else [(f"baseline {a.baseline}", a.baseline.split()), after]
+        if not a.no_spatialdata:  # the same prediction as a SpatialData store
+            runs.append(("default, spatialdata", [*after[1], "--format", "spatialdata"]))
         rows = []
         for i, (name, extra) in enumerate(runs):
-            out = Path(tmp) / f"{i}.h5ad"
+            zarr = "spatialdata" in extra
+            out = Path(tmp) / (f"{i}.zarr" if zarr else f"{i}.h5ad")
             cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             row = measure(name, base + ["--out", str(out), "progress=false", *extra], env)
             cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -98,9 +109,13 @@ def main() -> None:
             row["cpu_s"] = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
             import h5py
 
-            with h5py.File(out) as f:
-                row["bins"] = f["X"].shape[0]
-            row["mb"] = out.stat().st_size / 2**20
+            if zarr:
+                meta = json.loads(next(out.glob("tables/magnet_square_*/X/zarr.json")).read_text())
+                row["bins"] = meta["shape"][0]
+            else:
+                with h5py.File(out) as f:
+                    row["bins"] = f["X"].shape[0]
+            row["mb"] = sum(p.stat().st_size for p in ([out] if out.is_file() else out.rglob("*"))) / 2**20
             rows.append(row)
     base_rate = rows[0]["bins"] / rows[0]["seconds"]
     base_cpu = rows[0]["bins"] / rows[0]["cpu_s"]
@@ -109,7 +124,11 @@ def main() -> None:
         print(f"{r['step']:44s} bins {r['bins']:7d} bins/s {rate:7.1f} (x{rate / base_rate:.2f}) "
               f"bins/cpu-s {cpu_rate:7.1f} (x{cpu_rate / base_cpu:.2f}) own bins/s {r['own_rate']:7.1f} "
               f"(x{r['own_rate'] / rows[0]['own_rate']:.2f}) wall {r['seconds']:7.1f} s "
-              f"peak RSS {r['peak_rss_mb']:5.0f} MB .h5ad {r['mb']:6.0f} MB")
+              f"peak RSS {r['peak_rss_mb']:5.0f} MB output {r['mb']:6.0f} MB")
+    if not a.no_spatialdata:
+        h5ad, sdata = rows[-2], rows[-1]
+        print(f"peak RSS spatialdata / h5ad: {sdata['peak_rss_mb']:.0f} / {h5ad['peak_rss_mb']:.0f} MB = "
+              f"x{sdata['peak_rss_mb'] / h5ad['peak_rss_mb']:.2f} (target <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # The end-to-end demo (`make demo`): synthesise a cohort, shard it at 8 and 16 um, train MagNet and the
 # baselines (ST-Net-style single scale, mean profile) with DeepSpeed on the CPU (2 processes), register
 # them in MLflow, then, in fresh processes, pull MagNet from the registry to predict the held-out slide
-# (AnnData + gene maps) and score every model on it (evaluation table with the oracle ceiling).
+# (AnnData + gene maps; SpatialData store + a spatialdata-plot overlay) and score every model on it
+# (evaluation table with the oracle ceiling).
 # Every stage is seeded (seed 0 in its config); the resolved configs, seeds included, are saved next
 # to each output and collected in $DEMO/seeds.json.
 #   DEMO=demo PY=.venv/bin/python bash scripts/demo.sh
@@ -53,6 +54,12 @@ $PY -m magnet predict --model models:/magnet-demo@champion --spaceranger "$DEMO/
   --image "$DEMO/slides/$TEST/${TEST}_fullres.tif" --bin-um $BIN_UM --out "$DEMO/predictions/${TEST}_${BIN_UM}um.h5ad" \
   --genes $GENES --maps "$DEMO/predictions/maps" progress=false
 
+PRED_SD="$DEMO/predictions/${TEST}_${BIN_UM}um.zarr"
+stage "the same prediction as a SpatialData store; measured vs predicted ${GENES%%,*} drawn over the H&E by spatialdata-plot"
+$PY -m magnet predict --model models:/magnet-demo@champion --spaceranger "$DEMO/slides/$TEST/outs" \
+  --image "$DEMO/slides/$TEST/${TEST}_fullres.tif" --bin-um $BIN_UM --format spatialdata --out "$PRED_SD" progress=false
+$PY scripts/spatialdata_overlay.py "$PRED_SD" "${GENES%%,*}" "$DEMO/predictions/${TEST}_${BIN_UM}um_${GENES%%,*}_spatialdata.png"
+
 stage "evaluate MagNet, ST-Net and the mean profile on the test split, with the oracle ceiling"
 $PY -m magnet evaluate --model magnet=models:/magnet-demo@champion --model stnet=models:/magnet-demo-stnet@champion \
   --model mean=models:/magnet-demo-mean@champion --samplesheet "$DEMO/slides/samplesheet.csv" --split test \
@@ -78,6 +85,8 @@ cat <<MSG
   training runs, checkpoints    $DEMO/runs/
   prediction (AnnData)          $DEMO/predictions/${TEST}_${BIN_UM}um.h5ad
   gene maps (PNG)               $DEMO/predictions/maps/
+  prediction (SpatialData)      $PRED_SD   (docs/spatialdata.md)
+  overlay (spatialdata-plot)    $DEMO/predictions/${TEST}_${BIN_UM}um_${GENES%%,*}_spatialdata.png
   evaluation table              $DEMO/evaluation/evaluation.md (.csv, per slide: evaluation_slides.csv)
   registered models             models:/magnet-demo@champion, models:/magnet-demo-stnet@champion, models:/magnet-demo-mean@champion
   MLflow UI                     mlflow ui --backend-store-uri sqlite:///$DEMO/mlruns.db   (then open http://127.0.0.1:5000)

@@ -97,6 +97,15 @@ class SlideImage:
         box = (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
         return np.asarray(Image.fromarray(block).resize((size, size), Image.Resampling.BILINEAR, box=box))
 
+    def full_resolution(self):
+        """Level 0 as (c, y, x) RGB, a dask array whose chunks read only their own tiles (while open)."""
+        import dask.array as da
+
+        arr = self._levels[0][1]
+        chunks = (3, 1024, 1024) if self._planar else (1024, 1024, 3)
+        lazy = da.from_array(arr, chunks=chunks if not isinstance(arr, np.ndarray) else -1, lock=True)
+        return lazy[:3] if self._planar else lazy[..., :3].transpose(2, 0, 1)
+
     def close(self) -> None:
         if self._tif is not None:
             self._tif.close()

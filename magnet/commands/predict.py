@@ -1,5 +1,5 @@
 """``magnet predict``: a registered model and a slide (or a samplesheet's cohort, on Ray) to AnnData (.h5ad)
-of predicted HD expression."""
+of predicted HD expression, or to a SpatialData zarr store (``--format spatialdata``; docs/spatialdata.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ USAGE = """examples:
   magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --bin-um 8 --out pred.h5ad
   magnet predict --model runs:/RUN_ID/model --image he.tif --mpp 0.2738 --out pred.h5ad --genes EPCAM,CD3E --maps maps
   magnet predict --model models:/magnet-hd@champion --samplesheet slides.csv --out preds [--address auto]
+  magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --format spatialdata \
+      --out pred.zarr
   magnet predict --model runs/NAME/model ... [--config FILE] [key=value ...]   (keys: magnet/predict/config.py)"""
 
 
@@ -24,7 +26,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--spaceranger", default=None, help="Space Ranger outs/ folder: bins, barcodes, pixel size")
     p.add_argument("--mpp", type=float, default=None, help="image-only input: microns per pixel of --image")
     p.add_argument("--bin-um", type=int, default=None, help="bin size in um (default: the model's)")
-    p.add_argument("--out", required=True, help="output .h5ad (with --samplesheet: a folder)")
+    p.add_argument("--out", required=True, help="output .h5ad or SpatialData .zarr (with --samplesheet: a folder)")
+    p.add_argument("--format", choices=("h5ad", "spatialdata"), default="h5ad",
+                   help="AnnData .h5ad (scanpy layout) or SpatialData zarr store (scverse tools)")
     p.add_argument("--genes", default=None, help="comma-separated genes to draw with --maps")
     p.add_argument("--maps", default=None, help="folder for PNG gene maps ({gene}.png; a cohort: {slide}/{gene}.png)")
     p.add_argument("--tracking-uri", default=None,
@@ -46,6 +50,8 @@ def _check_args(args) -> list[str]:
                             f"each slide's files)")
         if not Path(args.samplesheet).is_file():
             raise UserError(f"{args.samplesheet}: --samplesheet: file not found")
+        if args.format != "h5ad":
+            raise UserError(f"{args.samplesheet}: --format: a cohort is written as one .h5ad per slide")
     elif args.image is None:
         raise UserError("--image: needed (or --samplesheet for a cohort)")
     elif args.address is not None:
@@ -60,6 +66,15 @@ def _check_args(args) -> list[str]:
         raise UserError(f"{args.image}: --mpp: must be > 0, got {args.mpp}")
     if args.spaceranger is not None and not Path(args.spaceranger).is_dir():
         raise UserError(f"{args.spaceranger}: --spaceranger: folder not found")
+    if args.format == "spatialdata":
+        import importlib.util
+
+        if importlib.util.find_spec("spatialdata") is None:
+            raise UserError("--format: spatialdata needs the [spatialdata] extra "
+                            "(pip install 'magnet-hd[spatialdata]')")
+        from magnet.predict.spatialdata_out import check_out
+
+        check_out(Path(args.out))
     if (args.genes is None) != (args.maps is None):
         raise UserError("--genes/--maps: give both (genes to draw and the folder for their maps)")
     return [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
@@ -108,10 +123,10 @@ def _run(args) -> int:
 
     if args.samplesheet is not None:
         return _run_cohort(args, model, bin_um, cfg, chosen)
-    from magnet.predict.output import predict_to_h5ad
+    from magnet.predict.output import predict_to_file
 
-    summary = predict_to_h5ad(model, Path(args.image), bin_um, cfg, Path(args.out), spaceranger=args.spaceranger,
-                              mpp=args.mpp, chosen=chosen, maps_dir=args.maps, slide=args.slide)
+    summary = predict_to_file(model, Path(args.image), bin_um, cfg, Path(args.out), spaceranger=args.spaceranger,
+                              mpp=args.mpp, chosen=chosen, maps_dir=args.maps, slide=args.slide, fmt=args.format)
     summary.pop("slide")
     print(json.dumps(summary))
     return 0

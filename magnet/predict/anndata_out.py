@@ -50,6 +50,20 @@ def spatial_images(image_path: Path, mpp_full: float, spatial_dir: Path | None, 
     return {"images": images, "scalefactors": scalefactors}
 
 
+def bin_obs(pred: SlidePrediction):
+    """The bins' obs, rows in ``pred.order``: barcodes, in_tissue, array indices, tile and spot rows."""
+    import pandas as pd
+
+    b, o = pred.bins, pred.order
+    return pd.DataFrame({
+        "in_tissue": np.ones(len(o), np.int64),
+        "array_row": b.rc[o, 0].astype(np.int64),
+        "array_col": b.rc[o, 1].astype(np.int64),
+        "magnet_tile": pred.bin_tile[o],
+        "magnet_spot": pred.bin_spot[o],
+    }, index=pd.Index(b.barcodes[o].astype(str), name="barcode"))
+
+
 ARRAY = {"encoding-type": "array", "encoding-version": "0.2.0"}
 BUFFER_BYTES = 8 << 20  # predictions gathered before a write to the file (then a copy of them, and of measured)
 
@@ -135,13 +149,7 @@ class H5adWriter:
         b, o = pred.bins, pred.order
         f = self.file
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        write_elem(f, "obs", pd.DataFrame({
-            "in_tissue": np.ones(n, np.int64),
-            "array_row": b.rc[o, 0].astype(np.int64),
-            "array_col": b.rc[o, 1].astype(np.int64),
-            "magnet_tile": pred.bin_tile[o],
-            "magnet_spot": pred.bin_spot[o],
-        }, index=pd.Index(b.barcodes[o].astype(str), name="barcode")))
+        write_elem(f, "obs", bin_obs(pred))
         write_elem(f, "var", pd.DataFrame({"gene_ids": list(gene_ids), "feature_types": "Gene Expression"},
                                           index=pd.Index(list(genes), name="gene")))
         write_elem(f, "obsm", {"spatial": np.ascontiguousarray(b.xy[o], dtype=np.float64)})

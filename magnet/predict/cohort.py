@@ -1,7 +1,7 @@
 """``magnet predict --samplesheet``: a cohort on Ray, one ``.h5ad`` per slide plus ``summary.csv``.
 
 Each worker is a Ray actor that loads the model once and then predicts slide after slide with the
-single-slide function (:func:`magnet.predict.output.predict_to_h5ad`), so a cohort's files equal the
+single-slide function (:func:`magnet.predict.output.predict_to_file`), so a cohort's files equal the
 single-slide command's. Actors take a GPU each when the cluster has GPUs (``cohort.gpus_per_worker``),
 else ``cohort.cpus_per_worker`` CPUs. A slide already written (``DIR/{slide}.h5ad``, renamed into place
 only when complete) is skipped and left untouched; a slide that fails is recorded with a one-line reason
@@ -45,7 +45,7 @@ class SlideWorker:
         self.model.source = source  # the user's URI and the pinned version, as the single-slide command records
 
     def predict(self, entry: SlideEntry, bin_um: int, out: str, chosen: list[str], maps_dir: str | None) -> dict:
-        from magnet.predict.output import predict_to_h5ad
+        from magnet.predict.output import predict_to_file
 
         t0 = time.perf_counter()
         row = {"slide": entry.slide, "bins": 0, "seconds": 0.0, "status": "failed", "error": ""}
@@ -54,7 +54,7 @@ class SlideWorker:
                 raise UserError(f"{entry.image}: image: file not found")
             if not entry.spaceranger.is_dir():
                 raise UserError(f"{entry.spaceranger}: spaceranger: folder not found")
-            s = predict_to_h5ad(self.model, entry.image, bin_um, self.cfg, Path(out), spaceranger=entry.spaceranger,
+            s = predict_to_file(self.model, entry.image, bin_um, self.cfg, Path(out), spaceranger=entry.spaceranger,
                                 chosen=chosen, maps_dir=Path(maps_dir) / entry.slide if maps_dir else None,
                                 slide=entry.slide)
             row.update(bins=s["bins"], status="predicted")

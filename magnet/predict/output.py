@@ -1,5 +1,5 @@
-"""One slide through a loaded model into its ``.h5ad`` (and config, and optional PNG maps): the single-slide
-``magnet predict`` and each cohort worker call the same function, so both write the same file."""
+"""One slide through a loaded model into its ``.h5ad`` or SpatialData store (and config, and optional PNG maps):
+the single-slide ``magnet predict`` and each cohort worker call the same function, so both write the same file."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from magnet.predict.config import PredictConfig
 from magnet.predict.model import LoadedModel
 
 
-def predict_to_h5ad(model: LoadedModel, image: Path, bin_um: int, cfg: PredictConfig, out: Path, *,
+def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictConfig, out: Path, *,
                     spaceranger: Path | None = None, mpp: float | None = None, chosen: list[str] = (),
-                    maps_dir: Path | None = None, slide: str | None = None) -> dict:
+                    maps_dir: Path | None = None, slide: str | None = None, fmt: str = "h5ad") -> dict:
     """Predict ``image`` and write ``out`` atomically (temporary name, renamed when complete), its
     ``{stem}.config.yaml`` beside it and, for ``chosen`` genes, PNG maps in ``maps_dir``; return the summary.
-    ``slide`` names the slide in ``uns['spatial']`` (default: the image name up to its first dot)."""
+    ``slide`` names the slide in ``uns['spatial']`` (default: the image name up to its first dot). ``fmt``:
+    ``h5ad`` or ``spatialdata`` (a zarr store, magnet/predict/spatialdata_out.py)."""
     import resource
 
     from magnet.config import save_config
@@ -35,10 +36,17 @@ def predict_to_h5ad(model: LoadedModel, image: Path, bin_um: int, cfg: PredictCo
     info = {"model": model.source, "image": str(Path(image).resolve()),
             "spaceranger": str(outs.resolve()) if outs else None, "geometry": model.python_model.geometry.to_dict()}
     out = Path(out)
-    with atomic_path(out, suffix=".h5ad") as tmp, H5adWriter(tmp, [genes.index(g) for g in chosen]) as writer:
+    keep = [genes.index(g) for g in chosen]
+    if fmt == "spatialdata":
+        from magnet.predict.spatialdata_out import SpatialDataWriter
+    with atomic_path(out, suffix=f".{fmt}") as tmp, (
+            H5adWriter(tmp, keep) if fmt == "h5ad" else SpatialDataWriter(tmp, Path(image), bin_um, keep)) as writer:
         pred = stream_slide(model, Path(image), bin_um, cfg, writer, spaceranger=outs, mpp=mpp, slide=slide)
-        images = spatial_images(Path(image), pred.mpp_full, spatial_dir, cfg.hires_px, cfg.lowres_px)
-        writer.finish(pred, genes, gene_ids, model.python_model.normalisation, images, info)
+        if fmt == "h5ad":
+            images = spatial_images(Path(image), pred.mpp_full, spatial_dir, cfg.hires_px, cfg.lowres_px)
+            writer.finish(pred, genes, gene_ids, model.python_model.normalisation, images, info)
+        else:
+            writer.finish(pred, genes, gene_ids, model.python_model.normalisation, info)
     save_config(cfg, out.parent / f"{out.stem}.config.yaml", model=model.source, bin_um=bin_um)
     maps = []
     if chosen:

@@ -3,6 +3,8 @@
     DIR/samplesheet.csv                     slide,spaceranger,image (paths relative to DIR)
     DIR/config.yaml                         the resolved SynthConfig
     DIR/<slide>/<slide>_fullres.tif         tiled pyramidal BigTIFF, resolution tags in px/cm
+    DIR/<slide>/outs/feature_slice.h5       2 um counts per gene, masks, metadata (HD layout, transforms)
+    DIR/<slide>/outs/spatial/               hires/lowres PNGs, scalefactors_json.json (2 um bins)
     DIR/<slide>/outs/binned_outputs/square_{002,008,016}um/
         {filtered,raw}_feature_bc_matrix.h5
         spatial/{tissue_positions.parquet,scalefactors_json.json,tissue_hires_image.png,tissue_lowres_image.png}
@@ -32,7 +34,7 @@ import pyarrow.parquet as pq
 from magnet.config import save_config
 from magnet.errors import UserError
 from magnet.io import atomic_path
-from magnet.synth import expression, spaceranger, tissue, wsi
+from magnet.synth import expression, feature_slice, spaceranger, tissue, wsi
 from magnet.synth.config import SynthConfig
 from magnet.synth.grid import BIN_SIZES_UM, BinGrid, random_grid
 from magnet.synth.render import random_stain, render_blocks
@@ -146,6 +148,8 @@ def generate_slide(cfg: SynthConfig, programs: expression.Programs, index: int, 
     outs = slide_dir / "outs"
     in_tissue = {b: _bin_level(outs, b, grid, fields, counts, programs, cfg.mpp, png_bytes, png_scales)
                  for b in BIN_SIZES_UM}
+    feature_slice.write_slide_outputs(outs, name, grid, cfg.mpp, counts, programs.gene_ids, programs.gene_names,
+                                      in_tissue, png_bytes, png_scales)
     stage("spaceranger")
     _write_ground_truth(slide_dir / "ground_truth", expr, grid, in_tissue, cfg.mpp)
     stage("ground_truth")

@@ -65,12 +65,17 @@ def write_matrix_h5(path: Path, barcode_list: np.ndarray, gene_ids: list[str], g
         _dataset(m, "indices", gene.astype(np.int64))
         _dataset(m, "indptr", indptr)
         _dataset(m, "shape", np.array([len(gene_ids), len(barcode_list)], np.int32), compress=False)
-        feats = _group(m, "features")
-        _dataset(feats, "id", np.array(gene_ids, dtype="S"))
-        _dataset(feats, "name", np.array(gene_names, dtype="S"))
-        _dataset(feats, "feature_type", np.full(len(gene_ids), b"Gene Expression"))
-        _dataset(feats, "genome", np.full(len(gene_ids), GENOME.encode()))
-        _dataset(feats, "_all_tag_keys", np.array([b"genome"]), compress=False)
+        write_features(m, gene_ids, gene_names)
+
+
+def write_features(parent: h5py.Group, gene_ids: list[str], gene_names: list[str]) -> None:
+    """The ``features`` group of 10x HDF5 files (matrices and the feature slice file alike)."""
+    feats = _group(parent, "features")
+    _dataset(feats, "id", np.array(gene_ids, dtype="S"))
+    _dataset(feats, "name", np.array(gene_names, dtype="S"))
+    _dataset(feats, "feature_type", np.full(len(gene_ids), b"Gene Expression"))
+    _dataset(feats, "genome", np.full(len(gene_ids), GENOME.encode()))
+    _dataset(feats, "_all_tag_keys", np.array([b"genome"]), compress=False)
 
 
 def write_positions(path: Path, barcode_list: np.ndarray, in_tissue: np.ndarray, rows: np.ndarray,
