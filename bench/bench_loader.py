@@ -39,7 +39,7 @@ def cohort(work: Path) -> Path:
 def decode_only(shards: Path, bin_um: int, n_samples: int) -> float:
     """Bins/s of reading and decoding samples, nothing else (the baseline)."""
     from magnet.data.pipeline import ShardSet, samples
-    from magnet.data.transforms import decode_sample
+    from magnet.format.codec import decode_sample
 
     sset = ShardSet(str(shards), bin_um, None, None)
     urls = [{"url": u} for u, _ in sset.shards("train")] * 100

@@ -64,7 +64,7 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
     for name in ("model_meta.json", "example_input.npz", "model.safetensors", "config.yaml"):
         if not (art / name).is_file():
             raise UserError(f"{art / name}: --model: file missing (not a MagNet model folder)")
-    from sharding.writer import FORMAT_VERSION
+    from magnet.format.schema import FORMAT_VERSION
 
     meta = json.loads((art / "model_meta.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:

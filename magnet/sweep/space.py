@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from magnet.config import load_config
-from magnet.data.manifest import manifest_path
+from magnet.format.manifest import manifest_path
 from magnet.errors import UserError
 from magnet.sweep.config import DISTRIBUTIONS, SweepConfig
 from magnet.train.config import ExperimentConfig

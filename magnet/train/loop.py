@@ -20,7 +20,6 @@ import torch
 
 from magnet import dist
 from magnet.config import config_from_saved, git_revision, save_config, to_dict
-from magnet.data.manifest import feat_dim
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.errors import UserError
 from magnet.io import atomic_write_text
@@ -129,7 +128,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     from magnet.models.factory import create_model
 
     torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model, len(shard_set.genes), feat_dim(shard_set.manifest), shard_set.geometry)
+    model = create_model(cfg.model, len(shard_set.genes), shard_set.manifest.feat_dim, shard_set.geometry)
     if cfg.model.init_from_data and tag is None:  # the same statistics on every rank; a resumed run loads its own
         from magnet.models.init import init_from_statistics, training_statistics
 
@@ -157,7 +156,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     log.truncate_after(state["step"])
     knn = {"k_bin": cfg.model.k_bin, "k_spot": cfg.model.k_spot, "k_global": cfg.model.k_global}
     stream = TrainStream(shard_set, cfg.data, world, cfg.train.seed, knn)
-    has_eval = any(s["split"] == cfg.data.eval_split for s in shard_set.manifest["shards"])
+    has_eval = shard_set.manifest.has_split(cfg.data.eval_split)
     evaluator = EvalStream(shard_set, cfg.data, world, cfg.data.eval_split, knn) if has_eval else None
     if primary:
         print(f"magnet train: run {run_dir} | world {world.world_size} | ZeRO-{zero_stage} | "
@@ -331,10 +330,10 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
 def example_sample(shard_set: ShardSet, cfg) -> dict:
     """The first sample of the first evaluation (else training) shard, decoded, bins capped."""
     from magnet.data.pipeline import samples
-    from magnet.data.transforms import chunk_bins, decode_sample
+    from magnet.data.transforms import chunk_bins
+    from magnet.format.codec import decode_sample
 
-    split = cfg.data.eval_split if any(s["split"] == cfg.data.eval_split for s in shard_set.manifest["shards"]) \
-        else cfg.data.train_split
+    split = cfg.data.eval_split if shard_set.manifest.has_split(cfg.data.eval_split) else cfg.data.train_split
     url = shard_set.shards(split)[0][0]
     raw = next(iter(samples()(iter([{"url": url}]))))
     return chunk_bins(decode_sample(raw), cfg.data.max_bins)[0]
