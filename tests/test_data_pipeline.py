@@ -16,7 +16,7 @@ from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
 from magnet.format.codec import decode_sample
-from magnet.train.config import DataConfig
+from magnet.experiment import DataConfig
 
 KNN = {"k_bin": 4, "k_spot": 3, "k_global": 3}
 

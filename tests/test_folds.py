@@ -21,7 +21,7 @@ from magnet.config import config_from_saved
 from magnet.data.pipeline import EvalStream, Pipeline, ShardSet, TrainStream, samples
 from magnet.dist import WorldInfo
 from magnet.metrics import METRICS
-from magnet.train.config import ExperimentConfig
+from magnet.experiment import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

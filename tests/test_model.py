@@ -11,8 +11,8 @@ from magnet.batch import collate
 from magnet.config import load_config
 from magnet.errors import UserError
 from magnet.losses import LossConfig, compute_loss
-from magnet.models.config import MODEL_NAMES, ModelConfig
-from magnet.models.factory import create_model
+from magnet.models.config import ModelConfig
+from magnet.models.factory import create_model, model_names
 from magnet.models.layers import ContextCrossAttention, LevelEncoder
 
 G, F, K = 16, 32, 4
@@ -107,7 +107,7 @@ def test_collate_rejects_a_malformed_sample():
         collate(samples, TINY_GEOMETRY, k_spot=K, k_global=K)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_every_model_gives_shapes_and_dtypes(batch, name):
     _, b = batch
     model = create_model(tiny_cfg(name), G, F, TINY_GEOMETRY)

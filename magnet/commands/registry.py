@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from magnet.errors import UserError
-    from magnet.train.tracking import mask_credentials, resolve_tracking_uri, set_alias
+    from magnet.registry.tracking import mask_credentials, resolve_tracking_uri, set_alias
 
     uri = resolve_tracking_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import subprocess
 
     from magnet.config import load_config
-    from magnet.train.config import ExperimentConfig, zero_file
+    from magnet.experiment import ExperimentConfig, zero_file
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)

@@ -231,7 +231,7 @@ class ShardSet:
 
     @classmethod
     def for_training(cls, data) -> ShardSet:
-        """The shards a training run with ``data`` (:class:`magnet.train.config.DataConfig`) reads: with
+        """The shards a training run with ``data`` (:class:`magnet.experiment.DataConfig`) reads: with
         ``data.fold`` set, the manifest's splits are replaced by that fold's (:func:`fold_view`)."""
         s = cls(data.shards, data.bin_um, data.genes, data.normalisation)
         if data.fold is not None:

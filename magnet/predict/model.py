@@ -23,7 +23,7 @@ from magnet.errors import UserError
 @dataclasses.dataclass
 class LoadedModel:
     uri: str
-    python_model: object  # magnet.train.pyfunc.MagnetPyfunc: genes, normalisation, geometry, config, predict_batch
+    python_model: object  # magnet.registry.pyfunc.MagnetPyfunc: genes, normalisation, geometry, config, predict_batch
     k_neighbours: int
     encoder: dict  # name, feat_dim, weights (id), input_px
     source: dict  # what to record: uri, registered version / run id where known
@@ -78,7 +78,7 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
         except Exception as e:  # mlflow raises several types for a broken model folder
             raise (_weights_error(uri, e) or _mlflow_error(uri, e)) from None
     else:
-        from magnet.train.pyfunc import MagnetPyfunc
+        from magnet.registry.pyfunc import MagnetPyfunc
 
         python_model = MagnetPyfunc()
         try:
@@ -107,9 +107,9 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from magnet.train.tracking import mask_credentials
+    from magnet.registry.tracking import mask_credentials
 
-    from magnet.train.tracking import resolve_tracking_uri
+    from magnet.registry.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():

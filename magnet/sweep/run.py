@@ -104,8 +104,8 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
 
     from magnet.sweep.results import close_interrupted, finish_sweep
     from magnet.sweep.trial import run_trial
-    from magnet.train.config import MlflowConfig
-    from magnet.train.tracking import Tracker
+    from magnet.experiment import MlflowConfig
+    from magnet.registry.tracking import Tracker
 
     m = cfg.mlflow
     tracker = Tracker(MlflowConfig(tracking_uri=m.tracking_uri, experiment=m.experiment, register_as=m.register_as,

@@ -13,7 +13,7 @@ from magnet.config import load_config
 from magnet.format.manifest import manifest_path
 from magnet.errors import UserError
 from magnet.sweep.config import DISTRIBUTIONS, SweepConfig
-from magnet.train.config import ExperimentConfig
+from magnet.experiment import ExperimentConfig
 
 
 def leaves(space: dict, prefix: str = "") -> dict[str, tuple[str, list]]:

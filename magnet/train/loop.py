@@ -24,10 +24,10 @@ from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.errors import UserError
 from magnet.io import atomic_write_text
 from magnet.train import checkpoint
-from magnet.train.config import ExperimentConfig
+from magnet.experiment import ExperimentConfig
 from magnet.train.ds_config import deepspeed_config
 from magnet.train.schedule import make_scheduler
-from magnet.train.tracking import Tracker, mask_credentials
+from magnet.registry.tracking import Tracker, mask_credentials
 
 
 def _run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, str | None]:
@@ -301,7 +301,7 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
     """Figures and the registry model (rank 0). The weight gather and the reference forward on the
     example input run on every rank (collectives under ZeRO-3)."""
     from magnet.batch import collate
-    from magnet.train.pyfunc import MagnetPyfunc, model_input, signature, write_model_files
+    from magnet.registry.pyfunc import MagnetPyfunc, model_input, signature, write_model_files
 
     state_dict = full_state_dict(engine)
     sample = example_sample(shard_set, cfg)

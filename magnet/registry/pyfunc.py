@@ -33,7 +33,7 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         from magnet.config import config_from_saved
         from magnet.geometry import Geometry
         from magnet.models.factory import create_model
-        from magnet.train.config import ExperimentConfig
+        from magnet.experiment import ExperimentConfig
 
         info = json.loads(Path(meta).read_text())
         self.config = config_from_saved(ExperimentConfig, config)
