@@ -15,8 +15,8 @@ from magnet.data.pipeline import EvalStream, ShardSet, TrainStream, samples
 from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
-from magnet.format.codec import decode_sample
 from magnet.experiment import DataConfig
+from magnet.format.codec import decode_sample
 
 KNN = {"k_bin": 4, "k_spot": 3, "k_global": 3}
 

@@ -20,8 +20,8 @@ from magnet.cli import main
 from magnet.config import config_from_saved
 from magnet.data.pipeline import EvalStream, Pipeline, ShardSet, TrainStream, samples
 from magnet.dist import WorldInfo
-from magnet.metrics import METRICS
 from magnet.experiment import ExperimentConfig
+from magnet.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -75,6 +75,7 @@ class Pipeline(IterableDataset):
 
 
 def shard_list(urls: list[str], repeat: bool) -> Stage:
+    """Own: webdataset's ResampledShards draws with replacement; here every round lists each shard once."""
     def stage(_: Iterator) -> Iterator:
         rounds = itertools.count() if repeat else [0]
         for r in rounds:
@@ -84,7 +85,8 @@ def shard_list(urls: list[str], repeat: bool) -> Stage:
 
 
 def shuffle_shards(seed: int, epoch: int, n: int) -> Stage:
-    """Permute each round of ``n`` shards with a generator from (seed, epoch, round): same on all ranks."""
+    """Permute each round of ``n`` shards with a generator from (seed, epoch, round): same on all ranks.
+    Own: webdataset shuffles shard lists per process, which would give the ranks different orders."""
     def stage(src: Iterator) -> Iterator:
         while True:
             rnd = list(itertools.islice(src, n))
@@ -144,6 +146,7 @@ def shuffle(bufsize: int, initial: int, seed: int, epoch: int, rank: int, num_wo
 
 
 def number() -> Stage:
+    """Own: the sample's position in the stream, which seeds its random choices (webdataset has none)."""
     def stage(src: Iterator) -> Iterator:
         for i, s in enumerate(src):
             s["__index__"] = i
@@ -152,7 +155,8 @@ def number() -> Stage:
 
 
 def skip(count: Callable[[], int]) -> Stage:
-    """Drop the samples a resumed run has already trained on (before decoding them)."""
+    """Drop the samples a resumed run has already trained on (before decoding them). Own: webdataset has
+    no resume position."""
     def stage(src: Iterator) -> Iterator:
         return itertools.islice(src, count(), None)
     return stage
@@ -209,6 +213,8 @@ def collate(batch_size: int, geometry, partial: bool, knn: dict, corruption: Cor
 
 
 def with_epoch(count: Callable[[], int]) -> Stage:
+    """Own: the count is known only in the worker (it depends on the resume point and the worker id),
+    where webdataset's with_epoch takes it when the pipeline is built."""
     def stage(src: Iterator) -> Iterator:
         return itertools.islice(src, count())
     return stage
@@ -262,6 +268,7 @@ class TrainStream:
         self.batches_per_epoch = per_worker * self.n_workers
         # a round holds the list enough times that every (rank, worker) gets at least one shard of it
         self.repeats = math.ceil(world.world_size * self.n_workers / len(self.urls))
+        self.position = {"epoch": 0, "batch_in_epoch": 0}
 
     def stages(self, epoch: int, skip_batches: int = 0) -> list[tuple[str, Stage]]:
         cfg, nw, world, seed = self.cfg, self.n_workers, self.world, self.seed
@@ -299,6 +306,21 @@ class TrainStream:
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterable:
         return _loader(Pipeline(self.stages(epoch, skip_batches)), self.cfg)
+
+    def state_dict(self) -> dict[str, int]:
+        """The stream's position: batches handed out of the current epoch (saved in checkpoints)."""
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = {"epoch": int(state["epoch"]), "batch_in_epoch": int(state["batch_in_epoch"])}
+
+    def __iter__(self) -> Iterator:
+        """Batches from the position on, epoch after epoch, forever; the position counts each batch handed out."""
+        while True:
+            for batch in self.epoch(self.position["epoch"], self.position["batch_in_epoch"]):
+                self.position["batch_in_epoch"] += 1
+                yield batch
+            self.position = {"epoch": self.position["epoch"] + 1, "batch_in_epoch": 0}
 
 
 class EvalStream:

@@ -31,9 +31,9 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         from safetensors.torch import load_file
 
         from magnet.config import config_from_saved
+        from magnet.experiment import ExperimentConfig
         from magnet.geometry import Geometry
         from magnet.models.factory import create_model
-        from magnet.experiment import ExperimentConfig
 
         info = json.loads(Path(meta).read_text())
         self.config = config_from_saved(ExperimentConfig, config)

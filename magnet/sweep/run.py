@@ -102,10 +102,10 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
 
     from ray import tune
 
-    from magnet.sweep.results import close_interrupted, finish_sweep
-    from magnet.sweep.trial import run_trial
     from magnet.experiment import MlflowConfig
     from magnet.registry.tracking import Tracker
+    from magnet.sweep.results import close_interrupted, finish_sweep
+    from magnet.sweep.trial import run_trial
 
     m = cfg.mlflow
     tracker = Tracker(MlflowConfig(tracking_uri=m.tracking_uri, experiment=m.experiment, register_as=m.register_as,

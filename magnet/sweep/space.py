@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from magnet.config import load_config
-from magnet.format.manifest import manifest_path
 from magnet.errors import UserError
-from magnet.sweep.config import DISTRIBUTIONS, SweepConfig
 from magnet.experiment import ExperimentConfig
+from magnet.format.manifest import manifest_path
+from magnet.sweep.config import DISTRIBUTIONS, SweepConfig
 
 
 def leaves(space: dict, prefix: str = "") -> dict[str, tuple[str, list]]:
