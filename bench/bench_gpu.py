@@ -184,10 +184,9 @@ def main() -> None:
 
     from magnet import dist
     from magnet.config import load_config
-    from magnet.data.manifest import feat_dim
     from magnet.data.pipeline import ShardSet, TrainStream
     from magnet.models.factory import create_model
-    from magnet.train.config import ExperimentConfig
+    from magnet.experiment import ExperimentConfig
     from magnet.train.ds_config import deepspeed_config, resolve_precision
     from magnet.train.schedule import make_scheduler
 
@@ -205,7 +204,7 @@ def main() -> None:
     shard_set = ShardSet.for_training(cfg.data)
     cfg.data.genes, cfg.data.normalisation, cfg.data.folds = shard_set.genes, shard_set.normalisation, shard_set.folds
     torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model, len(shard_set.genes), feat_dim(shard_set.manifest), shard_set.geometry).to(device)
+    model = create_model(cfg.model, len(shard_set.genes), shard_set.manifest.feat_dim, shard_set.geometry).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     knn = {"k_bin": cfg.model.k_bin, "k_spot": cfg.model.k_spot, "k_global": cfg.model.k_global}
     cfg.data.workers = 0
@@ -227,7 +226,7 @@ def main() -> None:
         print("train " + " ".join(f"{k}={v}" for k, v in r.items()), flush=True)
 
     from magnet.train.loop import example_sample, full_state_dict
-    from magnet.train.pyfunc import model_input, write_model_files
+    from magnet.registry.pyfunc import model_input, write_model_files
     from magnet.batch import collate
 
     model_dir = work / "model"

@@ -39,7 +39,7 @@ def cohort(work: Path) -> Path:
 def decode_only(shards: Path, bin_um: int, n_samples: int) -> float:
     """Bins/s of reading and decoding samples, nothing else (the baseline)."""
     from magnet.data.pipeline import ShardSet, samples
-    from magnet.data.transforms import decode_sample
+    from magnet.format.codec import decode_sample
 
     sset = ShardSet(str(shards), bin_um, None, None)
     urls = [{"url": u} for u, _ in sset.shards("train")] * 100
@@ -53,7 +53,7 @@ def decode_only(shards: Path, bin_um: int, n_samples: int) -> float:
 def stream_rate(shards: Path, bin_um: int, workers: int, batches: int) -> tuple[float, float]:
     """(bins/s of the full training stream, mean bins per tile delivered)."""
     from magnet.data.pipeline import ShardSet, TrainStream
-    from magnet.train.config import DataConfig
+    from magnet.experiment import DataConfig
 
     cfg = DataConfig(shards=str(shards), bin_um=bin_um, micro_batch=8, max_bins=256, shuffle_buffer=64,
                      shuffle_initial=16, workers=workers, prefetch=4, epoch_samples=10**6)

@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from magnet.config import load_config
     from magnet.errors import UserError
-    from magnet.train.config import ExperimentConfig
+    from magnet.experiment import ExperimentConfig
     from magnet.train.loop import train
 
     try:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
         if cfg.mlflow.enabled and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone talks to MLflow
-            from magnet.train.tracking import check_tracking_uri
+            from magnet.registry.tracking import check_tracking_uri
 
             check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
         train(cfg, resume=args.resume)

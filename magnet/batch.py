@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from magnet.errors import UserError
+from magnet.format.sample import Sample
+from magnet.format.validate import Dims, check_sample
 from magnet.geometry import Geometry
 
-REQUIRED = ("image", "bin_xy", "bin_rc", "bin_spot", "bin_expr", "spot_expr", "spot_mask", "spot_feat",
-            "global_expr", "global_feat", "nbr_offset", "nbr_mask", "meta")
 
 
 @dataclasses.dataclass
@@ -173,56 +173,35 @@ def _crop_patches(image: np.ndarray, xy: np.ndarray, out: np.ndarray) -> None:
         out[i] = image[y:y + size, x:x + size]
 
 
-def _check(sample: dict, geometry: Geometry, k1: int, n_genes: int, feat_dim: int) -> None:
-    missing = [m for m in REQUIRED if m not in sample]
-    meta = sample.get("meta", {})
-    where = f"sample {meta.get('slide', '?')}__{meta.get('gx', '?')}_{meta.get('gy', '?')}"
-    if missing:
-        raise UserError(f"{where}: {missing[0]}: member missing")
-    side = geometry.image_px
-    if sample["image"].shape != (side, side, 3) or sample["image"].dtype != np.uint8:
-        raise UserError(f"{where}: image: expected uint8 ({side}, {side}, 3), got "
-                        f"{sample['image'].dtype} {sample['image'].shape}")
-    for key in ("slide", "gx", "gy", "mpp"):
-        if key not in meta:
-            raise UserError(f"{where}: meta.{key}: missing")
-    if abs(float(meta["mpp"]) - geometry.mpp) > 1e-6:
-        raise UserError(f"{where}: meta.mpp: {meta['mpp']} differs from the geometry's {geometry.mpp}")
-    S = geometry.n_spots
-    shapes = {"nbr_mask": (k1,), "nbr_offset": (k1, 2), "global_feat": (k1, feat_dim),
-              "global_expr": (k1, n_genes), "spot_expr": (k1, S, n_genes), "spot_mask": (k1, S),
-              "spot_feat": (k1, S, feat_dim)}
-    n = len(sample["bin_xy"])
-    shapes.update(bin_xy=(n, 2), bin_rc=(n, 2), bin_spot=(n,), bin_expr=(n, n_genes))
-    for key, shape in shapes.items():
-        if sample[key].shape != shape:
-            raise UserError(f"{where}: {key}: expected shape {shape}, got {sample[key].shape}")
-    if n and (sample["bin_spot"].min() < 0 or sample["bin_spot"].max() >= S):
-        raise UserError(f"{where}: bin_spot: values must lie in [0, {S})")
+def _check(samples: list[Sample], geometry: Geometry) -> tuple[int, int, int]:
+    """The schema check with sizes from the first sample and the geometry; returns (K+1, genes, features)."""
+    first = samples[0]
+    dims = Dims(G=first["bin_expr"].shape[-1], K1=first["nbr_mask"].shape[0], S=geometry.n_spots,
+                F=first["global_feat"].shape[-1], P=geometry.image_px)
+    for s in samples:
+        where = f"sample {s.key}"
+        check_sample(s, dims, where, finite=False)
+        if abs(float(s.meta.mpp) - geometry.mpp) > 1e-6:
+            raise UserError(f"{where}: meta.mpp: {s.meta.mpp} differs from the geometry's {geometry.mpp}")
+    return dims.K1, dims.G, dims.F
 
 
-def collate(samples: list[dict], geometry: Geometry, *, k_bin: int = 8, k_spot: int = 8,
+def collate(samples: list[Sample], geometry: Geometry, *, k_bin: int = 8, k_spot: int = 8,
             k_global: int = 8) -> Batch:
-    """Build a :class:`Batch` from decoded shard samples (dicts keyed by member name, no extension).
-
-    ``image`` is uint8 (H, W, 3); the other members are numpy arrays as in docs/shard_format.md;
-    ``meta`` is the decoded meta.json. All samples must share ``K+1``, gene count and feature dim.
-    Pass ``k_*`` from :class:`magnet.models.config.ModelConfig`.
+    """Build a :class:`Batch` from decoded shard samples (:class:`magnet.format.sample.Sample`), which
+    must all share ``K+1``, gene count and feature dim. Pass ``k_*`` from
+    :class:`magnet.models.config.ModelConfig`.
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
     B = len(samples)
-    k1 = samples[0]["nbr_mask"].shape[0]
-    n_genes = samples[0]["bin_expr"].shape[1]
-    feat_dim = samples[0]["global_feat"].shape[1]
-    for s in samples:
-        _check(s, geometry, k1, n_genes, feat_dim)
+    k1, n_genes, feat_dim = _check(samples, geometry)
     S, mpp, gp, margin = geometry.n_spots, geometry.mpp, geometry.global_px, geometry.margin
 
-    slides = tuple(dict.fromkeys(str(s["meta"]["slide"]) for s in samples))
-    sample_slide = np.array([slides.index(str(s["meta"]["slide"])) for s in samples], np.int64)
-    grid = np.array([[int(s["meta"]["gx"]), int(s["meta"]["gy"])] for s in samples], np.int64)
-    n_bins = np.array([len(s["bin_xy"]) for s in samples], np.int64)
+    slides = tuple(dict.fromkeys(str(s.meta.slide) for s in samples))
+    sample_slide = np.array([slides.index(str(s.meta.slide)) for s in samples], np.int64)
+    grid = np.array([[int(s.meta.gx), int(s.meta.gy)] for s in samples], np.int64)
+    n_bins = np.array([s.n_bins for s in samples], np.int64)
     bin_sample = np.repeat(np.arange(B), n_bins)
 
     # bins: crops and slide positions (um)
@@ -301,5 +280,5 @@ def collate(samples: list[dict], geometry: Geometry, *, k_bin: int = 8, k_spot: 
         sample_slide=t(sample_slide),
         sample_grid=t(grid),
         slides=slides,
-        bin_um=float(samples[0]["meta"].get("bin_um", 0.0)),
+        bin_um=float(samples[0].meta.bin_um),
     )

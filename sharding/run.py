@@ -27,6 +27,8 @@ from pathlib import Path
 
 from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
+from magnet.format.manifest import Manifest
+from magnet.format.schema import FORMAT_VERSION
 from magnet.io import atomic_write_text
 
 from .config import ShardConfig
@@ -37,7 +39,6 @@ from .reader import BinFiles, check_positions_columns, read_genes, read_mpp
 from .samplesheet import SPLITS, SlideEntry, read_samplesheet
 from .slide import DONE, inspect_slide, shard_slide
 from .splits import assign_splits
-from .writer import FORMAT_VERSION
 
 WORK = ".work"
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
@@ -142,7 +143,7 @@ def _prepare(bin_dir: Path, plan: str) -> bool:
     return True
 
 
-def _finalise(bin_dir: Path, records: list[dict], manifest: dict) -> dict:
+def _finalise(bin_dir: Path, records: list[dict], manifest: dict) -> Manifest:
     work = bin_dir / WORK
     counter = dict.fromkeys(SPLITS, 0)
     shards = []
@@ -158,9 +159,10 @@ def _finalise(bin_dir: Path, records: list[dict], manifest: dict) -> dict:
             shards.append({"name": name, "split": rec["split"], "slide": rec["slide"],  # one slide per shard
                            **{k: part[k] for k in ("n_samples", "n_bins", "bytes", "sha256")}})
     manifest["shards"] = sorted(shards, key=lambda s: s["name"])
-    atomic_write_text(bin_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    typed = Manifest.from_dict(manifest, bin_dir / "manifest.json")
+    atomic_write_text(typed.path, json.dumps(typed.to_dict(), indent=1, sort_keys=True) + "\n")
     shutil.rmtree(work)
-    return manifest
+    return typed
 
 
 def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, cfg: ShardConfig,
@@ -208,7 +210,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
     for b in bin_ums:
         manifest_path = bin_dirs[b] / "manifest.json"
         if not (bin_dirs[b] / WORK).is_dir():
-            manifests[b] = json.loads(manifest_path.read_text())
+            manifests[b] = Manifest.load(manifest_path)
             continue
         records = [json.loads((bin_dirs[b] / WORK / e.slide / DONE).read_text()) for e in entries]
         manifests[b] = _finalise(bin_dirs[b], records, _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds,
@@ -266,12 +268,12 @@ def _overall_bar(progress: bool, n_slides: int):
     return update
 
 
-def summary(manifest: dict) -> dict:
+def summary(manifest: Manifest) -> dict:
     """Slides, tiles, bins, genes, bytes and bytes per bin of one bin size's shards."""
-    n_bins = sum(s["n_bins"] for s in manifest["shards"])
-    n_bytes = sum(s["bytes"] for s in manifest["shards"])
-    return {"bin_um": manifest["bin_um"], "slides": len(manifest["slides"]),
-            "tiles": sum(s["n_samples"] for s in manifest["shards"]), "bins": n_bins,
-            "genes": len(manifest["genes"]), "shards": len(manifest["shards"]), "bytes": n_bytes,
+    n_bins = sum(s.n_bins for s in manifest.shards)
+    n_bytes = sum(s.bytes for s in manifest.shards)
+    return {"bin_um": manifest.bin_um, "slides": len(manifest.slides),
+            "tiles": sum(s.n_samples for s in manifest.shards), "bins": n_bins,
+            "genes": len(manifest.genes), "shards": len(manifest.shards), "bytes": n_bytes,
             "bytes_per_bin": round(n_bytes / max(n_bins, 1), 1)}
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from magnet.format.sample import Meta, Sample
+from magnet.format.tar import PartWriter
+from magnet.format.validate import Dims
 from magnet.io import atomic_path
 
 from .config import ShardConfig
@@ -24,7 +27,7 @@ from .image import SlideImage
 from .reader import BinFiles, Bins, read_bins, read_mpp
 from .samplesheet import SlideEntry
 from .tiles import TileSet, make_tiles
-from .writer import FORMAT_VERSION, EncodedTiles, PartWriter, encode_meta, encode_npy, sample_key
+from .tile_images import EncodedTiles
 
 DONE = "done.json"
 TILES_PER_BATCH = 8  # tiles per encoder call: fixed, so features do not depend on scheduling
@@ -74,8 +77,9 @@ class Level:
         self.global_expr = normalise(spot_counts.sum(1), spot_lib.sum(1), cfg.genes).astype(np.float16)
 
 
-def make_sample(entry: SlideEntry, split: str, bin_um: int, lv: Level, t: int, image: bytes, feats: tuple,
-            cfg: ShardConfig) -> tuple[str, dict, int, int]:
+def make_sample(entry: SlideEntry, split: str, bin_um: int, lv: Level, t: int, feats: tuple,
+                cfg: ShardConfig) -> tuple[Sample, int]:
+    """Tile ``t``'s sample (without its image, which the caller holds encoded) and its tissue bin count."""
     sc, geom = cfg.shard, cfg.shard.geometry()
     tiles = lv.tiles
     gx, gy = (int(v) for v in tiles.grid[t])
@@ -90,27 +94,24 @@ def make_sample(entry: SlideEntry, split: str, bin_um: int, lv: Level, t: int, i
     nb = np.where(mask, nbr, 0)
     spot_feat, global_feat = feats
     m2, m3 = mask[:, None], mask[:, None, None]
-    members = {
-        f"image.{sc.image_format}": image,
-        "bin_xy.npy.zst": encode_npy(tiles.local_xy[idx]),
-        "bin_rc.npy.zst": encode_npy(lv.bins.rc[idx]),
-        "bin_spot.npy.zst": encode_npy(tiles.spot[idx]),
-        "bin_expr.npy.zst": encode_npy(normalise(counts, lv.bins.libsize[idx], cfg.genes).astype(np.float16)),
-        "spot_expr.npy.zst": encode_npy(np.where(m3, lv.spot_expr[nb], 0).astype(np.float16)),
-        "spot_mask.npy.zst": encode_npy(lv.spot_mask[nb] & m2),
-        "spot_feat.npy.zst": encode_npy(np.where(m3, spot_feat[nb], 0).astype(np.float16)),
-        "global_expr.npy.zst": encode_npy(np.where(m2, lv.global_expr[nb], 0).astype(np.float16)),
-        "global_feat.npy.zst": encode_npy(np.where(m2, global_feat[nb], 0).astype(np.float16)),
-        "nbr_offset.npy.zst": encode_npy(((tiles.grid[nb] - tiles.grid[t]) * geom.global_px * geom.mpp * m2)
-                                         .astype(np.float32)),
-        "nbr_mask.npy.zst": encode_npy(mask),
-        "meta.json": encode_meta({"slide": entry.slide, "split": split, "gx": gx, "gy": gy, "bin_um": bin_um,
-                                  "mpp": geom.mpp, "n_bins": len(idx), "n_bins_tile": n_tile,
-                                  "format_version": FORMAT_VERSION}),
+    arrays = {
+        "bin_xy": tiles.local_xy[idx],
+        "bin_rc": lv.bins.rc[idx],
+        "bin_spot": tiles.spot[idx],
+        "bin_expr": normalise(counts, lv.bins.libsize[idx], cfg.genes).astype(np.float16),
+        "spot_expr": np.where(m3, lv.spot_expr[nb], 0).astype(np.float16),
+        "spot_mask": lv.spot_mask[nb] & m2,
+        "spot_feat": np.where(m3, spot_feat[nb], 0).astype(np.float16),
+        "global_expr": np.where(m2, lv.global_expr[nb], 0).astype(np.float16),
+        "global_feat": np.where(m2, global_feat[nb], 0).astype(np.float16),
+        "nbr_offset": ((tiles.grid[nb] - tiles.grid[t]) * geom.global_px * geom.mpp * m2).astype(np.float32),
+        "nbr_mask": mask,
     }
     if sc.keep_counts:
-        members["bin_counts.npy.zst"] = encode_npy(np.rint(counts).astype(np.int32))
-    return sample_key(entry.slide, gx, gy), members, len(idx), n_tile
+        arrays["bin_counts"] = np.rint(counts).astype(np.int32)
+    meta = Meta(slide=entry.slide, split=split, gx=gx, gy=gy, bin_um=bin_um, mpp=geom.mpp, n_bins=len(idx),
+                n_bins_tile=n_tile)
+    return Sample(meta=meta, arrays=arrays), n_tile
 
 
 def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: dict[int, str], genes: np.ndarray,
@@ -143,12 +144,14 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
                 n_bins = n_total = 0
                 with atomic_path(Path(work_dirs[b]) / entry.slide) as tmp:
                     tmp.mkdir()
-                    writer = PartWriter(tmp, cfg.shard.samples_per_shard, cfg.shard.bytes_per_shard)
+                    dims = Dims(G=len(genes), K1=cfg.shard.k_neighbours + 1, S=geom.n_spots, F=extractor.dim,
+                                P=geom.image_px)
+                    writer = PartWriter(tmp, cfg.shard.samples_per_shard, cfg.shard.bytes_per_shard, dims,
+                                        cfg.shard.image_format)
                     for t in range(len(lv.tiles.grid)):
-                        key, members, n, n_tile = make_sample(entry, split, b, lv, t, tile_images.encoded(uidx[t]),
-                                                              feats, cfg)
-                        writer.write(key, members, n)
-                        n_bins, n_total = n_bins + n, n_total + n_tile
+                        sample, n_tile = make_sample(entry, split, b, lv, t, feats, cfg)
+                        writer.write(sample, tile_images.encoded(uidx[t]))
+                        n_bins, n_total = n_bins + sample.n_bins, n_total + n_tile
                         bar.update(1)
                     records[b] = {"slide": entry.slide, "split": split, "bin_um": b, "tiles": len(lv.tiles.grid),
                                   "bins": n_bins, "bins_in_tiles": n_total, "bins_in_tissue": len(lv.bins.libsize),

@@ -1,4 +1,4 @@
-"""Decoded shard samples (docs/shard_format.md, version 1) cut from a virtual slide, for tests and bench.
+"""Decoded shard samples (:class:`magnet.format.sample.Sample`) cut from a virtual slide, for tests and bench.
 
 The slide is a grid of ``n_tiles`` global tiles; each tile's features and expression derive from
 its own seed, so a tile seen as a neighbour in two samples has the same content, as in real shards.
@@ -12,8 +12,8 @@ import math
 import numpy as np
 from scipy.spatial import cKDTree
 
+from magnet.format.sample import Meta, Sample
 from magnet.geometry import Geometry
-from sharding.writer import FORMAT_VERSION
 
 
 def _normalise(counts: np.ndarray, target: float = 100.0) -> np.ndarray:
@@ -49,7 +49,7 @@ class VirtualSlide:
             "global_expr": _normalise(spot_counts.sum(0)),
         }
 
-    def sample(self, t: int) -> dict:
+    def sample(self, t: int) -> Sample:
         """The decoded sample of tile ``t`` (centre first, then its ``k`` nearest tiles)."""
         g = self.geometry
         k1 = self.k + 1
@@ -69,7 +69,7 @@ class VirtualSlide:
         offset = np.zeros((k1, 2), np.float32)
         offset[:n_real] = self.centres_um[nbrs] - self.centres_um[t]
         image = np.random.default_rng((self.seed, t, 1)).integers(0, 256, (g.image_px, g.image_px, 3), dtype=np.uint8)
-        return {
+        arrays = {
             "image": image,
             "bin_xy": own["xy"],
             "bin_rc": np.floor(slide_px[:, ::-1] * g.mpp / self.bin_um).astype(np.int32),
@@ -82,11 +82,11 @@ class VirtualSlide:
             "global_feat": stack("global_feat", np.float16),
             "nbr_offset": offset,
             "nbr_mask": np.arange(k1) < n_real,
-            "meta": {"slide": self.slide, "split": "train", "gx": gx, "gy": gy, "bin_um": self.bin_um,
-                     "mpp": g.mpp, "n_bins": len(own["xy"]), "format_version": FORMAT_VERSION},
         }
+        meta = Meta(slide=self.slide, split="train", gx=gx, gy=gy, bin_um=self.bin_um, mpp=g.mpp, n_bins=len(own["xy"]))
+        return Sample(meta=meta, arrays=arrays)
 
-    def samples(self, n: int, seed: int = 0) -> list[dict]:
+    def samples(self, n: int, seed: int = 0) -> list[Sample]:
         tiles = np.random.default_rng(seed).choice(len(self.grid), size=n, replace=False)
         return [self.sample(int(t)) for t in tiles]
 

@@ -8,7 +8,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from sharding.writer import sha256_file
+from magnet.format.tar import sha256_file
 
 
 def _members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:

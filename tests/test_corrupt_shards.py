@@ -14,7 +14,7 @@ from magnet.cli import main
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
-from magnet.train.config import DataConfig
+from magnet.experiment import DataConfig
 from shard_damage import corrupt, rehash
 
 KNN = {"k_bin": 4, "k_spot": 3, "k_global": 3}
@@ -123,7 +123,7 @@ def test_all_shards_corrupt_is_an_error_not_a_hang(shards):
 
 def test_unknown_policy_is_refused(tmp_path):
     from magnet.config import load_config
-    from magnet.train.config import ExperimentConfig
+    from magnet.experiment import ExperimentConfig
 
     with pytest.raises(UserError, match="data.on_corrupt"):
         load_config(ExperimentConfig, None, ["data.on_corrupt=ignore"])

@@ -12,10 +12,11 @@ import torch
 
 from magnet.batch import collate
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream, samples
-from magnet.data.transforms import augment, chunk_bins, decode_sample, window_bins
+from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
-from magnet.train.config import DataConfig
+from magnet.experiment import DataConfig
+from magnet.format.codec import decode_sample
 
 KNN = {"k_bin": 4, "k_spot": 3, "k_global": 3}
 
@@ -74,14 +75,29 @@ def test_stream_is_deterministic_for_a_seed_and_changes_with_it(tiny_shards):
     assert a != _fingerprint(_stream(cfg).epoch(1))
 
 
-def test_ranks_get_equal_steps_and_different_shards(tiny_shards):
+def _as_rank(monkeypatch, rank: int, world: int) -> None:
+    """The environment a launcher gives rank ``rank`` (webdataset's split_by_node reads it)."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+
+
+def test_ranks_get_equal_steps_and_different_shards(tiny_shards, monkeypatch):
     cfg = _cfg(tiny_shards, epoch_samples=20)
-    runs = [list(_stream(cfg, rank=r, world=2).epoch(0)) for r in range(2)]
+    runs = []
+    for r in range(2):
+        _as_rank(monkeypatch, r, 2)
+        runs.append(list(_stream(cfg, rank=r, world=2).epoch(0)))
     assert len(runs[0]) == len(runs[1]) == _stream(cfg, world=2).batches_per_epoch == 5
     keys = [{(b.slides[int(s)], tuple(g)) for b in run for s, g in zip(b.sample_slide, b.sample_grid.tolist())}
             for run in runs]
     assert keys[0] != keys[1]
     assert all(b.num_bins <= cfg.max_bins * cfg.micro_batch for run in runs for b in run)
+
+
+def test_a_stream_made_for_another_rank_than_the_environment_is_refused(tiny_shards, monkeypatch):
+    _as_rank(monkeypatch, 0, 1)
+    with pytest.raises(RuntimeError, match="webdataset sees rank 0 of 1"):
+        next(iter(_stream(_cfg(tiny_shards), rank=1, world=2).epoch(0)))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -93,17 +109,18 @@ def test_resumed_epoch_continues_exactly(tiny_shards, workers):
         assert _fingerprint(_stream(cfg).epoch(3, skip_batches=skip)) == full[skip:]
 
 
-def test_eval_stream_reads_every_validation_bin_once(tiny_shards):
+def test_eval_stream_reads_every_validation_bin_once(tiny_shards, monkeypatch):
     cfg = _cfg(tiny_shards, workers=2)
     sset = _set(cfg)
     man = sset.manifest
-    want_bins = sum(s["n_bins"] for s in man["shards"] if s["split"] == "val")
+    want_bins = sum(s.n_bins for s in man.shards if s.split == "val")
     seen = []
     for rank in range(2):
+        _as_rank(monkeypatch, rank, 2)
         for b in EvalStream(sset, cfg, WorldInfo(rank=rank, world_size=2, local_rank=rank), "val", KNN):
             seen += [(b.slides[int(s)], tuple(rc)) for s, rc in zip(b.bin_slide, b.bin_rc.tolist())]
     assert len(seen) == len(set(seen)) == want_bins
-    assert {s for s, _ in seen} == {s for s, v in man["splits"].items() if v == "val"}
+    assert {s for s, _ in seen} == {s for s, v in man.splits.items() if v == "val"}
 
 
 def test_augmentation_moves_image_bins_spots_and_offsets_together(tiny_shards):

@@ -20,8 +20,8 @@ from magnet.cli import main
 from magnet.config import config_from_saved
 from magnet.data.pipeline import EvalStream, Pipeline, ShardSet, TrainStream, samples
 from magnet.dist import WorldInfo
+from magnet.experiment import ExperimentConfig
 from magnet.metrics import METRICS
-from magnet.train.config import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -69,9 +69,9 @@ def test_a_fold_trains_on_the_other_folds_and_evaluates_on_its_own(fold_runs, ti
         cfg = config_from_saved(ExperimentConfig, run / "config.yaml")  # as the run recorded it
         assert cfg.data.fold == k and cfg.data.folds == folds
         shard_set = ShardSet.for_training(cfg.data)  # what the training loop builds from it
-        for entry in shard_set.manifest["shards"]:  # each shard names the one slide it holds
-            raw = samples()(iter([{"url": str(shard_set.root / entry["name"])}]))
-            assert {json.loads(r["meta.json"])["slide"] for r in raw} == {entry["slide"]}
+        for entry in shard_set.manifest.shards:  # each shard names the one slide it holds
+            raw = samples()(iter([{"url": str(shard_set.manifest.root / entry.name)}]))
+            assert {json.loads(r["meta.json"])["slide"] for r in raw} == {entry.slide}
         train = TrainStream(shard_set, cfg.data, one, 0, KNN)
         n_train = sum(n for _, n in shard_set.shards(cfg.data.train_split))
         read = _slides_read(train.stages(0), n_train)  # one round of the resampled shard list

@@ -11,8 +11,8 @@ from magnet.batch import collate
 from magnet.config import load_config
 from magnet.errors import UserError
 from magnet.losses import LossConfig, compute_loss
-from magnet.models.config import MODEL_NAMES, ModelConfig
-from magnet.models.factory import create_model
+from magnet.models.config import ModelConfig
+from magnet.models.factory import create_model, model_names
 from magnet.models.layers import ContextCrossAttention, LevelEncoder
 
 G, F, K = 16, 32, 4
@@ -61,7 +61,7 @@ def test_collate_fields_follow_the_samples(batch):
     assert torch.equal(b.glob_sample[b.bin_glob], b.bin_sample)
     assert b.glob_centre[b.bin_glob].all() and b.spot_centre[b.bin_spot].all()
     # slide positions in um from the tile grid
-    gx, gy = samples[0]["meta"]["gx"], samples[0]["meta"]["gy"]
+    gx, gy = samples[0].meta.gx, samples[0].meta.gy
     expect = (np.array([gx, gy]) * 64 - 16 + samples[0]["bin_xy"][0]) * 0.5
     np.testing.assert_allclose(b.bin_pos[0].numpy(), expect, rtol=1e-6)
     # context tokens: own node first, every valid token inside the bin's own sample
@@ -102,12 +102,12 @@ def test_absent_neighbours_are_masked_and_have_no_edges():
 
 def test_collate_rejects_a_malformed_sample():
     samples = VirtualSlide(10, geometry=TINY_GEOMETRY, n_genes=G, feat_dim=F, k=K).samples(2)
-    samples[1]["spot_feat"] = samples[1]["spot_feat"][:, :, :5]
+    samples[1] = samples[1].replace(spot_feat=samples[1]["spot_feat"][:, :, :5])
     with pytest.raises(UserError, match="spot_feat"):
         collate(samples, TINY_GEOMETRY, k_spot=K, k_global=K)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_every_model_gives_shapes_and_dtypes(batch, name):
     _, b = batch
     model = create_model(tiny_cfg(name), G, F, TINY_GEOMETRY)

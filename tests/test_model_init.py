@@ -15,7 +15,7 @@ import zstandard
 
 from magnet.batch import collate
 from magnet.data.pipeline import ShardSet, samples
-from magnet.data.transforms import decode_sample
+from magnet.format.codec import decode_sample
 from magnet.models.config import ModelConfig
 from magnet.models.factory import create_model
 from magnet.models.init import init_from_statistics, training_statistics

@@ -103,7 +103,7 @@ def test_predictions_equal_the_registered_model_on_the_shards_samples(predicted,
 
     from magnet.batch import collate
     from magnet.data.pipeline import samples
-    from magnet.data.transforms import decode_sample
+    from magnet.format.codec import decode_sample
 
     uri, _ = registered
     mlflow.set_tracking_uri(uri)
@@ -111,7 +111,7 @@ def test_predictions_equal_the_registered_model_on_the_shards_samples(predicted,
     man = json.loads((tiny_shards / "16um" / "manifest.json").read_text())
     urls = [str(tiny_shards / "16um" / s["name"]) for s in man["shards"]]
     decoded = [decode_sample(r) for r in samples()(iter({"url": u} for u in urls))]
-    mine = [s for s in decoded if s["meta"]["slide"] == SLIDE]
+    mine = [s for s in decoded if s.meta.slide == SLIDE]
     assert len(mine) >= 4
     adata = ad.read_h5ad(predicted[0] / "pred.h5ad")
     row = {(r, c): i for i, (r, c) in enumerate(zip(adata.obs["array_row"], adata.obs["array_col"]))}

@@ -18,7 +18,8 @@ import pytest
 import tifffile
 
 from magnet.cli import main
-from sharding.writer import FORMAT_VERSION, decode_npy
+from magnet.format.codec import decode_npy
+from magnet.format.schema import FORMAT_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/shard/tiny.yaml")

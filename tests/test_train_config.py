@@ -10,10 +10,10 @@ import pytest
 
 from magnet.config import load_config
 from magnet.errors import UserError
-from magnet.train.config import ExperimentConfig
+from magnet.experiment import ExperimentConfig
+from magnet.registry.tracking import Tracker, artifact_root, flatten, mask_credentials
 from magnet.train.ds_config import deepspeed_config
 from magnet.train.schedule import lr_factor
-from magnet.train.tracking import Tracker, artifact_root, flatten, mask_credentials
 
 REPO = Path(__file__).resolve().parents[1]
 

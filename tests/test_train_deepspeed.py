@@ -140,7 +140,7 @@ def test_zero_stage_trains_and_stops_cleanly(stage, tiny_shards, tmp_path, ds_en
     _release_shm(port)
     _assert_trained(tmp_path / "z")
     # the weights gathered from the ranks' partitions reproduce the engine's output
-    from magnet.train.pyfunc import MagnetPyfunc
+    from magnet.registry.pyfunc import MagnetPyfunc
 
     folder = tmp_path / "z" / "model"
     model = MagnetPyfunc()

@@ -62,7 +62,7 @@ def run(args) -> int:
     from magnet.config import load_config, save_config
     from magnet.evaluate.config import EvaluateConfig
     from magnet.evaluate.select import each_model, load_models, parse_genes, select_slides
-    from magnet.train.tracking import resolve_tracking_uri
+    from magnet.registry.tracking import resolve_tracking_uri
 
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
     genes = parse_genes(args.genes)

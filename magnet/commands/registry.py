@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from magnet.errors import UserError
-    from magnet.train.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri, set_alias
+    from magnet.registry.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri, set_alias
 
     uri = check_tracking_uri(resolve_tracking_uri(args.tracking_uri), "--tracking-uri", existing=True)
     mlflow.set_tracking_uri(uri)

@@ -48,12 +48,12 @@ def run(args: argparse.Namespace) -> int:
     import subprocess
 
     from magnet.config import load_config
-    from magnet.train.config import ExperimentConfig, zero_file
+    from magnet.experiment import ExperimentConfig, zero_file
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)
     if cfg.mlflow.enabled:
-        from magnet.train.tracking import check_tracking_uri
+        from magnet.registry.tracking import check_tracking_uri
 
         check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
     if cfg.train.run_name or args.resume not in (None, "latest"):  # a run in use is refused before the launch (rank 0 takes the lock)

@@ -4,10 +4,10 @@ Three checks, so nothing corrupted is ever trained on silently:
 
 * a shard is verified against the manifest's ``bytes`` and ``sha256`` when a loader process first
   opens it (a truncated shard, or a flipped byte anywhere, even in a JPEG that would still decode);
-* every tar member must be a regular file named ``{slide}__{gx}_{gy}.{member}`` with a member of
-  the format (no absolute paths, no ``..``, nothing unexpected), read with the tar headers checked;
-* every sample must decode (zstd frames carry checksums, ``np.load(allow_pickle=False)``) to the
-  members, dtypes and shapes of docs/shard_format.md.
+* every tar member must be named ``{slide}__{gx}_{gy}.{member}`` with a member of the format
+  (:class:`magnet.format.tar.TarSamples`, whose webdataset handler is :meth:`Corruption.handle`);
+* every sample must decode (zstd frames carry checksums, ``np.load(allow_pickle=False)``) and pass
+  the schema check (:func:`magnet.format.validate.check_sample`) with the manifest's sizes.
 
 ``fail`` raises a one-line UserError naming the shard and member. ``skip`` drops the sample (a
 shard that fails its checksum: all of its samples), prints a warning and counts the samples in
@@ -18,27 +18,20 @@ shard that fails its checksum: all of its samples), prints a warning and counts 
 from __future__ import annotations
 
 import os
-import re
 import sys
-import tarfile
-from collections.abc import Iterator
-
-import numpy as np
 
 from magnet.errors import UserError
-from sharding.validate import ARRAYS
-from sharding.writer import sha256_file
+from magnet.format.tar import sha256_file
+from magnet.format.validate import Dims
 
 POLICIES = ("fail", "skip")
-KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*__\d{5,}_\d{5,}$")  # samplesheet slide names, then the tile
-MEMBERS = re.compile(r"^(image\.(jpg|png|webp)|meta\.json|[a-z_]+\.npy\.zst)$")
-OPTIONAL = {"bin_counts"}
 
 
 class Corruption:
-    """The policy, the manifest's ``path -> (bytes, sha256, n_samples)`` and the count of skipped samples."""
+    """The policy, the manifest's ``path -> (bytes, sha256, n_samples)``, the sizes samples are checked
+    against and the count of skipped samples."""
 
-    def __init__(self, policy: str, expected: dict[str, tuple[int, str, int]], dims: dict[str, int] | None):
+    def __init__(self, policy: str, expected: dict[str, tuple[int, str, int]], dims: Dims):
         if policy not in POLICIES:
             raise UserError(f"config: data.on_corrupt: '{policy}' is not one of {', '.join(POLICIES)}")
         self.policy, self.expected, self.dims = policy, expected, dims
@@ -70,52 +63,3 @@ class Corruption:
             why = f"bytes: {st.st_size}, manifest says {size}" if st.st_size != size else "sha256: does not match manifest.json"
             self.handle(f"{url}: {why}", n)
         return self._verified[key]
-
-
-def read_tar(url: str, corruption: Corruption | None) -> Iterator[dict]:
-    """Samples of one shard as webdataset dicts (``__key__``, ``__url__``, member -> bytes), in tar order."""
-    sample: dict = {}
-    try:
-        with tarfile.open(url, mode="r|") as tar:
-            for info in tar:
-                key, _, member = info.name.partition(".")
-                if not (info.isreg() and KEY.match(key) and MEMBERS.match(member)):
-                    raise _BadMember(f"{url}: {info.name!r}: unexpected tar member (expected a file "
-                                     f"'{{slide}}__{{gx}}_{{gy}}.{{member}}' of docs/shard_format.md)")
-                if sample and key != sample["__key__"]:
-                    yield sample
-                    sample = {}
-                if member in sample:
-                    raise _BadMember(f"{url}: {info.name}: member repeated")
-                sample.setdefault("__key__", key)
-                sample["__url__"] = url
-                sample[member] = tar.extractfile(info).read()
-    except (tarfile.TarError, EOFError, OSError, _BadMember) as e:
-        message = str(e) if isinstance(e, _BadMember) else f"{url}: after {sample.get('__key__', 'the start')}: " \
-                                                           f"unreadable tar ({type(e).__name__}: {e})"
-        if corruption is None:
-            raise UserError(message) from None
-        corruption.handle(message)  # the rest of the shard cannot be trusted: stop reading it
-        return
-    if sample:
-        yield sample
-
-
-class _BadMember(Exception):
-    pass
-
-
-def check_sample(sample: dict, dims: dict[str, int], url: str) -> None:
-    """Members, dtypes and shapes of a decoded sample against the manifest's dimensions (``G``, ``K1``, ``S``, ``F``)."""
-    where = f"{url}: {sample['key']}"
-    sizes = dict(dims, n=int(sample["meta"].get("n_bins", -1)))
-    for name, (dtype, shape) in ARRAYS.items():
-        if name not in sample:
-            raise UserError(f"{where}.{name}.npy.zst: missing")
-        arr: np.ndarray = sample[name]
-        want = tuple(sizes[d] if isinstance(d, str) else d for d in shape)
-        if str(arr.dtype) != dtype or arr.shape != want:
-            raise UserError(f"{where}.{name}.npy.zst: {arr.dtype} {arr.shape}, expected {dtype} {want}")
-    for name in OPTIONAL & sample.keys():
-        if sample[name].shape[0] != sizes["n"]:
-            raise UserError(f"{where}.{name}.npy.zst: {sample[name].shape[0]} rows, expected {sizes['n']}")

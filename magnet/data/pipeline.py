@@ -1,10 +1,11 @@
-"""The training and evaluation streams as lists of small named stages (CONVENTIONS.md 4-6).
+"""The training and evaluation streams as lists of small named stages.
 
 Training, per rank: shard_list (the split, repeated forever: resampled) -> shuffle_shards (a seeded
-permutation per round, the same on every rank) -> split_by_node -> split_by_worker -> samples
-(tar members as bytes, shards and member names checked) -> shuffle (a buffer of encoded samples) -> skip (resume position) ->
-decode -> window -> augment -> collate -> with_epoch (every rank and worker yields a fixed
-number of batches). Every random choice is seeded from (seed, epoch, rank, worker, round or
+permutation per round, the same on every rank) -> split_by_node (webdataset's) -> split_by_worker ->
+samples (shards checked, then webdataset's ``tarfile_to_samples``: member bytes, names checked) ->
+shuffle (webdataset's, a buffer of encoded samples) -> skip (resume position) -> decode (schema
+check) -> window -> augment -> collate -> with_epoch (every rank and worker yields a fixed number of
+batches). Every random choice is seeded from (seed, epoch, rank, worker, round or
 sample index), so a stream is a pure function of the seed and a resumed run sees the same batches.
 Corrupted shards and samples are handled by ``data.on_corrupt`` (:mod:`magnet.data.corrupt`).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -23,12 +25,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from magnet.data.corrupt import Corruption, check_sample, read_tar
-from magnet.data.manifest import check_manifest, fold_view, geometry_of, load_manifest, manifest_path, split_shards
-from magnet.data.transforms import augment, chunk_bins, decode_sample, window_bins
+import webdataset as wds
+
+from magnet.data.corrupt import Corruption
+from magnet.data.manifest import check_manifest, fold_view
+from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
-from sharding.validate import dims_of
+from magnet.format.codec import decode_sample
+from magnet.format.manifest import Manifest, manifest_path
+from magnet.format.sample import Sample
+from magnet.format.tar import TarSamples
+from magnet.format.validate import check_sample
 
 Stage = Callable[[Iterator], Iterator]
 
@@ -67,6 +75,7 @@ class Pipeline(IterableDataset):
 
 
 def shard_list(urls: list[str], repeat: bool) -> Stage:
+    """Own: webdataset's ResampledShards draws with replacement; here every round lists each shard once."""
     def stage(_: Iterator) -> Iterator:
         rounds = itertools.count() if repeat else [0]
         for r in rounds:
@@ -76,7 +85,8 @@ def shard_list(urls: list[str], repeat: bool) -> Stage:
 
 
 def shuffle_shards(seed: int, epoch: int, n: int) -> Stage:
-    """Permute each round of ``n`` shards with a generator from (seed, epoch, round): same on all ranks."""
+    """Permute each round of ``n`` shards with a generator from (seed, epoch, round): same on all ranks.
+    Own: webdataset shuffles shard lists per process, which would give the ranks different orders."""
     def stage(src: Iterator) -> Iterator:
         while True:
             rnd = list(itertools.islice(src, n))
@@ -88,12 +98,17 @@ def shuffle_shards(seed: int, epoch: int, n: int) -> Stage:
 
 
 def split_by_node(world: WorldInfo) -> Stage:
+    """webdataset's, which reads the rank from the environment or torch.distributed: checked against ``world``."""
     def stage(src: Iterator) -> Iterator:
-        return itertools.islice(src, world.rank, None, world.world_size)
+        rank, size = wds.utils.pytorch_worker_info()[:2]
+        if (rank, size) != (world.rank, world.world_size):
+            raise RuntimeError(f"webdataset sees rank {rank} of {size}, the stream was made for {world}")
+        return wds.split_by_node(src)
     return stage
 
 
 def split_by_worker(num_workers: int, rotate: int = 0) -> Stage:
+    """Own: webdataset's cannot rotate worker ids, which an exact resume mid-epoch needs."""
     def stage(src: Iterator) -> Iterator:
         w, n = _worker(num_workers, rotate)
         return itertools.islice(src, w, None, n)
@@ -101,9 +116,10 @@ def split_by_worker(num_workers: int, rotate: int = 0) -> Stage:
 
 
 def samples(corruption: Corruption | None = None) -> Stage:
-    """Each shard's samples as member bytes; with ``corruption``, shards are checked first (a run of
-    more corrupt shards than the manifest lists means none is left to read)."""
-    def stage(src: Iterator) -> Iterator:
+    """Each shard's samples as member bytes; with ``corruption``, shards are checked against the manifest
+    first (own stage: webdataset verifies no checksums; a run of more corrupt shards than the manifest
+    lists means none is left to read) and read errors go to its policy."""
+    def checked(src: Iterator) -> Iterator:
         bad_in_a_row = 0
         for shard in src:
             if corruption is not None and not corruption.shard_ok(shard["url"]):
@@ -112,33 +128,25 @@ def samples(corruption: Corruption | None = None) -> Stage:
                     raise UserError(f"{shard['url']}: every shard this loader reads is corrupt (data.on_corrupt)")
                 continue
             bad_in_a_row = 0
-            yield from read_tar(shard["url"], corruption)
+            yield shard
+
+    def stage(src: Iterator) -> Iterator:
+        return TarSamples(corruption.handle if corruption is not None else None)(checked(src))
     return stage
 
 
 def shuffle(bufsize: int, initial: int, seed: int, epoch: int, rank: int, num_workers: int, rotate: int) -> Stage:
-    """A buffer of still-encoded samples: filled to ``initial`` first, then grows to ``bufsize``."""
+    """webdataset's shuffle buffer of still-encoded samples, its generator seeded in the worker from
+    (seed, epoch, rank, logical worker)."""
     def stage(src: Iterator) -> Iterator:
-        rng = _rng(seed, epoch, rank, _worker(num_workers, rotate)[0], 1)
-        buf: list = []
-        for s in src:
-            buf.append(s)
-            if len(buf) < bufsize:
-                buf.extend(itertools.islice(src, 1))
-            if len(buf) >= min(initial, bufsize):
-                yield _pick(buf, rng)
-        while buf:
-            yield _pick(buf, rng)
+        key = [seed, epoch, rank, _worker(num_workers, rotate)[0], 1]
+        rng = random.Random(int(np.random.SeedSequence(key).generate_state(1)[0]))
+        return wds.shuffle(bufsize, initial, rng=rng)(src)
     return stage
 
 
-def _pick(buf: list, rng: np.random.Generator):
-    i = int(rng.integers(len(buf)))
-    buf[i], buf[-1] = buf[-1], buf[i]
-    return buf.pop()
-
-
 def number() -> Stage:
+    """Own: the sample's position in the stream, which seeds its random choices (webdataset has none)."""
     def stage(src: Iterator) -> Iterator:
         for i, s in enumerate(src):
             s["__index__"] = i
@@ -147,38 +155,37 @@ def number() -> Stage:
 
 
 def skip(count: Callable[[], int]) -> Stage:
-    """Drop the samples a resumed run has already trained on (before decoding them)."""
+    """Drop the samples a resumed run has already trained on (before decoding them). Own: webdataset has
+    no resume position."""
     def stage(src: Iterator) -> Iterator:
         return itertools.islice(src, count(), None)
     return stage
 
 
 def decode(corruption: Corruption | None = None) -> Stage:
-    """Late decode; with ``corruption``, a sample that fails to decode or to match the manifest's
-    shapes is handled by its policy."""
+    """Late decode into :class:`Sample`; with ``corruption``, a sample that fails to decode or the schema
+    check with the manifest's sizes is handled by its policy."""
     def stage(src: Iterator) -> Iterator:
         for s in src:
-            index = s.get("__index__", 0)
             try:
                 d = decode_sample(s)
-                if corruption is not None:
-                    check_sample(d, corruption.dims, s.get("__url__", "?"))
+                if corruption is not None:  # finite values were checked by the writer; sha256 says the bytes are its
+                    check_sample(d, corruption.dims, f"{d.url}: {s['__key__']}", stored=True, finite=False)
             except UserError as e:
                 if corruption is None:
                     raise
                 corruption.handle(str(e))
                 continue
-            d["__index__"] = index
             yield d
     return stage
 
 
-def per_sample(fn: Callable[[dict, np.random.Generator], dict], key: Callable[[], tuple], tag: int) -> Stage:
+def per_sample(fn: Callable[[Sample, np.random.Generator], Sample], key: Callable[[], tuple], tag: int) -> Stage:
     """Apply ``fn(sample, rng)`` with a generator seeded from ``key() + (tag, sample index)``."""
     def stage(src: Iterator) -> Iterator:
         k = key()
         for s in src:
-            yield fn(s, _rng(*k, tag, s["__index__"]))
+            yield fn(s, _rng(*k, tag, s.index))
     return stage
 
 
@@ -199,8 +206,6 @@ def collate(batch_size: int, geometry, partial: bool, knn: dict, corruption: Cor
             group = list(itertools.islice(src, batch_size))
             if not group or (len(group) < batch_size and not partial):
                 return
-            for s in group:
-                s.pop("__index__", None)
             batch = model_collate(group, geometry, **knn)
             batch.corrupt_samples = corruption.take() if corruption is not None else 0
             yield batch
@@ -208,6 +213,8 @@ def collate(batch_size: int, geometry, partial: bool, knn: dict, corruption: Cor
 
 
 def with_epoch(count: Callable[[], int]) -> Stage:
+    """Own: the count is known only in the worker (it depends on the resume point and the worker id),
+    where webdataset's with_epoch takes it when the pipeline is built."""
     def stage(src: Iterator) -> Iterator:
         return itertools.islice(src, count())
     return stage
@@ -221,33 +228,30 @@ class ShardSet:
     manifest's ``slide -> fold`` map where the set is a cross-validation view (:meth:`for_training`)."""
 
     def __init__(self, shards: str, bin_um: int, genes: list[str] | None, normalisation: dict | None):
-        self.root = Path(shards) / f"{bin_um}um"
-        self.manifest = load_manifest(shards, bin_um)
-        check_manifest(self.manifest, manifest_path(shards, bin_um), genes=genes, normalisation=normalisation)
-        self.geometry = geometry_of(self.manifest)
-        self.genes = list(self.manifest["genes"])
-        self.normalisation = self.manifest["normalisation"]
+        self.manifest = Manifest.load(manifest_path(shards, bin_um))
+        check_manifest(self.manifest, genes=genes, normalisation=normalisation)
+        self.geometry = self.manifest.geometry
+        self.genes = list(self.manifest.genes)
+        self.normalisation = self.manifest.normalisation
         self.folds: dict[str, int] | None = None
 
     @classmethod
     def for_training(cls, data) -> ShardSet:
-        """The shards a training run with ``data`` (:class:`magnet.train.config.DataConfig`) reads: with
+        """The shards a training run with ``data`` (:class:`magnet.experiment.DataConfig`) reads: with
         ``data.fold`` set, the manifest's splits are replaced by that fold's (:func:`fold_view`)."""
         s = cls(data.shards, data.bin_um, data.genes, data.normalisation)
         if data.fold is not None:
-            s.manifest = fold_view(s.manifest, manifest_path(data.shards, data.bin_um), data.fold, data.folds,
-                                   data.train_split, data.eval_split)
-            s.folds = dict(sorted(s.manifest["folds"].items()))
+            s.manifest = fold_view(s.manifest, data.fold, data.folds, data.train_split, data.eval_split)
+            s.folds = dict(sorted(s.manifest.folds.items()))
         return s
 
     def shards(self, split: str) -> list[tuple[str, int]]:
-        return split_shards(self.manifest, self.root, split)
+        return self.manifest.shard_files(split)
 
     def corruption(self, policy: str) -> Corruption:
         """What the loader checks each shard and sample against, and how it treats a mismatch."""
-        expected = {str(self.root / s["name"]): (int(s["bytes"]), s["sha256"], int(s["n_samples"]))
-                    for s in self.manifest["shards"]}
-        return Corruption(policy, expected, dims_of(self.manifest))
+        expected = {str(self.manifest.root / s.name): (s.bytes, s.sha256, s.n_samples) for s in self.manifest.shards}
+        return Corruption(policy, expected, self.manifest.dims)
 
 
 class TrainStream:
@@ -264,6 +268,7 @@ class TrainStream:
         self.batches_per_epoch = per_worker * self.n_workers
         # a round holds the list enough times that every (rank, worker) gets at least one shard of it
         self.repeats = math.ceil(world.world_size * self.n_workers / len(self.urls))
+        self.position = {"epoch": 0, "batch_in_epoch": 0}
 
     def stages(self, epoch: int, skip_batches: int = 0) -> list[tuple[str, Stage]]:
         cfg, nw, world, seed = self.cfg, self.n_workers, self.world, self.seed
@@ -301,6 +306,21 @@ class TrainStream:
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterable:
         return _loader(Pipeline(self.stages(epoch, skip_batches)), self.cfg)
+
+    def state_dict(self) -> dict[str, int]:
+        """The stream's position: batches handed out of the current epoch (saved in checkpoints)."""
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = {"epoch": int(state["epoch"]), "batch_in_epoch": int(state["batch_in_epoch"])}
+
+    def __iter__(self) -> Iterator:
+        """Batches from the position on, epoch after epoch, forever; the position counts each batch handed out."""
+        while True:
+            for batch in self.epoch(self.position["epoch"], self.position["batch_in_epoch"]):
+                self.position["batch_in_epoch"] += 1
+                yield batch
+            self.position = {"epoch": self.position["epoch"] + 1, "batch_in_epoch": 0}
 
 
 class EvalStream:

@@ -221,8 +221,8 @@ def log_mlflow(tracking_uri: str, experiment: str, run_name: str, rows: list[dic
     """One MLflow run (with ``run_id``: that existing run, its params untouched) holding the metrics (means;
     sds as ``..._sd``; over folds ``..._fold_mean`` and ``..._fold_sd``; ``extra_metrics``) and the files
     (artifact folder ``evaluation``); returns its id."""
-    from magnet.train.config import MlflowConfig
-    from magnet.train.tracking import Tracker
+    from magnet.experiment import MlflowConfig
+    from magnet.registry.tracking import Tracker
 
     tracker = Tracker(MlflowConfig(tracking_uri=tracking_uri, experiment=experiment), active=True)
     run_id = tracker.start(run_name, params, tags={"magnet.evaluation": "true"} if run_id else

@@ -130,7 +130,8 @@ def manifest_splits(model: LoadedModel) -> dict[str, str]:
     """``slide -> split`` as the model saw it: for a fold model (``data.fold=k``), ``train`` for the slides
     of the other folds and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's
     splits ({} when it is not reachable)."""
-    from magnet.data.manifest import fold_roles, manifest_path
+    from magnet.data.manifest import fold_roles
+    from magnet.format.manifest import manifest_path
 
     data = model.python_model.config.data
     if data.fold is not None:

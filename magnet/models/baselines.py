@@ -8,6 +8,7 @@ from torch import nn
 from magnet.models.config import ModelConfig
 from magnet.models.encoder import Encoder
 from magnet.models.predictions import Predictions
+from magnet.models.register import register_model
 
 
 class MeanProfile(nn.Module):
@@ -50,3 +51,13 @@ class STNet(nn.Module):
 
     def forward(self, batch) -> Predictions:
         return Predictions(bin=self.head(self.encoder(batch.bin_img.float() / 255.0)))
+
+
+@register_model("stnet")
+def stnet(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry) -> STNet:
+    return STNet(cfg, n_genes)
+
+
+@register_model("mean")
+def mean(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry) -> MeanProfile:
+    return MeanProfile(n_genes)

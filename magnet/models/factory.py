@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING
 
-from magnet.geometry import Geometry
-from magnet.models.config import MODEL_NAMES, ModelConfig
+from magnet.models.register import MODELS
+
+if TYPE_CHECKING:  # ModelConfig checks its name here: a run-time import would be a cycle
+    from torch import nn
+
+    from magnet.geometry import Geometry
+    from magnet.models.config import ModelConfig
+
+MODEL_MODULES = ("magnet.models.magnet", "magnet.models.baselines")  # where models register themselves
+
+
+def model_names() -> tuple[str, ...]:
+    for module in MODEL_MODULES:
+        importlib.import_module(module)
+    return tuple(MODELS)
 
 
 def create_model(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry) -> nn.Module:
     """``model(batch: magnet.batch.Batch) -> magnet.models.predictions.Predictions``.
 
     ``n_genes`` and ``feat_dim`` (frozen feature size) come from the shard manifest; ``geometry``
-    (pixel size and tile sides) scales positions. Names: ``magnet``, ``magnet_no_spot``,
-    ``magnet_no_global``, ``magnet_no_graph``, ``stnet``, ``mean``.
+    (pixel size and tile sides) scales positions. Names: :func:`model_names`.
     """
-    from magnet.models.baselines import MeanProfile, STNet
-    from magnet.models.magnet import MagNet
-
-    ablations = {
-        "magnet": {},
-        "magnet_no_spot": {"spot": False},
-        "magnet_no_global": {"glob": False},
-        "magnet_no_graph": {"graph": False},
-    }
-    if cfg.name in ablations:
-        return MagNet(cfg, n_genes, feat_dim, geometry, **ablations[cfg.name])
-    if cfg.name == "stnet":
-        return STNet(cfg, n_genes)
-    if cfg.name == "mean":
-        return MeanProfile(n_genes)
-    raise ValueError(f"unknown model name {cfg.name!r}; known: {', '.join(MODEL_NAMES)}")
+    names = model_names()
+    if cfg.name not in MODELS:
+        raise ValueError(f"unknown model name {cfg.name!r}; known: {', '.join(names)}")
+    return MODELS[cfg.name](cfg, n_genes, feat_dim, geometry)

@@ -33,7 +33,7 @@ def training_statistics(shard_set, split: str, max_samples: int = 512) -> dict[s
     """Per-gene mean of the bin targets and per-dimension mean/sd of the centre tiles' spot and global
     features, over every ``split`` shard's first samples (``max_samples`` in all)."""
     from magnet.data.pipeline import samples
-    from magnet.data.transforms import decode_sample
+    from magnet.format.codec import decode_sample
 
     shards = shard_set.shards(split)
     per_shard = max(1, max_samples // max(len(shards), 1))

@@ -34,6 +34,7 @@ from magnet.models.encoder import Encoder
 from magnet.models.init import FeatureScaler
 from magnet.models.layers import ContextCrossAttention, LevelEncoder, head
 from magnet.models.predictions import Predictions
+from magnet.models.register import register_model
 
 
 class MagNet(nn.Module):
@@ -96,3 +97,23 @@ class MagNet(nn.Module):
         if self.training and self.context_drop > 0:
             context = context * (torch.rand(context.shape[0], 1, device=context.device) >= self.context_drop).to(context.dtype)
         return Predictions(bin=self.local_head(local) + context, spot=out.get("spot"), glob=out.get("glob"))
+
+
+@register_model("magnet")
+def magnet(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry) -> MagNet:
+    return MagNet(cfg, n_genes, feat_dim, geometry)
+
+
+@register_model("magnet_no_spot")
+def magnet_no_spot(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry) -> MagNet:
+    return MagNet(cfg, n_genes, feat_dim, geometry, spot=False)
+
+
+@register_model("magnet_no_global")
+def magnet_no_global(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry) -> MagNet:
+    return MagNet(cfg, n_genes, feat_dim, geometry, glob=False)
+
+
+@register_model("magnet_no_graph")
+def magnet_no_graph(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry) -> MagNet:
+    return MagNet(cfg, n_genes, feat_dim, geometry, graph=False)

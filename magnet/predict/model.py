@@ -23,7 +23,7 @@ from magnet.errors import UserError
 @dataclasses.dataclass
 class LoadedModel:
     uri: str
-    python_model: object  # magnet.train.pyfunc.MagnetPyfunc: genes, normalisation, geometry, config, predict_batch
+    python_model: object  # magnet.registry.pyfunc.MagnetPyfunc: genes, normalisation, geometry, config, predict_batch
     k_neighbours: int
     encoder: dict  # name, feat_dim, weights (id), input_px
     source: dict  # what to record: uri, registered version / run id where known
@@ -64,7 +64,7 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
     for name in ("model_meta.json", "example_input.npz", "model.safetensors", "config.yaml"):
         if not (art / name).is_file():
             raise UserError(f"{art / name}: --model: file missing (not a MagNet model folder)")
-    from sharding.writer import FORMAT_VERSION
+    from magnet.format.schema import FORMAT_VERSION
 
     meta = json.loads((art / "model_meta.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
@@ -78,7 +78,7 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
         except Exception as e:  # mlflow raises several types for a broken model folder
             raise (_weights_error(uri, e) or _mlflow_error(uri, e)) from None
     else:
-        from magnet.train.pyfunc import MagnetPyfunc
+        from magnet.registry.pyfunc import MagnetPyfunc
 
         python_model = MagnetPyfunc()
         try:
@@ -107,7 +107,7 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from magnet.train.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri
+    from magnet.registry.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if spec.startswith(("models:/", "runs:/")):  # resolved through the tracking store (s3://, file:// are not)

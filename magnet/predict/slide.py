@@ -195,12 +195,13 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
     import torch
 
     from magnet.batch import collate
-    from magnet.data.transforms import chunk_bins, decode_sample
+    from magnet.data.transforms import chunk_bins
+    from magnet.format.codec import decode_image
     from sharding.features import FeatureExtractor, centre_on_slide
     from sharding.reader import BinFiles, read_bins, read_mpp
     from sharding.samplesheet import SlideEntry
     from sharding.slide import Level, make_sample
-    from sharding.writer import EncodedTiles
+    from sharding.tile_images import EncodedTiles
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -304,8 +305,8 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
 
                 control = ContextControl(cfg.context, tiles.grid, *feats, geom, cfg.context_seed)
             for t in range(T):
-                key, members, _, _ = make_sample(entry, "predict", bin_um, lv, t, tile_images.encoded(t), feats, scfg)
-                sample = decode_sample({"__key__": key, **members})
+                sample, _ = make_sample(entry, "predict", bin_um, lv, t, feats, scfg)
+                sample = sample.replace(image=decode_image(tile_images.encoded(t)))
                 idx = tiles.bins_of(t)
                 for k, chunk in enumerate(chunk_bins(sample, max_bins)):
                     pending.append((chunk, idx[k * max_bins:(k + 1) * max_bins], t))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from magnet.errors import UserError
 from magnet.io import atomic_write_text
+from magnet.registry.tracking import flatten, set_alias
 from magnet.sweep.config import SweepConfig
-from magnet.train.tracking import flatten, set_alias
 
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
 

@@ -17,7 +17,7 @@ from magnet.errors import UserError
 from magnet.io import atomic_write_text
 from magnet.sweep.config import SweepConfig
 from magnet.sweep.space import base_config, check_no_fold, check_resolutions, param_space
-from magnet.train.tracking import check_tracking_uri
+from magnet.registry.tracking import check_tracking_uri
 
 STATE_FILE = "sweep.json"
 
@@ -104,10 +104,10 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
 
     from ray import tune
 
+    from magnet.experiment import MlflowConfig
+    from magnet.registry.tracking import Tracker
     from magnet.sweep.results import close_interrupted, finish_sweep
     from magnet.sweep.trial import run_trial
-    from magnet.train.config import MlflowConfig
-    from magnet.train.tracking import Tracker
 
     m = cfg.mlflow
     tracker = Tracker(MlflowConfig(tracking_uri=m.tracking_uri, experiment=m.experiment, register_as=m.register_as,

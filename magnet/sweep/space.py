@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from magnet.config import load_config
-from magnet.data.manifest import manifest_path
 from magnet.errors import UserError
+from magnet.experiment import ExperimentConfig
+from magnet.format.manifest import manifest_path
 from magnet.sweep.config import DISTRIBUTIONS, SweepConfig
-from magnet.train.config import ExperimentConfig
 
 
 def leaves(space: dict, prefix: str = "") -> dict[str, tuple[str, list]]:

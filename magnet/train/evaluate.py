@@ -61,7 +61,7 @@ def evaluate(engine, stream, cfg, spare_batch, lockstep_forward: bool, map_genes
     """``(metrics, per-slide table, map)``: flat means (``loss``, ``pcc_bin``, ``spot_pcc_gene`` ...)."""
     from magnet.losses import compute_loss
 
-    slides = sorted(s for s, v in stream.set.manifest.get("splits", {}).items() if v == cfg.data.eval_split)
+    slides = sorted(s for s, v in stream.set.manifest.splits.items() if v == cfg.data.eval_split)
     n_genes = len(stream.set.genes)
     acc = {lvl: ExpressionMetrics(n_genes, slides) for lvl in LEVELS}
     gene_map = MapSample(map_genes) if dist.is_primary() and map_genes else None

@@ -1,5 +1,9 @@
 """The training loop behind ``launch/train.py``: one DeepSpeed engine per rank over the shard stream.
 
+Small parts: :func:`setup_run` and :func:`write_run_config` (the run folder), :func:`build_engine`,
+:func:`train_step`, :func:`evaluate_step`, :func:`save_checkpoint`; the state is a
+:class:`magnet.train.state.TrainState` plus the data stream's ``state_dict`` (its position).
+
 Run layout (``train.out_dir/run_name``): ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per
 optimizer step and per evaluation, rank 0), ``checkpoints/`` (DeepSpeed tags, ``latest``, ``best``),
 ``model/`` (the registry model's files). Run name and resume point are decided on rank 0 and
@@ -20,15 +24,15 @@ import torch
 
 from magnet import dist
 from magnet.config import config_from_saved, git_revision, save_config, to_dict
-from magnet.data.manifest import feat_dim
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.errors import UserError
+from magnet.experiment import ExperimentConfig
 from magnet.io import atomic_write_text
+from magnet.registry.tracking import Tracker, mask_credentials
 from magnet.train import checkpoint, rundir
-from magnet.train.config import ExperimentConfig
 from magnet.train.ds_config import deepspeed_config
 from magnet.train.schedule import make_scheduler
-from magnet.train.tracking import Tracker, mask_credentials
+from magnet.train.state import LossMeter, TrainState, param_groups
 
 
 def _run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, str | None]:
@@ -90,17 +94,11 @@ class MetricsLog:
         return [r for r in rows if r["kind"] == kind]
 
 
-def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict:
-    """Train to ``cfg.train.steps``; returns a summary (rank 0: final metrics, model URI and version).
-
-    ``report(step, metrics)``, if given, is called after every evaluation once that step's checkpoint
-    (if any) is saved, with the metrics prefixed by the evaluation split (``val/loss``): a Ray Tune
-    trial reports them (and the run directory as its checkpoint) to the scheduler.
-    """
-    world = dist.init()
-    primary = dist.is_primary()
+def setup_run(cfg: ExperimentConfig, resume: str | None, world) -> tuple[Path, str | None]:
+    """The run folder and the checkpoint tag to resume (None: a new run), decided on rank 0 and broadcast;
+    a resumed run's recorded expectations (fold, genes, normalisation, folds) are checked and adopted."""
     decided = None
-    if primary:
+    if dist.is_primary():
         try:
             decided = _run_dir(cfg, resume)
             rundir.acquire(decided[0])  # before anything is written there
@@ -116,49 +114,120 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
         cfg.data.normalisation = cfg.data.normalisation if cfg.data.normalisation is not None else saved.data.normalisation
         cfg.data.folds = cfg.data.folds if cfg.data.folds is not None else saved.data.folds
         rundir.check_resume(to_dict(saved), to_dict(cfg), run_dir / "config.yaml")  # e.g. another data.fold
-    shard_set = ShardSet.for_training(cfg.data)
-    cfg.data.genes, cfg.data.normalisation, cfg.data.folds = shard_set.genes, shard_set.normalisation, shard_set.folds
-    ckpt_dir = run_dir / "checkpoints"
-    if primary:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, tag
+
+
+def write_run_config(cfg: ExperimentConfig, run_dir: Path, world) -> None:
+    """``checkpoints/`` and the resolved ``config.yaml`` (rank 0), then every rank waits."""
+    if dist.is_primary():
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml", world_size=world.world_size)
     dist.barrier()
 
+
+def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
+    """The model and its DeepSpeed engine; biases and norms are not weight-decayed (:func:`param_groups`)."""
     import deepspeed
 
-    from magnet.losses import compute_loss
     from magnet.models.factory import create_model
 
     torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model, len(shard_set.genes), feat_dim(shard_set.manifest), shard_set.geometry)
-    if cfg.model.init_from_data and tag is None:  # the same statistics on every rank; a resumed run loads its own
+    model = create_model(cfg.model, len(shard_set.genes), shard_set.manifest.feat_dim, shard_set.geometry)
+    if cfg.model.init_from_data and fresh:  # the same statistics on every rank; a resumed run loads its own
         from magnet.models.init import init_from_statistics, training_statistics
 
         init_from_statistics(model, training_statistics(shard_set, cfg.data.train_split))
     ds_cfg = deepspeed_config(cfg, torch.cuda.is_available())
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg,
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
         lr_scheduler=lambda opt: make_scheduler(opt, cfg, cfg.train.steps),
     )
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "mlflow_run_id": None, "corrupt_samples": 0}
+    return engine, ds_cfg.get("zero_optimization", {}).get("stage", 0)
+
+
+def train_step(engine, batch, cfg: ExperimentConfig, meter: LossMeter) -> bool:
+    """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch; its loss
+    parts go to ``meter``. True at the boundary."""
+    from magnet.losses import compute_loss
+
+    n_bins, skipped = batch.num_bins, batch.corrupt_samples
+    batch = batch.to(engine.device)
+    engine.train()
+    total, parts = compute_loss(engine(batch), batch, cfg.loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.backward(total)
+    engine.step()
+    meter.add(loss=float(total.detach()), micro_batches=1, bins=n_bins, corrupt_samples=skipped,
+              **{k: float(v) for k, v in parts.items()})
+    return boundary
+
+
+def step_row(sums: dict[str, float], state: TrainState, engine, epoch: int) -> dict:
+    """The metrics row of an optimizer step from the summed meter: means per micro-batch."""
+    n = sums.pop("micro_batches")
+    sums.pop("bins")
+    state.corrupt_samples += int(sums.pop("corrupt_samples"))
+    return {"loss": sums.pop("loss") / n, "lr": engine.get_lr()[0], "epoch": epoch,
+            "data/corrupt_samples": state.corrupt_samples, **{k: v / n for k, v in sums.items()}}
+
+
+def evaluate_step(engine, evaluator, cfg: ExperimentConfig, step: int, spare_batch, zero3: bool, log: MetricsLog,
+                  tracker: Tracker, genes: list[str]) -> dict:
+    """Evaluate on the evaluation split; metrics logged, table and gene maps to MLflow."""
+    from magnet.train.evaluate import evaluate
+
+    metrics, table, maps = evaluate(engine, evaluator, cfg, spare_batch, zero3, cfg.mlflow.figure_genes)
+    log.write(cfg.data.eval_split, step, metrics)
+    _log_eval_artifacts(tracker, step, table, maps, genes)
+    return metrics
+
+
+def save_checkpoint(engine, ckpt_dir: Path, state: TrainState, stream: TrainStream, cfg: ExperimentConfig,
+                    best: bool = False) -> None:
+    """The engine plus the client state: :class:`TrainState`, the data stream's position, the config."""
+    client = {"train_state": state.state_dict(), "data": stream.state_dict(), "config": to_dict(cfg),
+              "git_revision": git_revision()}
+    if best:
+        checkpoint.save_best(engine, ckpt_dir, state.step, client)
+    else:
+        checkpoint.save(engine, ckpt_dir, state.step, client, cfg.train.keep_last)
+
+
+def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict:
+    """Train to ``cfg.train.steps``; returns a summary (rank 0: final metrics, model URI and version).
+
+    ``report(step, metrics)``, if given, is called after every evaluation once that step's checkpoint
+    (if any) is saved, with the metrics prefixed by the evaluation split (``val/loss``): a Ray Tune
+    trial reports them (and the run directory as its checkpoint) to the scheduler.
+    """
+    world = dist.init()
+    primary = dist.is_primary()
+    run_dir, tag = setup_run(cfg, resume, world)
+    shard_set = ShardSet.for_training(cfg.data)
+    cfg.data.genes, cfg.data.normalisation, cfg.data.folds = shard_set.genes, shard_set.normalisation, shard_set.folds
+    write_run_config(cfg, run_dir, world)
+    ckpt_dir = run_dir / "checkpoints"
+    engine, zero_stage = build_engine(cfg, shard_set, fresh=tag is None)
+
+    knn = {"k_bin": cfg.model.k_bin, "k_spot": cfg.model.k_spot, "k_global": cfg.model.k_global}
+    stream = TrainStream(shard_set, cfg.data, world, cfg.train.seed, knn)
+    state = TrainState()
     if tag is not None:
         client = checkpoint.load(engine, ckpt_dir, tag)
-        state.update({k: client[k] for k in state if k in client})
+        state.load_state_dict(client["train_state"])
+        stream.load_state_dict(client["data"])
 
     tracker = Tracker(cfg.mlflow, primary)
-    zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
-    state["mlflow_run_id"] = tracker.start(
-        run_dir.name, to_dict(cfg), run_id=state["mlflow_run_id"],
+    state.mlflow_run_id = tracker.start(
+        run_dir.name, to_dict(cfg), run_id=state.mlflow_run_id,
         tags={"run_dir": str(run_dir.resolve()), "checkpoints": str(ckpt_dir.resolve()), "git_revision": git_revision(),
               "world_size": world.world_size, "zero_stage": zero_stage, "tracking_uri": mask_credentials(cfg.mlflow.tracking_uri)},
     )
     if tag is None:
         tracker.log_text("\n".join(shard_set.genes) + "\n", "genes.txt")
     log = MetricsLog(run_dir / "metrics.jsonl", tracker, primary)
-    log.truncate_after(state["step"])
-    knn = {"k_bin": cfg.model.k_bin, "k_spot": cfg.model.k_spot, "k_global": cfg.model.k_global}
-    stream = TrainStream(shard_set, cfg.data, world, cfg.train.seed, knn)
-    has_eval = any(s["split"] == cfg.data.eval_split for s in shard_set.manifest["shards"])
+    log.truncate_after(state.step)
+    has_eval = shard_set.manifest.has_split(cfg.data.eval_split)
     evaluator = EvalStream(shard_set, cfg.data, world, cfg.data.eval_split, knn) if has_eval else None
     if primary:
         print(f"magnet train: run {run_dir} | world {world.world_size} | ZeRO-{zero_stage} | "
@@ -167,91 +236,61 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.train.steps, initial=state["step"], disable=not (primary and cfg.train.progress),
+    bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not (primary and cfg.train.progress),
                file=sys.stderr, dynamic_ncols=True)
-    device = engine.device
-    acc = torch.zeros(4, dtype=torch.float64)  # loss sum, micro-batches, bins, corrupt samples skipped since the last step
-    parts_acc: dict[str, float] = {}
+    meter = LossMeter()
     last_batch = None
-    t_start, steps_at_start, t_log, bins_log = time.time(), state["step"], time.time(), 0.0
+    t_start, steps_at_start, t_log, bins_log = time.time(), state.step, time.time(), 0.0
     metrics: dict = {}
     ckpt_step = -1
-
-    def client_state() -> dict:
-        return {**state, "config": to_dict(cfg), "git_revision": git_revision()}
-
-    while state["step"] < cfg.train.steps:
+    micro = 0
+    batches = iter(stream)
+    while state.step < cfg.train.steps:
+        batch = next(batches)
+        torch.manual_seed(_micro_seed(cfg.train.seed, world.rank, state.step, micro))
+        last_batch = batch
+        micro += 1
+        if not train_step(engine, batch, cfg, meter):
+            continue
+        state.step += 1
         micro = 0
-        for batch in stream.epoch(state["epoch"], state["batch_in_epoch"]):
-            torch.manual_seed(_micro_seed(cfg.train.seed, world.rank, state["step"], micro))
-            last_batch = batch
-            nb, skipped = batch.num_bins, batch.corrupt_samples
-            batch = batch.to(device)
-            engine.train()
-            total, parts = compute_loss(engine(batch), batch, cfg.loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(total)
-            engine.step()
-            state["batch_in_epoch"] += 1
-            micro += 1
-            acc += torch.tensor([float(total.detach()), 1.0, nb, skipped], dtype=torch.float64)
-            for k, v in parts.items():
-                parts_acc[k] = parts_acc.get(k, 0.0) + float(v)
-            if not boundary:
-                continue
-            state["step"] += 1
-            micro = 0
-            step = state["step"]
-            red = dist.all_reduce_sum(torch.tensor([*acc.tolist(), *parts_acc.values()], dtype=torch.float64))
-            n = red[1].item()
-            now = time.time()
-            bins_log += red[2].item()
-            state["corrupt_samples"] += int(red[3].item())
-            row = {"loss": red[0].item() / n, "lr": engine.get_lr()[0], "epoch": state["epoch"],
-                   "data/corrupt_samples": state["corrupt_samples"]}  # running total over ranks (data.on_corrupt)
-            row.update({k: red[4 + i].item() / n for i, k in enumerate(parts_acc)})
-            acc.zero_()
-            parts_acc.clear()
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                rate = bins_log / max(now - t_log, 1e-9)
-                eta = (now - t_start) / max(step - steps_at_start, 1) * (cfg.train.steps - step)
-                row["bins_per_s"] = rate
-                if primary:
-                    bar.write(f"step {step}/{cfg.train.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                              f"{rate:,.0f} bins/s eta {_hms(eta)}")
-                t_log, bins_log = now, 0.0
-            log.write("train", step, row)
-            done = step >= cfg.train.steps
-            evaluated = evaluator is not None and (done or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
-            if evaluated:
-                from magnet.train.evaluate import evaluate
-
-                metrics, table, maps = evaluate(engine, evaluator, cfg, last_batch, zero_stage == 3, cfg.mlflow.figure_genes)
-                log.write(cfg.data.eval_split, step, metrics)
-                _log_eval_artifacts(tracker, step, table, maps, shard_set.genes)
-                if primary:
-                    bar.write(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                              if isinstance(v, float)))
-                if cfg.data.fold is None:
-                    state["best"] = _maybe_best(engine, ckpt_dir, cfg, metrics, state, client_state)
-                # else: the held-out fold is this fold's test set, so its metrics (logged above) pick no
-                # checkpoint; the model is the last step's weights, as for every run (_finish)
-            if done or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
-                checkpoint.save(engine, ckpt_dir, step, client_state(), cfg.train.keep_last)
-                ckpt_step = step
-                if primary:
-                    bar.write(f"checkpoint saved step {step}: {ckpt_dir / checkpoint.step_tag(step)}")
-                    sys.stdout.flush()
-            if report is not None and evaluated:
-                report(step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-            if done:
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
+        step = state.step
+        sums = meter.reduce()
+        now = time.time()
+        bins_log += sums["bins"]
+        row = step_row(sums, state, engine, stream.position["epoch"])
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            rate = bins_log / max(now - t_log, 1e-9)
+            eta = (now - t_start) / max(step - steps_at_start, 1) * (cfg.train.steps - step)
+            row["bins_per_s"] = rate
+            if primary:
+                bar.write(f"step {step}/{cfg.train.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                          f"{rate:,.0f} bins/s eta {_hms(eta)}")
+            t_log, bins_log = now, 0.0
+        log.write("train", step, row)
+        done = step >= cfg.train.steps
+        evaluated = evaluator is not None and (done or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+        if evaluated:
+            metrics = evaluate_step(engine, evaluator, cfg, step, last_batch, zero_stage == 3, log, tracker,
+                                    shard_set.genes)
+            if primary:
+                bar.write(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                          if isinstance(v, float)))
+            if cfg.data.fold is None:
+                _maybe_best(engine, ckpt_dir, cfg, metrics, state, stream)
+            # else: the held-out fold is this fold's test set, so its metrics (logged above) pick no
+            # checkpoint; the model is the last step's weights, as for every run (_finish)
+        if done or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
+            save_checkpoint(engine, ckpt_dir, state, stream, cfg)
+            ckpt_step = step
+            if primary:
+                bar.write(f"checkpoint saved step {step}: {ckpt_dir / checkpoint.step_tag(step)}")
+                sys.stdout.flush()
+        if report is not None and evaluated:
+            report(step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     bar.close()
-    summary = {"run_dir": str(run_dir), "step": state["step"], "metrics": metrics, "checkpoint_step": ckpt_step}
+    summary = {"run_dir": str(run_dir), "step": state.step, "metrics": metrics, "checkpoint_step": ckpt_step}
     summary.update(_finish(engine, cfg, shard_set, tracker, log, run_dir, primary))
     tracker.finish()
     dist.barrier()
@@ -261,18 +300,17 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     return summary
 
 
-def _maybe_best(engine, ckpt_dir: Path, cfg: ExperimentConfig, metrics: dict, state: dict, client_state) -> dict | None:
+def _maybe_best(engine, ckpt_dir: Path, cfg: ExperimentConfig, metrics: dict, state: TrainState,
+                stream: TrainStream) -> None:
     name = cfg.train.best_metric
     if name not in metrics:
         raise UserError(f"config: train.best_metric: '{name}' is not an evaluation metric; known: {', '.join(sorted(metrics))}")
-    value, best = float(metrics[name]), state["best"]
+    value, best = float(metrics[name]), state.best
     better = best is None or (value > best["value"] if cfg.train.best_mode == "max" else value < best["value"])
     if not better or math.isnan(value):
-        return best
-    new = {"metric": name, "value": value, "step": state["step"]}
-    state["best"] = new
-    checkpoint.save_best(engine, ckpt_dir, state["step"], client_state())
-    return new
+        return
+    state.best = {"metric": name, "value": value, "step": state.step}
+    save_checkpoint(engine, ckpt_dir, state, stream, cfg, best=True)
 
 
 def _log_eval_artifacts(tracker: Tracker, step: int, table: dict, maps, genes: list[str]) -> None:
@@ -305,7 +343,7 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
     """Figures and the registry model (rank 0). The weight gather and the reference forward on the
     example input run on every rank (collectives under ZeRO-3)."""
     from magnet.batch import collate
-    from magnet.train.pyfunc import MagnetPyfunc, model_input, signature, write_model_files
+    from magnet.registry.pyfunc import MagnetPyfunc, model_input, signature, write_model_files
 
     state_dict = full_state_dict(engine)
     sample = example_sample(shard_set, cfg)
@@ -334,10 +372,10 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
 def example_sample(shard_set: ShardSet, cfg) -> dict:
     """The first sample of the first evaluation (else training) shard, decoded, bins capped."""
     from magnet.data.pipeline import samples
-    from magnet.data.transforms import chunk_bins, decode_sample
+    from magnet.data.transforms import chunk_bins
+    from magnet.format.codec import decode_sample
 
-    split = cfg.data.eval_split if any(s["split"] == cfg.data.eval_split for s in shard_set.manifest["shards"]) \
-        else cfg.data.train_split
+    split = cfg.data.eval_split if shard_set.manifest.has_split(cfg.data.eval_split) else cfg.data.train_split
     url = shard_set.shards(split)[0][0]
     raw = next(iter(samples()(iter([{"url": url}]))))
     return chunk_bins(decode_sample(raw), cfg.data.max_bins)[0]

@@ -117,7 +117,7 @@ class MlflowConfig:
     parent_run_id: str = ""  # nest this run under that run (a sweep sets it for each trial)
 
     def __post_init__(self):  # the config is recorded (run folder, MLflow params, the model): no secrets in it
-        from magnet.train.tracking import mask_credentials
+        from magnet.registry.tracking import mask_credentials
 
         if mask_credentials(self.tracking_uri) != self.tracking_uri:
             raise ValueError("mlflow.tracking_uri: holds credentials (user:password@); set MLFLOW_TRACKING_USERNAME "
@@ -135,7 +135,7 @@ class ExperimentConfig:
     mlflow: MlflowConfig = dataclasses.field(default_factory=MlflowConfig)
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def zero_file(name: str) -> Path:

@@ -16,10 +16,11 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
-# members fed to the model; bin members have a variable first axis
-INPUT_MEMBERS = ("image", "bin_xy", "bin_rc", "bin_spot", "bin_expr", "spot_expr", "spot_mask", "spot_feat",
-                 "global_expr", "global_feat", "nbr_offset", "nbr_mask")
-VARIABLE_AXES = {"image": (0, 1), "bin_xy": (0,), "bin_rc": (0,), "bin_spot": (0,), "bin_expr": (0,)}
+from magnet.format.sample import Meta, Sample
+from magnet.format.schema import MEMBERS, Axis
+
+INPUT_MEMBERS = tuple(m.name for m in MEMBERS if not m.optional)  # members fed to the model
+VARIABLE_AXES = {m.name: tuple(i for i, a in enumerate(m.axes) if a in (Axis.BIN, Axis.PIXEL)) for m in MEMBERS}
 
 
 class MagnetPyfunc(mlflow.pyfunc.PythonModel):
@@ -30,9 +31,9 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         from safetensors.torch import load_file
 
         from magnet.config import config_from_saved
+        from magnet.experiment import ExperimentConfig
         from magnet.geometry import Geometry
         from magnet.models.factory import create_model
-        from magnet.train.config import ExperimentConfig
 
         info = json.loads(Path(meta).read_text())
         self.config = config_from_saved(ExperimentConfig, config)
@@ -57,17 +58,17 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         from magnet.batch import collate
 
-        sample = {k: np.asarray(model_input[k]) for k in INPUT_MEMBERS}
         gx, gy = (int(v) for v in np.asarray(model_input["tile"]).ravel()[:2])
-        sample["meta"] = {"slide": "input", "gx": gx, "gy": gy, "mpp": self.geometry.mpp, "bin_um": self.bin_um}
+        meta = Meta(slide="input", gx=gx, gy=gy, mpp=self.geometry.mpp, bin_um=self.bin_um)
+        sample = Sample(meta=meta, arrays={k: np.asarray(model_input[k]) for k in INPUT_MEMBERS})
         m = self.config.model
         return self.predict_batch(collate([sample], self.geometry, k_bin=m.k_bin, k_spot=m.k_spot, k_global=m.k_global))
 
 
-def model_input(sample: dict) -> dict[str, np.ndarray]:
+def model_input(sample: Sample) -> dict[str, np.ndarray]:
     """A decoded sample as the pyfunc's input dict."""
     out = {k: np.ascontiguousarray(sample[k]) for k in INPUT_MEMBERS}
-    out["tile"] = np.array([sample["meta"]["gx"], sample["meta"]["gy"]], np.int64)
+    out["tile"] = np.array([sample.meta.gx, sample.meta.gy], np.int64)
     return out
 
 
@@ -90,14 +91,13 @@ def write_model_files(folder: Path, state_dict: dict, cfg, shard_set, example: d
     from safetensors.torch import save_file
 
     from magnet.config import save_config
-    from magnet.data.manifest import feat_dim
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
     man = shard_set.manifest
-    meta = {"genes": shard_set.genes, "normalisation": shard_set.normalisation, "bin_um": man.get("bin_um"),
-            "geometry": shard_set.geometry.to_dict(), "feat_dim": feat_dim(man),
-            "format_version": man["format_version"], "encoder": man.get("encoder")}
+    meta = {"genes": shard_set.genes, "normalisation": shard_set.normalisation, "bin_um": man.bin_um,
+            "geometry": shard_set.geometry.to_dict(), "feat_dim": man.feat_dim,
+            "format_version": man.format_version, "encoder": man.encoder}
     (folder / "model_meta.json").write_text(json.dumps(meta, indent=1))
     save_config(cfg, folder / "config.yaml")
     np.savez(folder / "example_input.npz", **example)
