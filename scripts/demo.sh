@@ -11,7 +11,7 @@ set -euo pipefail
 DEMO=${DEMO:-demo}
 PY=${PY:-.venv/bin/python}
 BIN_UM=${BIN_UM:-16}  # the models are trained at this bin size (both are sharded)
-GENES=TUM08,LYM07,HYP04,EXH01
+GENES=TUM08,LYM07,SHR01,LNG01
 export MLFLOW_TRACKING_URI="sqlite:///$DEMO/mlruns.db"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}  # DeepSpeed's compiled ops, kept
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONHASHSEED=0 TQDM_DISABLE=1
@@ -26,8 +26,8 @@ mkdir -p "$DEMO" && touch "$DEMO/.magnet-demo"
 start=$(date +%s)
 stage() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
-stage "synthesise 5 slides (configs/synth/demo.yaml)"
-$PY -m magnet synth --config configs/synth/demo.yaml --out "$DEMO/slides"
+stage "synthesise 5 slides (configs/synth/context.yaml: the context benchmark)"
+$PY -m magnet synth --config configs/synth/context.yaml --out "$DEMO/slides"
 
 stage "shard at 8 and 16 um (configs/shard/demo.yaml: 3 train / 1 val / 1 test slides)"
 $PY -m magnet shard --samplesheet "$DEMO/slides/samplesheet.csv" --bin-um 8 16 --out "$DEMO/shards" \

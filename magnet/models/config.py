@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-MODEL_NAMES = ("magnet", "magnet_no_spot", "magnet_no_global", "magnet_no_graph", "stnet", "mean")
+MODEL_NAMES = ("magnet", "magnet_no_spot", "magnet_no_global", "magnet_no_graph", "magnet_paper", "stnet", "mean")
 
 
 @dataclasses.dataclass(kw_only=True)

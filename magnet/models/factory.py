@@ -13,7 +13,7 @@ def create_model(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geomet
 
     ``n_genes`` and ``feat_dim`` (frozen feature size) come from the shard manifest; ``geometry``
     (pixel size and tile sides) scales positions. Names: ``magnet``, ``magnet_no_spot``,
-    ``magnet_no_global``, ``magnet_no_graph``, ``stnet``, ``mean``.
+    ``magnet_no_global``, ``magnet_no_graph``, ``magnet_paper``, ``stnet``, ``mean``.
     """
     from magnet.models.baselines import MeanProfile, STNet
     from magnet.models.magnet import MagNet
@@ -23,6 +23,7 @@ def create_model(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geomet
         "magnet_no_spot": {"spot": False},
         "magnet_no_global": {"glob": False},
         "magnet_no_graph": {"graph": False},
+        "magnet_paper": {"paper": True},
     }
     if cfg.name in ablations:
         return MagNet(cfg, n_genes, feat_dim, geometry, **ablations[cfg.name])
