@@ -70,15 +70,15 @@ def test_local_oracle_keeps_the_markers_and_misses_the_context(context_cohort):
     means, local = means[cells], local[cells]
     groups = np.array([grp for _, grp in _groups(context_cohort)])
     agree = _pcc(_normalised(means), _normalised(local))
-    assert np.median(agree[groups == "marker"]) > 0.95
+    assert np.median(agree[groups == "marker"]) > 0.9  # not 1: the range genes move the library size
     assert np.median(agree[groups == "context_short"]) < 0.8 and np.median(agree[groups == "context_long"]) < 0.8
 
     rng = np.random.default_rng(0)
     counts = rng.poisson(means)
     target = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4)
     gap = _pcc(_normalised(means), target) - _pcc(_normalised(local), target)
-    assert abs(gap[groups == "marker"].mean()) < 0.02
-    assert gap[groups == "context_short"].mean() > 0.1 and gap[groups == "context_long"].mean() > 0.1
+    assert abs(gap[groups == "marker"].mean()) < 0.03
+    assert gap[groups == "context_short"].mean() > 0.25 and gap[groups == "context_long"].mean() > 0.25
 
 
 def _fields(label: np.ndarray, res: float) -> Fields:
