@@ -121,7 +121,7 @@ def test_evaluate_scores_each_slide_with_its_fold_model(fold_runs, tiny_cohort, 
     uri = f"sqlite:///{tmp_path}/eval.db"
     argv = ["evaluate", *(a for k in sorted(runs) for a in ("--model", str(runs[k] / "model"))),
             "--samplesheet", str(tiny_cohort / "samplesheet.csv"), "--tracking-uri", uri, "--out", str(tmp_path / "cv"),
-            "top_k=5", "oracle=false", "predict.max_bins=100000", "run_name=cv"]
+            "top_k=5", "oracle=false", "controls=[]", "predict.max_bins=100000", "run_name=cv"]
     assert main(argv) == 0
     per_slide = _rows(tmp_path / "cv" / "evaluation_slides.csv")
     summary = _rows(tmp_path / "cv" / "evaluation.csv")

@@ -9,12 +9,21 @@ USAGE = """examples:
       --samplesheet held_out.csv --bin-um 8 16 --out eval
   magnet evaluate --model runs/a/model --model runs/b/model --samplesheet slides.csv --split test --out eval
   magnet evaluate --model magnet=runs/fold0/model --model magnet=runs/fold1/model --samplesheet slides.csv --out cv
+  magnet evaluate --model magnet=runs/s0/model,runs/s1/model,runs/s2/model --model stnet=URI1,URI2,URI3 \\
+      --samplesheet slides.csv --split test --gene-groups groups.csv --compare magnet:stnet --out eval
 Each model is scored at the bin size it was trained on and at spot level, on every slide of the samplesheet
 (or those of --split); a slide the model trained on is refused. Cross-validation: models of one label each
 trained with data.fold=k form one row; each slide is scored by the model of its fold (its split reads
 fold<k> unless the samplesheet's split column gives one), and the table adds mean ± sd over folds (a fold:
-the mean over its slides). Writes OUT/evaluation.{md,csv}, OUT/evaluation_slides.csv and
-OUT/evaluate.config.yaml, and logs them to MLflow (mlflow=false to skip).
+the mean over its slides). Replicates (one label, several models without a fold: LABEL=URI1,URI2,... or
+the label repeated) are scored each as LABEL#k, and the table adds mean ± sd over them. Every MagNet model
+is also scored under the context controls (controls=[zero,shuffle]; magnet/predict/context.py): rows
+"LABEL (context zeroed)" and "LABEL (context shuffled)". Per gene group (the slides' ground_truth/gene_groups.csv,
+or --gene-groups) and paired comparisons (--compare A:B, default: the first model against each other one; and
+each MagNet model against its controls): per-gene PCC difference, bootstrap 95% interval, Wilcoxon p (magnet/evaluate/paired.py),
+with a scatter OUT/scatter_<A>_vs_<B>_<bin>um.png per pair. Writes OUT/evaluation.{md,csv},
+OUT/evaluation_{slides,genes,groups,paired,replicates}.csv and OUT/evaluate.config.yaml, and logs them to
+MLflow (mlflow=false to skip; run_id=ID logs into an existing run).
 Keys of --config / key=value: magnet/evaluate/config.py (predict.* as in magnet predict)."""
 
 
@@ -31,6 +40,12 @@ def add_parser(subparsers) -> None:
                    help="bin sizes to report; every model must be trained at one of them (default: the models')")
     p.add_argument("--genes", default=None, help="genes to score: A,B,C or a file with one per line "
                                                  "(default: the first model's)")
+    p.add_argument("--gene-groups", default=None, metavar="FILE",
+                   help="CSV gene,group (default: the slides' ground_truth/gene_groups.csv where present)")
+    p.add_argument("--compare", action="append", default=[], metavar="A:B",
+                   help="a paired comparison of two table labels, e.g. magnet:stnet or 'magnet:oracle'; repeat "
+                        "for more (default: the first model against each other one); each MagNet model is also "
+                        "compared with its context controls")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
@@ -59,15 +74,36 @@ def run(args) -> int:
     from magnet.evaluate import report
     from magnet.evaluate.table import Table
 
+    from magnet.evaluate import paired
+    from magnet.evaluate.truth import gene_groups_file, read_gene_groups
+
+    groups_path = args.gene_groups or next((str(gene_groups_file(e.spaceranger)) for e, _, _ in slides
+                                            if gene_groups_file(e.spaceranger).is_file()), None)
+    groups = read_gene_groups(Path(groups_path), genes) if groups_path else None
     t0 = time.perf_counter()
     table = Table(models, genes, cfg)
     for entry, split, scorer in slides:
         table.add_slide(entry, split, scorer)
     rows = table.results()
+    pccs = paired.gene_pccs(rows)
+    pairs = paired.pairs_to_compare(pccs, cfg.controls, paired.parse_pairs(args.compare, pccs) if args.compare else None)
+    index = paired.group_index(genes, groups)
+    group_rows = paired.group_rows(pccs, index)
+    comparisons, plots = [], []
+    out = Path(args.out)
+    for a, b in pairs:
+        for bin_um in sorted({k[0] for k in pccs}):
+            if (bin_um, a) in pccs and (bin_um, b) in pccs:
+                comparisons += paired.compare(pccs[(bin_um, a)], pccs[(bin_um, b)], index, cfg.seed, cfg.bootstrap)
+                plots.append((pccs[(bin_um, a)], pccs[(bin_um, b)],
+                              f"scatter_{paired.slug(a)}_vs_{paired.slug(b)}_{bin_um}um"))
     notes = [f"Slide {e.slide} is a validation slide of a model: its scores may be optimistic."
              for e, split, _ in slides if split == "val"]
-    out = Path(args.out)
-    paths = report.write(out, rows, cfg.top_k, notes)
+    if groups is not None:
+        notes.append(f"Gene groups: {groups_path}.")
+    paths = report.write(out, rows, cfg.top_k, notes, group_rows, comparisons, paired.genes_csv(pccs, genes, groups))
+    for a, b, name in plots:
+        paths[name] = paired.scatter(a, b, genes, groups, out / f"{name}.png")
     sources = {label if fold is None else f"{label}/fold{fold}": m.source for label, fold, m in each_model(models)}
     paths["config"] = save_config(cfg, out / "evaluate.config.yaml", models=sources, genes=genes,
                                   samplesheet=str(Path(args.samplesheet).resolve()),
@@ -76,11 +112,12 @@ def run(args) -> int:
     if cfg.mlflow:
         from magnet.config import to_dict
 
-        params = {"models": {k: v["uri"] for k, v in sources.items()}, "samplesheet": args.samplesheet,
+        params = {"models": {paired.mlflow_key(k): v["uri"] for k, v in sources.items()}, "samplesheet": args.samplesheet,
                   "slides": ",".join(e.slide for e, _, _ in slides), "n_genes": len(genes), "config": to_dict(cfg)}
         run_id = report.log_mlflow(tracking_uri, cfg.experiment, cfg.run_name or time.strftime("evaluate-%Y%m%d-%H%M%S"),
-                                   rows, paths, params)
+                                   rows, paths, params, report.analysis_metrics(group_rows, comparisons), cfg.run_id)
     print(report.markdown(rows, cfg.top_k, notes).split("\n\n")[1])
+    print("\n\n".join(report.analysis_markdown([], group_rows if groups is not None else [], comparisons, cfg.top_k)))
     print(json.dumps({"out": {k: str(v) for k, v in paths.items()}, "slides": len(slides), "genes": len(genes),
                       "mlflow_run_id": run_id, "seconds": round(time.perf_counter() - t0, 1)}))
     return 0

@@ -11,6 +11,8 @@ import io
 import math
 from pathlib import Path
 
+import numpy as np
+
 from magnet.evaluate.table import SPOT_HEAD
 from magnet.io import atomic_write_text
 from magnet.metrics import METRICS
@@ -88,30 +90,143 @@ def slides_csv(rows: list[dict]) -> str:
                           v["n"], *(v[m] for m in METRICS)] for r in rows for s, v in r["slides"].items()])
 
 
-def write(out: Path, rows: list[dict], top_k: int, notes: list[str]) -> dict[str, Path]:
-    paths = {"markdown": out / "evaluation.md", "csv": out / "evaluation.csv", "slides_csv": out / "evaluation_slides.csv"}
-    texts = {"markdown": markdown(rows, top_k, notes), "csv": summary_csv(rows), "slides_csv": slides_csv(rows)}
+def over_replicates(rows: list[dict]) -> list[dict]:
+    """Rows of replicated models (``LABEL#k``) as mean and sample sd over replicates of each metric (a
+    replicate's value: its mean over slides), one per (level, bin size, source, label)."""
+    from magnet.evaluate.select import REPLICATE, replicate_of
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if REPLICATE in r["model"]:
+            groups.setdefault((r["level"], r["bin_um"], replicate_of(r["model"]), r["source"]), []).append(r)
+    out = []
+    for (level, bin_um, model, source), reps in groups.items():
+        row = {"level": level, "bin_um": bin_um, "model": model, "source": source, "n_replicates": len(reps)}
+        for m in METRICS:
+            v = np.array([r[m] for r in reps])
+            row[m], row[f"{m}_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def _fmt(v: float) -> str:
+    return "" if not math.isfinite(v) else f"{v:.3f}"
+
+
+def _interval(r: dict) -> str:
+    if not math.isfinite(r["ci_low"]):
+        return "-"
+    return f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+
+
+def analysis_markdown(replicates: list[dict], groups: list[dict], paired: list[dict], top_k: int) -> list[str]:
+    """Sections over replicates, per gene group and of the paired comparisons (none: no section)."""
+    parts = []
+    if replicates:
+        heads = [HEADERS[m].format(k=top_k) for m in METRICS]
+        lines = ["| level | model | scored | replicates | " + " | ".join(heads) + " |",
+                 "|---|---|---|---:|" + "---:|" * len(METRICS)]
+        for r in replicates:
+            lines.append(f"| {_level(r)} | {r['model']} | {r['source']} | {r['n_replicates']} | "
+                         + " | ".join(f"{r[m]:.3f} ± {r[f'{m}_sd']:.3f}" for m in METRICS) + " |")
+        parts += ["## Over replicates", "\n".join(lines),
+                  "Mean ± sd over replicates (models trained alike but for the seed), a replicate's value being "
+                  "its mean over slides."]
+    if groups:
+        lines = ["| bin | model | group | genes | replicates | PCC per gene | sd over replicates | sd over slides |",
+                 "|---:|---|---|---:|---:|---:|---:|---:|"]
+        for r in groups:
+            lines.append(f"| {r['bin_um']} um | {r['model']} | {r['group']} | {r['n_genes']} | {r['n_replicates']} | "
+                         f"{r['pcc_gene']:.3f} | {_fmt(r['sd_replicates'])} | {_fmt(r['sd_slides'])} |")
+        parts += ["## Per gene group", "\n".join(lines),
+                  "PCC per gene (across the bins of a slide) averaged over the group's genes and the slides; bin "
+                  "level. The oracle minus the local oracle of a group is the gain context can bring there."]
+    if paired:
+        lines = ["| bin | A | B | group | genes | PCC A | PCC B | A - B | 95% interval | resampled | Wilcoxon p | verdict |",
+                 "|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---|"]
+        for r in paired:
+            lines.append(f"| {r['bin_um']} um | {r['a']} | {r['b']} | {r['group']} | {r['n_genes']} | "
+                         f"{r['pcc_a']:.3f} | {r['pcc_b']:.3f} | {r['delta']:+.4f} | "
+                         f"{_interval(r)} | {r['bootstrap_over']} | "
+                         f"{r['wilcoxon_p']:.2g} | {r['verdict']} |")
+        parts += ["## Paired comparisons", "\n".join(lines),
+                  "A - B: the mean over the group's genes of the per-gene PCC difference (means over replicates and "
+                  "slides). Interval: 95% percentile bootstrap, resampling slides (3 or more) or else genes; "
+                  "Wilcoxon: two-sided signed-rank test of the per-gene differences. An interval holding 0 is a tie. "
+                  "Context controls (magnet/predict/context.py): 'context zeroed' sets every frozen spot and global "
+                  "feature to 0, the slide's mean; 'context shuffled' gives each tile the features of another tile "
+                  "of the slide (a seeded permutation)."]
+    return parts
+
+
+def write(out: Path, rows: list[dict], top_k: int, notes: list[str], groups: list[dict] = (),
+          paired: list[dict] = (), genes_csv: str = "") -> dict[str, Path]:
+    """The tables; the analysis files only where there is an analysis."""
+    replicates = over_replicates(rows)
+    md = markdown(rows, top_k, notes)
+    extra = analysis_markdown(replicates, list(groups), list(paired), top_k)
+    if extra:
+        md = md.rstrip("\n") + "\n\n" + "\n\n".join(extra) + "\n"
+    texts = {"markdown": md, "csv": summary_csv(rows), "slides_csv": slides_csv(rows)}
+    if replicates:
+        texts["replicates_csv"] = _records_csv(replicates)
+    if groups:
+        texts["groups_csv"] = _records_csv(list(groups))
+    if paired:
+        texts["paired_csv"] = _records_csv(list(paired))
+    if genes_csv:
+        texts["genes_csv"] = genes_csv
+    names = {"markdown": "evaluation.md", "csv": "evaluation.csv", "slides_csv": "evaluation_slides.csv",
+             "replicates_csv": "evaluation_replicates.csv", "groups_csv": "evaluation_groups.csv",
+             "paired_csv": "evaluation_paired.csv", "genes_csv": "evaluation_genes.csv"}
+    paths = {k: out / names[k] for k in texts}
     for k, p in paths.items():
         atomic_write_text(p, texts[k])
     return paths
 
 
+def _records_csv(records: list[dict]) -> str:
+    header = list(records[0])
+    return _csv(header, [["" if isinstance(r[h], float) and not math.isfinite(r[h]) else r[h] for h in header]
+                         for r in records])
+
+
 def metric_name(row: dict, metric: str) -> str:
     """MLflow metric key, e.g. ``magnet/16um/pcc_gene``, ``oracle/spot16um/pcc_gene``, ``magnet/spot16um_head/mse``."""
     level = f"{row['bin_um']}um" if row["level"] == "bins" else f"spot{row['bin_um']}um"
+    from magnet.evaluate.paired import slug
+
     level += "_head" if row["source"] == SPOT_HEAD else ""
-    return f"{row['model']}/{level}/{metric}"
+    return f"{slug(row['model'])}/{level}/{metric}"
+
+
+def analysis_metrics(groups: list[dict], paired: list[dict]) -> dict[str, float]:
+    """MLflow keys: ``{model}/{bin}um/group/{group}/pcc_gene`` (and ``_sd`` over replicates), and per pair
+    ``paired/{A}_vs_{B}/{bin}um/{group}/`` ``delta``, ``ci_low``, ``ci_high``, ``wilcoxon_p``."""
+    from magnet.evaluate.paired import slug
+
+    out = {}
+    for r in groups:
+        key = f"{slug(r['model'])}/{r['bin_um']}um/group/{slug(r['group'])}/pcc_gene"
+        out[key] = r["pcc_gene"]
+        out[key + "_sd"] = r["sd_replicates"]
+    for r in paired:
+        key = f"paired/{slug(r['a'])}_vs_{slug(r['b'])}/{r['bin_um']}um/{slug(r['group'])}"
+        out.update({f"{key}/{m}": r[m] for m in ("delta", "ci_low", "ci_high", "wilcoxon_p")})
+    return out
 
 
 def log_mlflow(tracking_uri: str, experiment: str, run_name: str, rows: list[dict], paths: dict[str, Path],
-               params: dict) -> str:
-    """One MLflow run holding the metrics (means; sds as ``..._sd``; over folds ``..._fold_mean`` and
-    ``..._fold_sd``) and the three files; returns its id."""
+               params: dict, extra_metrics: dict[str, float] | None = None, run_id: str = "") -> str:
+    """One MLflow run (with ``run_id``: that existing run, its params untouched) holding the metrics (means;
+    sds as ``..._sd``; over folds ``..._fold_mean`` and ``..._fold_sd``; ``extra_metrics``) and the files
+    (artifact folder ``evaluation``); returns its id."""
     from magnet.train.config import MlflowConfig
     from magnet.train.tracking import Tracker
 
     tracker = Tracker(MlflowConfig(tracking_uri=tracking_uri, experiment=experiment), active=True)
-    run_id = tracker.start(run_name, params, tags={"magnet.kind": "evaluation"})
+    run_id = tracker.start(run_name, params, tags={"magnet.evaluation": "true"} if run_id else
+                           {"magnet.kind": "evaluation"}, run_id=run_id or None)
     try:
         metrics = {}
         for r in rows:
@@ -123,6 +238,7 @@ def log_mlflow(tracking_uri: str, experiment: str, run_name: str, rows: list[dic
                     metrics[metric_name(r, m) + "_fold_mean"] = r[f"{m}_fold_mean"]
                 if r["n_folds"] > 1:
                     metrics[metric_name(r, m) + "_fold_sd"] = r[f"{m}_fold_sd"]
+        metrics.update(extra_metrics or {})
         tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=0)
         for p in paths.values():
             tracker.log_artifact(p, "evaluation")

@@ -9,6 +9,10 @@ one entry of the table, ``{fold: model}``; each slide is scored by the model tha
 model's recorded ``data.folds``); its split reads ``fold<k>`` unless the samplesheet's ``split`` column
 gives one. A slide every fold model trained on is refused, and so is a slide in none of their folds. A
 model without a fold is ``{None: model}``.
+
+Replicates (models trained alike but for the seed): ``--model LABEL=URI1,URI2,URI3``, or one label given
+several times, each model without a fold and all at one bin size. Each replicate is an entry of its own,
+labelled ``LABEL#1``, ``LABEL#2``...; the report adds mean ± sd over them (:func:`replicate_of`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ def parse_genes(text: str | None) -> list[str] | None:
 Models = dict[str, dict[int | None, LoadedModel]]  # label -> {data.fold (None: no fold): model}
 
 
+REPLICATE = "#"  # LABEL#k: the k-th replicate of LABEL
+
+
+def replicate_of(label: str) -> str:
+    """The label of the replicate group (``magnet#2 (context zeroed)`` -> ``magnet (context zeroed)``)."""
+    import re
+
+    return re.sub(rf"{REPLICATE}\d+", "", label)
+
+
 def fold_of(model: LoadedModel) -> int | None:
     return model.python_model.config.data.fold
 
@@ -57,15 +71,25 @@ def load_models(specs: list[str], tracking_uri: str | None, bin_um: list[int] | 
 
     groups: dict[str, list[LoadedModel]] = {}
     for spec in specs:
-        label, _, uri = spec.rpartition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
-        model = load_model(uri, tracking_uri)
-        groups.setdefault(label or model.python_model.config.model.name, []).append(model)
+        label, _, uris = spec.partition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
+        if REPLICATE in label or "(" in label:
+            raise UserError(f"{spec}: --model: a label holds neither '{REPLICATE}' nor '(' (they mark replicates "
+                            f"and controls)")
+        for uri in uris.split(","):
+            if not uri.strip():
+                raise UserError(f"{spec}: --model: an empty model in the list")
+            model = load_model(uri.strip(), tracking_uri)
+            groups.setdefault(label or model.python_model.config.model.name, []).append(model)
     out: Models = {}
     for label, group in groups.items():
         folds = [fold_of(m) for m in group]
         if len(group) > 1 and None not in folds:
             _check_fold_group(label, group)
             out[label] = {fold_of(m): m for m in sorted(group, key=fold_of)}
+            continue
+        if len(group) > 1 and set(folds) == {None} and len({int(m.python_model.bin_um) for m in group}) == 1:
+            for i, model in enumerate(group, 1):  # replicates
+                out[f"{label}{REPLICATE}{i}"] = {None: model}
             continue
         for model in group:
             name = f"{label}-{int(model.python_model.bin_um)}um" if len(group) > 1 else label

@@ -6,7 +6,9 @@ A model is evaluated at the bin size it was trained on (its ``bin_um``), and at 
 cells of its own geometry. Every model at one bin size is compared on the same bins, the same genes
 (``genes``, columns picked from each model's own list) and the same measured targets, so the
 ``pcc_gene_topk`` genes (most variable measured genes of the evaluated slides) are the same for all;
-the oracle row (synthetic slides) is scored on the same rows.
+the oracle row (synthetic slides) is scored on the same rows, and so is the local oracle row where the
+ground truth has one. Every MagNet model is also run under each context control of ``controls``
+(:mod:`magnet.predict.context`), as rows ``LABEL (context zeroed)`` / ``LABEL (context shuffled)``.
 """
 
 from __future__ import annotations
@@ -24,9 +26,20 @@ from magnet.predict.model import LoadedModel
 from sharding.genes import normalise
 from sharding.samplesheet import SlideEntry
 
-ORACLE = "oracle"
+ORACLE, LOCAL_ORACLE = "oracle", "local oracle"
 POOLED, SPOT_HEAD = "bins pooled per spot cell", "spot head"
 ORACLE_SOURCE = "expected target given true means"
+LOCAL_SOURCE = "expected target given local means"
+CONTROL_NAMES = {"zero": "context zeroed", "shuffle": "context shuffled"}
+
+
+def has_context(model: LoadedModel) -> bool:
+    """A model reading the batch's context features (the MagNet family); the controls apply to it."""
+    return str(model.python_model.config.model.name).startswith("magnet")
+
+
+def control_label(label: str, control: str) -> str:
+    return f"{label} ({CONTROL_NAMES[control]})"
 
 
 @dataclasses.dataclass
@@ -72,6 +85,7 @@ class Table:
                             f"({', '.join(f'{k}: {v.normalisation}' for k, v in norms.items())}); compare like with like")
         self.gcfg = next(iter(norms.values()))
         self.rows: dict[tuple[str, int, str, str], Row] = {}
+        self.order: dict[str, int] = {}  # row labels in the order first met (models, their controls, oracles)
         self.splits: dict[str, str] = {}
 
     def _row(self, level: str, bin_um: int, model: str, source: str, uri: str, fold: int | None = None,
@@ -85,67 +99,90 @@ class Table:
 
     def add_slide(self, entry: SlideEntry, split: str, scorer: dict[str, int | None]) -> None:
         """Every model on ``entry``; ``scorer``: per label, the fold of the model that scores this slide."""
-        from magnet.predict.slide import predict_slide
-
         self.splits[entry.slide] = split
         oracle_done: set[int] = set()
-        for label, group in self.models.items():
-            fold = scorer[label]
+        for base, group in self.models.items():
+            fold = scorer[base]
             model = group[fold]
             uri = ", ".join(m.uri for m in group.values())
             bin_um = int(model.python_model.bin_um)
-            pred = predict_slide(model, entry.image, bin_um, self.cfg.predict, spaceranger=entry.spaceranger,
-                                 slide=entry.slide)
-            if pred.measured is None:
-                raise UserError(f"{entry.spaceranger}: filtered_feature_bc_matrix.h5: genes: the matrix lacks genes "
-                                f"of model '{label}' (slide {entry.slide})")
-            cols = self.columns[(label, fold)]
-            bins = pred.bins
-            counts = bins.counts[:, cols].toarray().astype(np.float64)
-            measured = normalise(counts, bins.libsize, self.gcfg)
-            names = [entry.slide]
-
-            def row(level: str, source: str) -> ExpressionMetrics:
-                return self._row(level, bin_um, label, source, uri, fold, entry.slide)
-
-            row("bins", "bin head").update(pred.bin_pred[:, cols], measured, slide_names=names)
-            cells, inverse = truth.spot_cells(pred.bin_spot)
-            if self.cfg.spot:
-                spot_measured = normalise(truth.sum_by(counts, inverse, len(cells)),
-                                          truth.sum_by(bins.libsize, inverse, len(cells)), self.gcfg)
-                pooled = truth.pool_bins(pred.bin_pred[:, cols], inverse, len(cells), self.gcfg)
-                row("spot", POOLED).update(pooled, spot_measured, slide_names=names)
-                head = pred.spot_pred[cells][:, cols]
-                if np.isfinite(head).all():
-                    row("spot", SPOT_HEAD).update(head, spot_measured, slide_names=names)
-            gt = truth.expected_file(entry.spaceranger, bin_um)
-            if self.cfg.oracle and bin_um not in oracle_done and gt.is_file():
+            for control in [None, *(self.cfg.controls if has_context(model) else [])]:
+                label = base if control is None else control_label(base, control)
+                pcfg = self.cfg.predict if control is None else dataclasses.replace(self.cfg.predict, context=control)
+                self.order.setdefault(label, len(self.order))
+                scored = self._add_prediction(entry, label, fold, model, uri, bin_um, pcfg, self.columns[(base, fold)])
+                if control is None:
+                    oracle_on = scored
+            if self.cfg.oracle and bin_um not in oracle_done and truth.expected_file(entry.spaceranger, bin_um).is_file():
                 oracle_done.add(bin_um)
-                means, gcols = truth.read_expected(gt, bins.barcodes, self.genes)
-                seed = self.cfg.seed + bin_um
-                self._row("bins", bin_um, ORACLE, ORACLE_SOURCE, str(gt.name)).update(
-                    truth.oracle(means, gcols, self.gcfg, self.cfg.oracle_draws, seed), measured, slide_names=names)
-                if self.cfg.spot:
-                    spot_means = truth.sum_by(means, inverse, len(cells))
-                    self._row("spot", bin_um, ORACLE, ORACLE_SOURCE, str(gt.name)).update(
-                        truth.oracle(spot_means, gcols, self.gcfg, self.cfg.oracle_draws, seed), spot_measured,
-                        slide_names=names)
+                self._add_oracles(entry, bin_um, *oracle_on)
+
+    def _add_prediction(self, entry: SlideEntry, label: str, fold: int | None, model: LoadedModel, uri: str,
+                        bin_um: int, pcfg, cols: list[int]) -> tuple:
+        """One model (or one of its controls, ``pcfg.context``) on one slide; returns what the oracles are
+        scored against: (bins, measured, spot measured, spot cells, each bin's cell)."""
+        from magnet.predict.slide import predict_slide
+
+        pred = predict_slide(model, entry.image, bin_um, pcfg, spaceranger=entry.spaceranger, slide=entry.slide)
+        if pred.measured is None:
+            raise UserError(f"{entry.spaceranger}: filtered_feature_bc_matrix.h5: genes: the matrix lacks genes "
+                            f"of model '{label}' (slide {entry.slide})")
+        bins = pred.bins
+        counts = bins.counts[:, cols].toarray().astype(np.float64)
+        measured = normalise(counts, bins.libsize, self.gcfg)
+        names = [entry.slide]
+
+        def row(level: str, source: str) -> ExpressionMetrics:
+            return self._row(level, bin_um, label, source, uri, fold, entry.slide)
+
+        row("bins", "bin head").update(pred.bin_pred[:, cols], measured, slide_names=names)
+        cells, inverse = truth.spot_cells(pred.bin_spot)
+        spot_measured = None
+        if self.cfg.spot:
+            spot_measured = normalise(truth.sum_by(counts, inverse, len(cells)),
+                                      truth.sum_by(bins.libsize, inverse, len(cells)), self.gcfg)
+            pooled = truth.pool_bins(pred.bin_pred[:, cols], inverse, len(cells), self.gcfg)
+            row("spot", POOLED).update(pooled, spot_measured, slide_names=names)
+            head = pred.spot_pred[cells][:, cols]
+            if np.isfinite(head).all():
+                row("spot", SPOT_HEAD).update(head, spot_measured, slide_names=names)
+        return bins, measured, spot_measured, cells, inverse
+
+    def _add_oracles(self, entry: SlideEntry, bin_um: int, bins, measured, spot_measured, cells, inverse) -> None:
+        """The oracle and, where the ground truth has it, the local oracle (expected target given the bin's own
+        cell content: :func:`truth.local_expected_file`) on one slide."""
+        names = [entry.slide]
+        seed = self.cfg.seed + bin_um
+        for name, source, gt in ((ORACLE, ORACLE_SOURCE, truth.expected_file(entry.spaceranger, bin_um)),
+                                 (LOCAL_ORACLE, LOCAL_SOURCE, truth.local_expected_file(entry.spaceranger, bin_um))):
+            if not gt.is_file():
+                continue
+            self.order.setdefault(name, len(self.order) + 1000)
+            means, gcols = truth.read_expected(gt, bins.barcodes, self.genes)
+            self._row("bins", bin_um, name, source, str(gt.name)).update(
+                truth.oracle(means, gcols, self.gcfg, self.cfg.oracle_draws, seed), measured, slide_names=names)
+            if self.cfg.spot:
+                spot_means = truth.sum_by(means, inverse, len(cells))
+                self._row("spot", bin_um, name, source, str(gt.name)).update(
+                    truth.oracle(spot_means, gcols, self.gcfg, self.cfg.oracle_draws, seed), spot_measured,
+                    slide_names=names)
 
     def results(self) -> list[dict]:
         """One dict per row: level, bin_um, model, source, uri, n_slides, ``{metric}`` mean and ``{metric}_sd``
         over slides, ``n_folds`` with ``{metric}_fold_mean`` and ``{metric}_fold_sd`` over folds (a row
-        without folds: ``n_folds`` 0 and no fold keys), and ``slides`` (per-slide metrics, with the slide's split and fold),
-        ordered by level, bin size, then model."""
-        order = {label: i for i, label in enumerate(self.models)} | {ORACLE: len(self.models)}
+        without folds: ``n_folds`` 0 and no fold keys), ``slides`` (per-slide metrics, with the slide's split and fold)
+        and ``gene_pcc`` (per slide, the (G,) PCC per gene), ordered by level, bin size, then model."""
         out = []
-        for key in sorted(self.rows, key=lambda k: (k[0] != "bins", k[1], k[3] == SPOT_HEAD, order[k[2]])):
+        for key in sorted(self.rows, key=lambda k: (k[0] != "bins", k[1], k[3] == SPOT_HEAD, self.order[k[2]])):
             r = self.rows[key]
             res = r.metrics.compute(top_k=self.cfg.top_k)
             out.append({"level": r.level, "bin_um": r.bin_um, "model": r.model, "source": r.source, "uri": r.uri,
                         "n_slides": len(res["slides"]), **res["mean"], **{f"{m}_sd": v for m, v in res["sd"].items()},
                         **over_folds(res["slides"], r.folds),
                         "slides": {s: {"split": self.splits[s], "fold": r.folds.get(s), **v}
-                                   for s, v in res["slides"].items()}})
+                                   for s, v in res["slides"].items()},
+                        "gene_pcc": {s: p for s, p in zip(r.metrics.slides, r.metrics.pcc_per_gene())
+                                     if s in res["slides"]}})
         return out
 
 

@@ -27,6 +27,45 @@ def expected_file(spaceranger: Path, bin_um: int) -> Path:
     return spaceranger.parent / "ground_truth" / f"expected_{bin_um:03d}um.h5"
 
 
+def local_expected_file(spaceranger: Path, bin_um: int) -> Path:
+    """The synthetic slide's local oracle means: each cell's context replaced by its expectation given its type."""
+    return spaceranger.parent / "ground_truth" / f"local_expected_{bin_um:03d}um.h5"
+
+
+def gene_groups_file(spaceranger: Path) -> Path:
+    """The synthetic slide's gene groups (CSV ``gene,group``)."""
+    return spaceranger.parent / "ground_truth" / "gene_groups.csv"
+
+
+def read_gene_groups(path: Path, genes: list[str]) -> dict[str, str]:
+    """``gene -> group`` for ``genes`` from a CSV with header ``gene,group``; a gene the file does not list
+    is in group ``other``. A bad file is a one-line error naming the field."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            for field in ("gene", "group"):
+                if field not in header:
+                    raise UserError(f"{path}: {field}: column missing (header: {','.join(header) or 'none'}; "
+                                    f"expected gene,group)")
+            table: dict[str, str] = {}
+            for line, rec in enumerate(reader, 2):
+                gene, group = (rec.get("gene") or "").strip(), (rec.get("group") or "").strip()
+                for field, value in (("gene", gene), ("group", group)):
+                    if not value:
+                        raise UserError(f"{path}: {field}: empty on line {line}")
+                if gene in table and table[gene] != group:
+                    raise UserError(f"{path}: gene: '{gene}' is in two groups ('{table[gene]}', '{group}')")
+                table[gene] = group
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: gene: cannot read the file ({e})") from None
+    if not any(g in table for g in genes):
+        raise UserError(f"{path}: gene: none of the {len(genes)} evaluated genes is listed (e.g. '{genes[0]}')")
+    return {g: table.get(g, "other") for g in genes}
+
+
 def read_expected(path: Path, barcodes: np.ndarray, genes: list[str]) -> tuple[np.ndarray, list[int]]:
     """(means of all genes (n, G_all) for ``barcodes``, in that order; columns of ``genes`` among them)."""
     import h5py

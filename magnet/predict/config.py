@@ -22,6 +22,8 @@ class PredictConfig:
     hires_px: int = 2000  # longest side of uns['spatial'] images when Space Ranger gives none
     lowres_px: int = 600
     progress: bool = True
+    context: Literal["keep", "zero", "shuffle"] = "keep"  # inference-time context control (magnet/predict/context.py)
+    context_seed: int = 0  # of the shuffle control's tile permutation
 
     def __post_init__(self):
         if min(self.batch_size, self.max_bins, self.threads) < 0 or self.tiles_per_block < 1:

@@ -268,6 +268,8 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
                 nonlocal written
                 chunks = [c for c, _, _ in pending]
                 batch = collate(chunks, geom, k_bin=mcfg.k_bin, k_spot=mcfg.k_spot, k_global=mcfg.k_global)
+                if control is not None:
+                    batch = control(batch)
                 out = runner(batch)
                 if samples_out is not None:
                     samples_out.append((batch, out))
@@ -292,6 +294,11 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
                 pending.clear()
 
             feats = centre_on_slide(spot_feat, global_feat, lv.spot_mask)
+            control = None
+            if cfg.context != "keep":
+                from magnet.predict.context import ContextControl
+
+                control = ContextControl(cfg.context, tiles.grid, *feats, geom, cfg.context_seed)
             for t in range(T):
                 key, members, _, _ = make_sample(entry, "predict", bin_um, lv, t, tile_images.encoded(t), feats, scfg)
                 sample = decode_sample({"__key__": key, **members})

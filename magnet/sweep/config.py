@@ -72,6 +72,8 @@ class SweepConfig:
     train_overrides: list[str] = dataclasses.field(default_factory=list)  # key=value applied to the base
     shards: dict[str, str] = dataclasses.field(default_factory=dict)  # bin_um -> root holding {bin_um}um/
     space: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tie: dict[str, str] = dataclasses.field(default_factory=dict)  # experiment key -> swept key whose value it takes
+    # in each trial, e.g. {model.seed: train.seed}: one grid axis setting two keys
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
     asha: AshaConfig = dataclasses.field(default_factory=AshaConfig)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)

@@ -66,6 +66,12 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
             out[key] = tune.randint(int(values[0]), int(values[1]) + 1)  # inclusive high
         else:
             out[key] = getattr(tune, kind)(float(values[0]), float(values[1]))
+    for key, source in cfg.tie.items():
+        _check_key(key)
+        if source not in out:
+            raise UserError(f"config: tie.{key}: '{source}' is not a key of the search space")
+        if key in out:
+            raise UserError(f"config: tie.{key}: is a key of the search space itself")
     return out
 
 
@@ -112,6 +118,7 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], run_root: Path, run_n
                  parent_run_id: str) -> ExperimentConfig:
     """The base experiment with the trial's values, its resolution's shards, and MLflow as a child run."""
     trial = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    trial += [f"{k}={json.dumps(params[source])}" for k, source in cfg.tie.items()]
     bin_um = int(params.get("data.bin_um", base_config(cfg).data.bin_um))
     m = cfg.mlflow
     fixed = [f"data.shards={json.dumps(cfg.shards[str(bin_um)])}", f"train.out_dir={json.dumps(str(run_root))}",

@@ -1,0 +1,110 @@
+"""`launch/experiment.py` (configs/experiment/tiny.yaml): 2 models x 2 seeds as Ray Tune grid trials on the tiny
+shards, then `magnet evaluate` on the test slide into the sweep's MLflow parent run; and its config errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, train_env
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cohort4(tmp_path_factory):
+    """4 tiny slides sharded at 16 um: 2 train, 1 val, 1 test (the tiny cohort has no test slide)."""
+    from magnet.cli import main
+
+    root = tmp_path_factory.mktemp("cohort4")
+    assert main(["synth", "--config", str(REPO / "configs/synth/tiny.yaml"), "--out", str(root / "slides"),
+                 "--slides", "4"]) == 0
+    assert main(["shard", "--samplesheet", str(root / "slides/samplesheet.csv"), "--bin-um", "16",
+                 "--out", str(root / "shards"), "--config", str(REPO / "configs/shard/tiny.yaml"),
+                 "split.val_frac=0.25", "split.test_frac=0.25"]) == 0
+    splits = json.loads((root / "shards/16um/manifest.json").read_text())["splits"]
+    assert sorted(splits.values()) == ["test", "train", "train", "val"]
+    return root, splits
+
+
+def _run(argv, timeout=900):
+    return subprocess.run([sys.executable, "launch/experiment.py", *argv], env=train_env(RAY_AUTH_MODE="disabled"),
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_models_by_seeds_trained_then_scored_once_on_the_test_slide(cohort4, tmp_path):
+    import mlflow
+
+    root, splits = cohort4
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    proc = _run(["--config", "configs/experiment/tiny.yaml", f"shards.16={root / 'shards'}", f"out_dir={tmp_path}/exp",
+                 f"mlflow.tracking_uri={uri}", f"evaluate.samplesheet={root / 'slides/samplesheet.csv'}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["models"]) == {"magnet", "stnet"} and all(len(v) == 2 for v in result["models"].values())
+    exp = tmp_path / "exp" / "tiny"
+    trials = _rows(exp / "summary.csv")
+    assert sorted((t["model.name"], t["train.seed"]) for t in trials) == [
+        ("magnet", "0"), ("magnet", "1"), ("stnet", "0"), ("stnet", "1")]
+    assert {t["status"] for t in trials} == {"finished"}
+    for t in trials:  # model.seed tied to train.seed
+        cfg = yaml.safe_load((exp / "runs" / t["trial"] / "model" / "config.yaml").read_text())["config"]
+        assert cfg["model"]["seed"] == cfg["train"]["seed"] == int(t["train.seed"])
+        assert cfg["model"]["name"] == t["model.name"]
+    ev = exp / "evaluation"
+    test = [s for s, v in splits.items() if v == "test"]
+    assert {(r["slide"], r["split"]) for r in _rows(ev / "evaluation_slides.csv")} == {(test[0], "test")}
+    reps = {(r["model"], r["level"], r["source"]): r for r in _rows(ev / "evaluation_replicates.csv")}
+    for name in ("magnet", "stnet", "magnet (context zeroed)", "magnet (context shuffled)"):
+        assert int(reps[(name, "bins", "bin head")]["n_replicates"]) == 2
+    paired = [r for r in _rows(ev / "evaluation_paired.csv") if (r["a"], r["b"]) == ("magnet", "stnet")]
+    assert paired and paired[0]["bootstrap_over"] == "genes"
+    assert (ev / "scatter_magnet_vs_stnet_16um.png").is_file()
+    pairs = {(r["a"], r["b"]) for r in _rows(ev / "evaluation_paired.csv")}
+    assert pairs == {("magnet", "stnet"), ("magnet", "magnet (context zeroed)"), ("magnet", "magnet (context shuffled)")}
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.data.tags.get("sweep.role") == "parent"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
+    assert {"evaluation/evaluation.md", "evaluation/evaluation_paired.csv",
+            "evaluation/scatter_magnet_vs_stnet_16um.png"} <= artifacts
+    delta = next(r for r in paired if r["group"] == "all")["delta"]
+    assert parent.data.metrics["paired/magnet_vs_stnet/16um/all/delta"] == pytest.approx(float(delta))
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+
+
+def test_missing_samplesheet_is_refused_before_training(tmp_path):
+    proc = _run(["--config", "configs/experiment/tiny.yaml", f"shards.16={tmp_path}", f"out_dir={tmp_path}/exp",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"], timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert err == ["magnet: error: configs/experiment/tiny.yaml: evaluate.samplesheet: required (the slides the "
+                   "models are scored on)"]
+    assert not (tmp_path / "exp").exists()
+
+
+def test_tie_names_a_swept_key():
+    """``tie`` copies a swept value into another key of each trial; a tie to a key outside the space is refused."""
+    from magnet.errors import UserError
+    from magnet.sweep.config import SweepConfig
+    from magnet.sweep.space import param_space, trial_config
+
+    space = {"train": {"seed": {"grid": [3, 4]}}}
+    cfg = SweepConfig(train_config=str(REPO / "configs/train/tiny.yaml"), shards={"16": "s"}, space=space,
+                      tie={"model.seed": "train.seed"})
+    assert set(param_space(cfg)) == {"train.seed"}
+    trial = trial_config(cfg, {"train.seed": 4}, REPO / "runs", "t", "parent")
+    assert trial.train.seed == trial.model.seed == 4
+    with pytest.raises(UserError, match="tie.model.seed: 'optim.lr' is not a key of the search space"):
+        param_space(SweepConfig(space=space, tie={"model.seed": "optim.lr"}))
