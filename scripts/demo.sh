@@ -57,6 +57,7 @@ stage "evaluate MagNet, ST-Net and the mean profile on the test split, with the 
 $PY -m magnet evaluate --model magnet=models:/magnet-demo@champion --model stnet=models:/magnet-demo-stnet@champion \
   --model mean=models:/magnet-demo-mean@champion --samplesheet "$DEMO/slides/samplesheet.csv" --split test \
   --bin-um $BIN_UM --out "$DEMO/evaluation" run_name=demo-evaluation
+sed -n '/^## Per gene group/,$p' "$DEMO/evaluation/evaluation.md"  # the per-group table and the paired comparisons
 
 $PY - "$DEMO" <<'PY'
 import json, sys, yaml
