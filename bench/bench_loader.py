@@ -28,7 +28,7 @@ KNN = {"k_bin": 8, "k_spot": 8, "k_global": 8}
 def cohort(work: Path) -> Path:
     shards = work / "shards"
     if not (shards / "16um" / "manifest.json").is_file():
-        assert magnet(["synth", "--config", str(REPO / "configs/synth/demo.yaml"), "--out", str(work / "cohort"),
+        assert magnet(["synth", "--config", str(REPO / "configs/synth/context.yaml"), "--out", str(work / "cohort"),
                        "--slides", "3", "--overwrite"]) == 0
         assert magnet(["shard", "--samplesheet", str(work / "cohort" / "samplesheet.csv"), "--bin-um", "8", "16",
                        "--out", str(shards), "--config", str(REPO / "configs/shard/default.yaml"),

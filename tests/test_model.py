@@ -124,7 +124,7 @@ def test_every_model_gives_shapes_and_dtypes(batch, name):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("name", ["magnet", "magnet_no_graph", "stnet", "mean"])
+@pytest.mark.parametrize("name", ["magnet", "magnet_no_graph", "magnet_paper", "stnet", "mean"])
 def test_frozen_features_get_no_gradient_and_every_parameter_trains(batch, name):
     _, b = batch
     b = b.to("cpu")
@@ -163,6 +163,45 @@ def test_magnet_starts_from_the_single_scale_prediction(batch, name):
         magnet.train(), stnet.train()
         local_only = (magnet(b).bin == stnet(b).bin).all(1).float().mean()
         assert 0.25 < local_only < 0.75  # context_drop 0.5
+
+
+def test_magnet_paper_predicts_bins_from_the_fused_representation(batch):
+    """The paper's form: no local read-out, the bin prediction depends on the context from step 0, and
+    training keeps every bin's context (no context_drop), whatever model.context_drop says."""
+    _, b = batch
+    torch.manual_seed(3)
+    paper = create_model(tiny_cfg("magnet_paper", context_drop=0.5), G, F, TINY_GEOMETRY)
+    torch.manual_seed(3)
+    magnet = create_model(tiny_cfg("magnet"), G, F, TINY_GEOMETRY)
+    assert paper.local_head is None and paper.context_drop == 0.0
+    assert paper.output_biases()[0] is paper.heads["bin"][-1].bias
+    names = {n for n, _ in paper.named_parameters()}
+    assert names == {n for n, _ in magnet.named_parameters()} - {"local_head.weight", "local_head.bias"}
+    other = collate_shuffled_context(b)
+    with torch.no_grad():
+        paper.eval(), magnet.eval()
+        assert not torch.allclose(paper(b).bin, paper(other).bin)  # context moves the bin prediction at init
+        assert torch.equal(magnet(b).bin, magnet(other).bin)  # magnet's context head starts at zero
+        paper.train()
+        torch.manual_seed(0)
+        first = paper(b).bin
+        torch.manual_seed(1)
+        assert torch.equal(first, paper(b).bin)  # dropout 0 and no context_drop: training is deterministic
+    paper.train()
+    loss, _ = compute_loss(paper(b), b, LossConfig())
+    loss.backward()
+    assert paper.heads["bin"][-1].weight.grad.abs().sum() > 0 and paper.node_proj["spot"].weight.grad.abs().sum() > 0
+
+
+def collate_shuffled_context(b):
+    """The same batch with each context level's frozen features permuted across its nodes."""
+    import copy
+
+    other = copy.copy(b)
+    g = torch.Generator().manual_seed(0)
+    other.spot_feat = b.spot_feat[torch.randperm(b.spot_feat.shape[0], generator=g)]
+    other.glob_feat = b.glob_feat[torch.randperm(b.glob_feat.shape[0], generator=g)]
+    return other
 
 
 @pytest.mark.parametrize("gat_type", ["gat", "gatv2"])

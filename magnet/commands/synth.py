@@ -10,7 +10,7 @@ def add_parser(subparsers) -> None:
         "synth", help="generate synthetic Visium HD slides (Space Ranger layout) and a samplesheet",
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (must be absent or empty unless --overwrite)")
-    p.add_argument("--config", default=None, help="YAML file with SynthConfig keys (e.g. configs/synth/demo.yaml)")
+    p.add_argument("--config", default=None, help="YAML file with SynthConfig keys (e.g. configs/synth/context.yaml)")
     p.add_argument("--slides", type=int, default=None, help="number of slides")
     p.add_argument("--size-um", type=float, default=None, help="side of each square slide in microns")
     p.add_argument("--mpp", type=float, default=None, help="full-resolution microns per pixel")

@@ -19,6 +19,10 @@ Per step, for a :class:`magnet.batch.Batch`:
    local morphology (demo validation: the fused head had taken over part of the cell-type markers,
    which then generalised worse than ST-Net's).
 
+``paper=True`` (``model.name=magnet_paper``) is the paper's form: the bin prediction is the bin head on
+the fused multi-level representation alone (no local read-out, default initialisation, no
+context_drop).
+
 Ablations switch off the spot level, the global level, or every graph (GAT -> node-wise linear;
 the cross-attention keeps its neighbour tokens, which come from the data, not from a GNN).
 """
@@ -39,18 +43,19 @@ from magnet.models.register import register_model
 
 class MagNet(nn.Module):
     def __init__(self, cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry, *,
-                 spot: bool = True, glob: bool = True, graph: bool = True):
+                 spot: bool = True, glob: bool = True, graph: bool = True, paper: bool = False):
         super().__init__()
         D = cfg.width
         self.encoder = Encoder(cfg.encoder, cfg.encoder_weights, seed=cfg.seed, channels_last=cfg.channels_last)
-        self.local_head = nn.Linear(self.encoder.num_features, n_genes)  # first draw after the encoder, as ST-Net's
+        # the local read-out: first draw after the encoder, as ST-Net's head
+        self.local_head = None if paper else nn.Linear(self.encoder.num_features, n_genes)
         self.bin_proj = nn.Linear(self.encoder.num_features, D)
         self.levels = tuple(name for name, on in (("spot", spot), ("glob", glob)) if on)
         # offsets in um are divided by the level's tile side, so positions enter the model as O(1)
         self.scale = {"bin": geometry.bin_px * geometry.mpp, "spot": geometry.spot_px * geometry.mpp,
                       "glob": geometry.global_px * geometry.mpp}
         self.edge_features = cfg.edge_features
-        self.context_drop = cfg.context_drop
+        self.context_drop = 0.0 if paper else cfg.context_drop
         edge_dim = 2 if cfg.edge_features else None
         self.feat_scale = nn.ModuleDict({name: FeatureScaler(feat_dim) for name in self.levels})  # magnet.models.init
         self.node_proj = nn.ModuleDict({name: nn.Linear(feat_dim, D) for name in self.levels})
@@ -65,12 +70,14 @@ class MagNet(nn.Module):
         self.fuse_norm = nn.ModuleList(nn.LayerNorm(D) for _ in range(n_parts))
         self.fuse = nn.Sequential(nn.Linear(n_parts * D, D), nn.GELU(), nn.Linear(D, D))
         self.heads = nn.ModuleDict({name: head(D, n_genes) for name in ("bin",) + self.levels})
-        nn.init.zeros_(self.heads["bin"][-1].weight)
-        nn.init.zeros_(self.heads["bin"][-1].bias)
+        if not paper:
+            nn.init.zeros_(self.heads["bin"][-1].weight)
+            nn.init.zeros_(self.heads["bin"][-1].bias)
 
     def output_biases(self) -> list[nn.Parameter]:
         """The biases that set each level's output offset (:func:`magnet.models.init.init_from_statistics`)."""
-        return [self.local_head.bias] + [self.heads[name][-1].bias for name in self.levels]
+        bin_bias = self.heads["bin"][-1].bias if self.local_head is None else self.local_head.bias
+        return [bin_bias] + [self.heads[name][-1].bias for name in self.levels]
 
     def _edge_attr(self, batch, name: str) -> torch.Tensor | None:
         return getattr(batch, f"{name}_edge_attr") / self.scale[name] if self.edge_features else None
@@ -96,7 +103,9 @@ class MagNet(nn.Module):
         context = self.heads["bin"](fused)
         if self.training and self.context_drop > 0:
             context = context * (torch.rand(context.shape[0], 1, device=context.device) >= self.context_drop).to(context.dtype)
-        return Predictions(bin=self.local_head(local) + context, spot=out.get("spot"), glob=out.get("glob"))
+        bin_pred = context if self.local_head is None else self.local_head(local) + context
+        return Predictions(bin=bin_pred, spot=out.get("spot"), glob=out.get("glob"))
+
 
 
 @register_model("magnet")
@@ -117,3 +126,9 @@ def magnet_no_global(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Ge
 @register_model("magnet_no_graph")
 def magnet_no_graph(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry) -> MagNet:
     return MagNet(cfg, n_genes, feat_dim, geometry, graph=False)
+
+
+@register_model("magnet_paper")
+def magnet_paper(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry) -> MagNet:
+    """The paper's form: the bin prediction comes from the fused multi-level representation alone."""
+    return MagNet(cfg, n_genes, feat_dim, geometry, paper=True)

@@ -10,6 +10,10 @@
         spatial/{tissue_positions.parquet,scalefactors_json.json,tissue_hires_image.png,tissue_lowres_image.png}
     DIR/<slide>/ground_truth/expected_{008,016}um.h5   barcodes, genes, gene_ids, expected (float32
                                             bins x genes Poisson means, filtered-matrix order)
+    DIR/<slide>/ground_truth/local_expected_{008,016}um.h5   the same for the local oracle: each cell's
+                                            context factor replaced by its type's mean (expression.py)
+    DIR/<slide>/ground_truth/gene_groups.csv  gene,group (marker, context_mix, context_short,
+                                            context_long, housekeeping), one row per gene in matrix order
     DIR/<slide>/ground_truth/cells.parquet  every cell: centre (um and full-res px), type, size
 
 The whole cohort is written under a temporary name and renamed at the end: a failed run leaves
@@ -91,17 +95,24 @@ def _write_ground_truth(folder: Path, expr: expression.SlideExpression, grid: Bi
                         mpp: float) -> None:
     folder.mkdir()
     programs = expr.programs
+    local = expr.local()
     for bin_um in GROUND_TRUTH_BINS_UM:
         rows, cols, _, _ = grid.centres_um(bin_um)
         keep = in_tissue[bin_um]
-        with h5py.File(folder / f"expected_{bin_um:03d}um.h5", "w") as f:
-            f.attrs["bin_size_um"] = bin_um
-            f.attrs["description"] = "Poisson means of the counts per bin (rows follow the filtered matrix)"
-            f.create_dataset("barcodes", data=spaceranger.barcodes(bin_um, rows[keep], cols[keep]), track_times=False)
-            f.create_dataset("genes", data=np.array(programs.gene_names, dtype="S"), track_times=False)
-            f.create_dataset("gene_ids", data=np.array(programs.gene_ids, dtype="S"), track_times=False)
-            f.create_dataset("expected", data=expression.expected_counts(expr, grid, bin_um, keep),
-                             compression="gzip", compression_opts=1, shuffle=True, track_times=False)
+        for prefix, source, what in (("", expr, "Poisson means of the counts per bin"),
+                                     ("local_", local, "Poisson means given only each bin's cells (local oracle)")):
+            with h5py.File(folder / f"{prefix}expected_{bin_um:03d}um.h5", "w") as f:
+                f.attrs["bin_size_um"] = bin_um
+                f.attrs["description"] = f"{what} (rows follow the filtered matrix)"
+                f.create_dataset("barcodes", data=spaceranger.barcodes(bin_um, rows[keep], cols[keep]),
+                                 track_times=False)
+                f.create_dataset("genes", data=np.array(programs.gene_names, dtype="S"), track_times=False)
+                f.create_dataset("gene_ids", data=np.array(programs.gene_ids, dtype="S"), track_times=False)
+                f.create_dataset("expected", data=expression.expected_counts(source, grid, bin_um, keep),
+                                 compression="gzip", compression_opts=1, shuffle=True, track_times=False)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([["gene", "group"], *zip(programs.gene_names, programs.groups)])
+    (folder / "gene_groups.csv").write_text(buf.getvalue())
     cells = expr.cells
     pq.write_table(pa.table({
         "x_um": cells.x, "y_um": cells.y, "pxl_col_in_fullres": cells.x / mpp, "pxl_row_in_fullres": cells.y / mpp,
@@ -142,7 +153,7 @@ def generate_slide(cfg: SynthConfig, programs: expression.Programs, index: int, 
     del source
     stage("png")
 
-    expr = expression.slide_expression(cfg.expression, programs, cells, cfg.size_um, rng_expr)
+    expr = expression.slide_expression(cfg.expression, programs, cells, fields, cfg.size_um, rng_expr)
     counts = expression.sample_counts(expr, grid, rng_expr)
     stage("counts")
     outs = slide_dir / "outs"

@@ -44,6 +44,14 @@ class ExpressionConfig:
     diffusion_um: float = 1.0  # transcripts scatter around their cell by cell size and this
     slide_effect_sd: float = 0.25  # log-scale sd of the per-slide library size factor
     gene_batch_sd: float = 0.15  # log-scale sd of the per-slide, per-gene effect
+    # range programs (the context benchmark, configs/synth/context.yaml; none by default): every expressing
+    # cell type responds alike, so the bin's own cells say little about them
+    short_range_genes: int = 0  # driven by the distance to the tumour-stroma interface (group context_short)
+    short_range_um: list[float] = dataclasses.field(default_factory=lambda: [15.0, 60.0])  # full .. no activity
+    long_range_genes: int = 0  # driven by the immune-aggregate share of the tissue around (group context_long)
+    long_range_sd_um: float = 100.0  # Gaussian kernel of that share, truncated at 3 sd (so 100-300 um)
+    long_range_ramp: list[float] = dataclasses.field(default_factory=lambda: [0.03, 0.15])  # share: no .. full
+    range_lfc: list[float] = dataclasses.field(default_factory=lambda: [1.5, 2.5])  # log fold change range
 
     def __post_init__(self):
         if self.n_genes < 300:
@@ -51,7 +59,14 @@ class ExpressionConfig:
         _positive("expression.", markers_per_type=self.markers_per_type,
                   genes_per_context_program=self.genes_per_context_program,
                   umis_per_cell=self.umis_per_cell, context_radius_um=self.context_radius_um,
-                  diffusion_um=self.diffusion_um)
+                  diffusion_um=self.diffusion_um, long_range_sd_um=self.long_range_sd_um)
+        for name in ("short_range_genes", "long_range_genes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"expression.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("short_range_um", "long_range_ramp", "range_lfc"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"expression.{name}: must be two increasing values >= 0, got {lo_hi}")
 
 
 @dataclasses.dataclass(kw_only=True)

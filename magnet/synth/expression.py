@@ -7,7 +7,16 @@ batch effect. Each cell's expected counts (Poisson means) are then
 
     rate[c, g] = lib[c] * profile[type c, g] * batch[g] * exp(sum_k act[c, k] * lfc[k, g])
 
-with ``act`` zero where the cell's type does not respond to program ``k``. Counts are Poisson per
+with ``act`` zero where the cell's type does not respond to program ``k``. Range programs (optional, the
+context benchmark) add two activities to which every expressing type responds alike: ``short``, from the
+distance to the tumour-stroma interface (full within ``short_range_um[0]``, none beyond ``[1]``), and
+``long``, from the immune-aggregate share of the tissue under a Gaussian of sd ``long_range_sd_um``.
+Each gene has a group (``GROUPS``): its program's range, which the ground truth records.
+
+The local oracle (:meth:`SlideExpression.local`) replaces each cell's context factor
+``exp(act[c] @ lfc)`` by its mean over the slide's cells of the same type: the expected counts given
+only the cells in the bin (their types, sizes and the slide effects), from the generator's own
+quantities. Per gene, oracle minus local oracle is what context can add. Counts are Poisson per
 cell and gene; each transcript lands at the cell centre plus Gaussian scatter (cell size and
 diffusion) and is counted in the 2 um bin that holds it. Expected counts per bin integrate the same
 Gaussian over each bin, so they are the exact means of the binned counts.
@@ -25,7 +34,7 @@ from scipy.special import ndtr
 from magnet.errors import UserError
 from magnet.synth.config import ExpressionConfig
 from magnet.synth.grid import BinGrid
-from magnet.synth.tissue import MORPH, N_EXPRESSING, TYPES, Cells
+from magnet.synth.tissue import GLASS, MORPH, N_EXPRESSING, TYPES, Cells, Fields, sample_bilinear
 
 TYPE_PREFIX = ("TUM", "FIB", "LYM", "MAC", "END", "PLA")
 # relative library size per expressing type (multiplied by umis_per_cell and cell area)
@@ -41,6 +50,10 @@ CONTEXT_PROGRAMS = (
     ("EMT", ("tumour",), {"fibroblast": 1.0}, 0.05, 0.35),
 )
 CELL_CHUNK = 8192
+# gene groups in gene order; context_short / context_long only with range genes in the config
+GROUPS = ("marker", "context_mix", "context_short", "context_long", "housekeeping")
+RANGE_PREFIX = {"short": "SHR", "long": "LNG"}
+RANGE_BASE = 0.5  # log offset of range genes, so they are among the well-expressed genes
 
 
 @dataclasses.dataclass
@@ -54,18 +67,25 @@ class Programs:
     responds: np.ndarray  # (len(TYPES), K) float32 1 where a type responds to a program
     drivers: np.ndarray  # (len(TYPES), K) float32 weights on neighbourhood fractions
     ramp: np.ndarray  # (2, K) activity ramp
+    groups: list[str]  # per gene, one of GROUPS
+    ranges: tuple[str, ...] = ()  # range programs ("short", "long"), the last rows of context_lfc
 
 
 def make_programs(cfg: ExpressionConfig, rng: np.random.Generator) -> Programs:
     g = cfg.n_genes
     m, k = cfg.markers_per_type, cfg.genes_per_context_program
     n_prog = len(CONTEXT_PROGRAMS)
-    n_hk = g - N_EXPRESSING * m - n_prog * k
+    n_range = {"short": cfg.short_range_genes, "long": cfg.long_range_genes}
+    ranges = tuple(r for r, n in n_range.items() if n)
+    n_hk = g - N_EXPRESSING * m - n_prog * k - sum(n_range.values())
     if n_hk < 0:
         raise UserError(f"config: expression.n_genes: {g} is fewer than the {g - n_hk} marker and context genes")
     names = [f"{p}{i + 1:02d}" for p in TYPE_PREFIX for i in range(m)]
     names += [f"{p[0]}{i + 1:02d}" for p in CONTEXT_PROGRAMS for i in range(k)]
+    names += [f"{RANGE_PREFIX[r]}{i + 1:02d}" for r in ranges for i in range(n_range[r])]
     names += [f"HK{i + 1:03d}" for i in range(n_hk)]
+    groups = (["marker"] * (N_EXPRESSING * m) + ["context_mix"] * (n_prog * k)
+              + [f"context_{r}" for r in ranges for _ in range(n_range[r])] + ["housekeeping"] * n_hk)
     base = rng.normal(0.0, 1.0, g)
     base[: N_EXPRESSING * m] -= 1.5  # program genes are low outside their program
     base[N_EXPRESSING * m : N_EXPRESSING * m + n_prog * k] -= 0.5
@@ -86,9 +106,46 @@ def make_programs(cfg: ExpressionConfig, rng: np.random.Generator) -> Programs:
         for t, w in drive.items():
             drivers[TYPES.index(t), p] = w
     ramp = np.array([[p[3] for p in CONTEXT_PROGRAMS], [p[4] for p in CONTEXT_PROGRAMS]])
+    if ranges:  # drawn after everything above, so a config without range genes keeps its programs
+        start += n_prog * k
+        range_lfc = np.zeros((len(ranges), g))
+        for r, name in enumerate(ranges):
+            genes = slice(start, start + n_range[name])
+            logits[:, genes] += RANGE_BASE
+            range_lfc[r, genes] = rng.uniform(*cfg.range_lfc, n_range[name])
+            start += n_range[name]
+        profile = np.exp(logits - logits.max(axis=1, keepdims=True))
+        profile /= profile.sum(axis=1, keepdims=True)
+        context_lfc = np.vstack([context_lfc, range_lfc])
+        every = np.zeros((len(TYPES), len(ranges)))
+        every[:N_EXPRESSING] = 1.0
+        responds = np.hstack([responds, every])
+        drivers = np.hstack([drivers, np.zeros((len(TYPES), len(ranges)))])
+        ramp = np.hstack([ramp, np.zeros((2, len(ranges)))])
     return Programs([f"SYNTH{i + 1:05d}" for i in range(g)], names, profile.astype(np.float32),
                     context_lfc.astype(np.float32), responds.astype(np.float32),
-                    drivers.astype(np.float32), ramp.astype(np.float32))
+                    drivers.astype(np.float32), ramp.astype(np.float32), groups, ranges)
+
+
+def smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0, 1)
+    return x * x * (3 - 2 * x)
+
+
+def range_activity(cfg: ExpressionConfig, name: str, fields: Fields, cells: Cells) -> np.ndarray:
+    """(n_cells,) activity in [0, 1] of the range program ``name`` from the compartment fields."""
+    res, label = fields.res_um, fields.label
+    if name == "short":  # distance to the tumour-stroma interface, from either side
+        tumour, stroma = label == 1, (label != GLASS) & (label != 1)
+        dist = np.where(tumour, ndimage.distance_transform_edt(~stroma), ndimage.distance_transform_edt(~tumour)) * res
+        near, far = cfg.short_range_um
+        return smoothstep((far - sample_bilinear(dist, res, cells.x, cells.y)) / (far - near))
+    sd = cfg.long_range_sd_um / res  # share of the tissue in immune aggregates around each cell
+    inside = (label != GLASS).astype(np.float32)
+    share = (ndimage.gaussian_filter((label == 2).astype(np.float32), sd, mode="constant", truncate=3.0)
+             / np.maximum(ndimage.gaussian_filter(inside, sd, mode="constant", truncate=3.0), 1e-6))
+    lo, hi = cfg.long_range_ramp
+    return smoothstep((sample_bilinear(share, res, cells.x, cells.y) - lo) / (hi - lo))
 
 
 def neighbourhood_fractions(cells: Cells, size_um: float, radius_um: float, res_um: float = 5.0) -> np.ndarray:
@@ -115,27 +172,43 @@ class SlideExpression:
     library: np.ndarray  # (n_cells,) expected UMIs before context
     batch: np.ndarray  # (G,) per-gene slide effect
     scatter_sd: np.ndarray  # (n_cells,) um
+    context_by_type: np.ndarray | None = None  # (len(TYPES), G): the local oracle's context factor (local())
 
     def rates(self, sel: slice) -> np.ndarray:
         """(n, G) float32 Poisson means of the cells ``sel``."""
         t = self.cells.type[sel].astype(np.int64)
         t_expr = np.minimum(t, N_EXPRESSING - 1)
-        ctx = np.exp(self.activity[sel] @ self.programs.context_lfc)
+        if self.context_by_type is None:
+            ctx = np.exp(self.activity[sel] @ self.programs.context_lfc)
+        else:
+            ctx = self.context_by_type[t]
         return (self.library[sel, None] * self.programs.profile[t_expr] * self.batch) * ctx
+
+    def local(self) -> "SlideExpression":
+        """The same slide with each cell's context factor replaced by its mean over the cells of its type."""
+        total = np.zeros((len(TYPES), self.programs.context_lfc.shape[1]))
+        for sel in self.chunks():
+            np.add.at(total, self.cells.type[sel].astype(np.int64), np.exp(self.activity[sel] @ self.programs.context_lfc))
+        n = np.bincount(self.cells.type.astype(np.int64), minlength=len(TYPES))
+        mean = total / np.maximum(n, 1)[:, None]
+        return dataclasses.replace(self, context_by_type=mean.astype(np.float32))
 
     def chunks(self) -> Iterator[slice]:
         for s in range(0, len(self.cells), CELL_CHUNK):
             yield slice(s, min(s + CELL_CHUNK, len(self.cells)))
 
 
-def slide_expression(cfg: ExpressionConfig, programs: Programs, cells: Cells, size_um: float,
+def slide_expression(cfg: ExpressionConfig, programs: Programs, cells: Cells, fields: Fields, size_um: float,
                      rng: np.random.Generator) -> SlideExpression:
     frac = neighbourhood_fractions(cells, size_um, cfg.context_radius_um)
     t = cells.type.astype(np.int64)
-    score = frac @ programs.drivers
-    lo, hi = programs.ramp
-    x = np.clip((score - lo) / (hi - lo), 0, 1)
-    activity = (x * x * (3 - 2 * x)) * programs.responds[t]  # smoothstep ramp
+    n_mix = len(CONTEXT_PROGRAMS)
+    lo, hi = programs.ramp[:, :n_mix]
+    activity = np.empty((len(cells), n_mix + len(programs.ranges)), np.float32)
+    activity[:, :n_mix] = smoothstep((frac @ programs.drivers[:, :n_mix] - lo) / (hi - lo))
+    for r, name in enumerate(programs.ranges):
+        activity[:, n_mix + r] = range_activity(cfg, name, fields, cells)
+    activity *= programs.responds[t]
     type_lib = np.append(TYPE_LIBRARY, 0.0)[t]  # red blood cells: no transcripts
     slide_lib = np.exp(rng.normal(0.0, cfg.slide_effect_sd))
     library = cfg.umis_per_cell * slide_lib * type_lib * cells.size**2
