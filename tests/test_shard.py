@@ -176,7 +176,10 @@ def test_rerun_is_up_to_date(tiny_shards, tiny_cohort, ray_one_cpu, capsys):
     assert after == before
 
 
-def test_resume_after_failure_is_byte_identical(tiny_shards, tiny_cohort, ray_one_cpu, tmp_path, capsys):
+def test_corrupt_image_is_refused_up_front_then_rerun_is_byte_identical(tiny_shards, tiny_cohort, ray_one_cpu,
+                                                                          tmp_path, capsys):
+    """The input check reads every image (against Space Ranger's hires image), so a corrupt tile stops the run
+    before any slide is sharded; resuming after a failure midway is test_sigkill_midway_then_rerun_is_byte_identical."""
     cohort = tmp_path / "cohort"
     shutil.copytree(tiny_cohort, cohort)
     image = cohort / "synth_002" / "synth_002_fullres.tif"
@@ -192,11 +195,10 @@ def test_resume_after_failure_is_byte_identical(tiny_shards, tiny_cohort, ray_on
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(image) in err and "image" in err
     assert not list(out.glob("*um/*.tar")) and not list(out.glob("*um/manifest.json"))  # no final name
-    done = sorted(p.parent.name for p in out.glob("8um/.work/*/done.json"))
-    assert done == ["synth_000", "synth_001"]
+    assert not list(out.glob("8um/.work/*/done.json"))  # refused before any work
     image.write_bytes(original)
     assert shard(cohort / "samplesheet.csv", out) == 0
-    assert "2 of 3 slides already done, 1 to do" in capsys.readouterr().err
+    assert "0 of 3 slides already done, 3 to do" in capsys.readouterr().err
     for b in ("8um", "16um"):
         names = sorted(p.name for p in (tiny_shards / b).iterdir())
         assert names == sorted(p.name for p in (out / b).iterdir())
