@@ -12,7 +12,6 @@ set -euo pipefail
 DEMO=${DEMO:-demo}
 PY=${PY:-.venv/bin/python}
 BIN_UM=${BIN_UM:-16}  # the models are trained at this bin size (both are sharded)
-GENES=TUM08,LYM07,SHR01,LNG01
 export MLFLOW_TRACKING_URI="sqlite:///$DEMO/mlruns.db"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}  # DeepSpeed's compiled ops, kept
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONHASHSEED=0 TQDM_DISABLE=1
@@ -47,6 +46,9 @@ train stnet magnet-demo-stnet model.name=stnet
 train mean magnet-demo-mean model.name=mean train.steps=40 optim.lr=0.2 schedule.warmup_steps=0 train.eval_every=0 \
   train.log_every=10
 
+# genes drawn: the first selected marker, short-range, long-range and housekeeping gene (the selection is the shards')
+GENES=$($PY -c "import json, sys; g = json.load(open(sys.argv[1]))['genes']; print(','.join(next(x for x in g if x.startswith(p)) for p in ('TUM', 'SHR', 'LNG', 'HK')))" \
+  "$DEMO/shards/${BIN_UM}um/manifest.json")
 TEST=$($PY -c "import json, sys; s = json.load(open(sys.argv[1]))['splits']; print(*[k for k, v in s.items() if v == 'test'])" \
   "$DEMO/shards/${BIN_UM}um/manifest.json")
 stage "predict the held-out slide $TEST from the registry (models:/magnet-demo@champion, a fresh process)"
