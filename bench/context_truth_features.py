@@ -4,15 +4,20 @@ Each spot tile and global tile node (centre tile and neighbours) gets, in place 
 features, the share of each cell type among the cells inside its square (from the slide's
 ``ground_truth/cells.parquet``) and the cell density. A MagNet trained on these shards shows what the
 architecture does with ideal context features: if it gains on the context genes where the frozen-encoder
-MagNet does not, the bottleneck is the encoder, not the architecture. Prints the number of samples
-rewritten and the feature size.
+MagNet does not, the bottleneck is the encoder, not the architecture. ``score`` prints the per-gene PCC
+per gene group of trained models on one split of shards (whole slides, the training evaluation's
+metrics): ``magnet evaluate`` cannot score these models, as it computes context features from the image.
 
-    python bench/context_truth_features.py --shards SHARDS/16um --cohort SLIDES --out TRUTH_SHARDS/16um
+    python bench/context_truth_features.py rewrite --shards SHARDS/16um --cohort SLIDES --out TRUTH/16um
+    magnet train --config configs/train/demo.yaml data.shards=TRUTH ...
+    python bench/context_truth_features.py score --shards TRUTH --bin-um 16 --cohort SLIDES --split val \
+        magnet_truth=RUNS/NAME/model
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -71,12 +76,52 @@ def rewrite(sample: Sample, geom: Geometry, counts: CellCounts) -> Sample:
     return sample.replace(spot_feat=spot, global_feat=glob)
 
 
+def score(shards: str, bin_um: int, cohort: Path, split: str, models: list[str]) -> None:
+    import torch
+
+    from magnet.data.pipeline import EvalStream, ShardSet
+    from magnet.dist import WorldInfo
+    from magnet.metrics import ExpressionMetrics
+    from magnet.registry.pyfunc import MagnetPyfunc
+
+    shard_set = ShardSet(shards, bin_um, None, None)
+    slides = sorted(s for s, v in shard_set.manifest.splits.items() if v == split)
+    with open(cohort / slides[0] / "ground_truth" / "gene_groups.csv", newline="") as f:
+        groups = {r["gene"]: r["group"] for r in csv.DictReader(f)}
+    group = np.array([groups.get(g, "other") for g in shard_set.genes])
+    names = sorted(set(group))
+    print("model".ljust(24), "all".rjust(6), *(f"{k}({(group == k).sum()})".rjust(18) for k in names))
+    for spec in models:
+        label, folder = spec.split("=", 1)
+        model = MagnetPyfunc()
+        model.load(*(str(Path(folder) / n) for n in ("model.safetensors", "model_meta.json", "config.yaml")))
+        cfg = model.config
+        cfg.data.workers = 0
+        knn = {"k_bin": cfg.model.k_bin, "k_spot": cfg.model.k_spot, "k_global": cfg.model.k_global}
+        acc = ExpressionMetrics(len(shard_set.genes), slides)
+        for batch in EvalStream(shard_set, cfg.data, WorldInfo(0, 1, 0), split, knn):
+            acc.update(torch.from_numpy(model.predict_batch(batch)["bin"]), batch.bin_expr, batch.bin_slide, batch.slides)
+        pcc = acc.pcc_per_gene().mean(0)  # mean over the split's slides
+        print(label.ljust(24), f"{pcc.mean():6.3f}", *(f"{pcc[group == k].mean():18.3f}" for k in names))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", required=True, type=Path, help="one bin size's shard folder (manifest.json)")
-    ap.add_argument("--cohort", required=True, type=Path, help="the magnet synth folder the shards came from")
-    ap.add_argument("--out", required=True, type=Path)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rw = sub.add_parser("rewrite", help="copy one bin size's shards with the true cell-type mix as context features")
+    rw.add_argument("--shards", required=True, type=Path, help="one bin size's shard folder (manifest.json)")
+    rw.add_argument("--cohort", required=True, type=Path, help="the magnet synth folder the shards came from")
+    rw.add_argument("--out", required=True, type=Path)
+    sc = sub.add_parser("score", help="per-gene PCC per gene group of trained models on a split of shards")
+    sc.add_argument("--shards", required=True, help="shard root (holding {bin}um/)")
+    sc.add_argument("--bin-um", required=True, type=int)
+    sc.add_argument("--cohort", required=True, type=Path, help="the magnet synth folder (gene groups)")
+    sc.add_argument("--split", default="val")
+    sc.add_argument("models", nargs="+", metavar="LABEL=MODEL_DIR", help="a training run's model/ folder")
     args = ap.parse_args()
+    if args.cmd == "score":
+        score(args.shards, args.bin_um, args.cohort, args.split, args.models)
+        return
     manifest = json.loads((args.shards / "manifest.json").read_text())
     geom = Geometry(**{k: manifest["geometry"][k] for k in ("mpp", "global_px", "spot_px", "bin_px")})
     args.out.mkdir(parents=True)
