@@ -44,23 +44,38 @@ def command(args: argparse.Namespace) -> list[str]:
     return head + [script] + tail
 
 
+def _run_folder(args: argparse.Namespace):
+    """The run folder that the YAML and the overrides name, read before the config is built: building it imports
+    the models (and torch) to check model.name, seconds on a busy machine. None: no name, so a new folder."""
+    from pathlib import Path
+
+    from magnet.config import load_yaml, parse_override
+    from magnet.experiment import TrainConfig
+
+    if args.resume not in (None, "latest"):
+        return Path(args.resume)
+    train = dict(load_yaml(args.config).get("train") or {})
+    for override in args.overrides:
+        train.update(parse_override(override).get("train") or {})
+    name = train.get("run_name", TrainConfig.run_name)
+    return Path(str(train.get("out_dir", TrainConfig.out_dir))) / str(name) if name else None
+
+
 def run(args: argparse.Namespace) -> int:
     import subprocess
 
     from magnet.config import load_config
     from magnet.experiment import ExperimentConfig, zero_file
 
+    from magnet.train.rundir import refuse_if_owned
+
+    folder = _run_folder(args)
+    if folder is not None:  # a run in use is refused before anything else (rank 0 takes the lock itself)
+        refuse_if_owned(folder)
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)
     if cfg.mlflow.enabled:
         from magnet.registry.tracking import check_tracking_uri
 
         check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
-    if cfg.train.run_name or args.resume not in (None, "latest"):  # a run in use is refused before the launch (rank 0 takes the lock)
-        from pathlib import Path
-
-        from magnet.train.rundir import refuse_if_owned
-
-        named = Path(cfg.train.out_dir) / cfg.train.run_name
-        refuse_if_owned(named if args.resume in (None, "latest") else Path(args.resume))
     return subprocess.call(command(args))
