@@ -11,7 +11,7 @@ set -euo pipefail
 DEMO=${DEMO:-demo}
 PY=${PY:-.venv/bin/python}
 BIN_UM=${BIN_UM:-16}  # the models are trained at this bin size (both are sharded)
-GENES=TUM08,LYM07,SHR01,LNG01
+GENES=TUM01,LYM01,SHR01,LNG01  # among the 100 genes the demo shards select
 export MLFLOW_TRACKING_URI="sqlite:///$DEMO/mlruns.db"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}  # DeepSpeed's compiled ops, kept
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONHASHSEED=0 TQDM_DISABLE=1
