@@ -29,4 +29,4 @@ def file_fingerprint(path: str | Path) -> str:
 
 def slide_fingerprint(image: str | Path, spaceranger: str | Path, bin_um: int) -> dict[str, str]:
     """``{"image": ..., "matrix": ...}``: the H&E image file and the bin size's filtered count matrix."""
-    return {"image": file_fingerprint(image), "matrix": file_fingerprint(BinFiles.of(spaceranger, bin_um).matrix)}
+    return {"image": file_fingerprint(image), "matrix": file_fingerprint(BinFiles.of(Path(spaceranger), bin_um).matrix)}
