@@ -214,8 +214,9 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
             continue
         records = [json.loads((bin_dirs[b] / WORK / e.slide / DONE).read_text()) for e in entries]
         fingerprints = {s: found[s]["fingerprint"][b] for s in found}
-        manifests[b] = _finalise(bin_dirs[b], records, _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds,
-                                                                 records, by_slide, plans[b], stats.n_bins, fingerprints))
+        doc = _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds, records, by_slide, plans[b],
+                        stats.n_bins, fingerprints)
+        manifests[b] = _finalise(bin_dirs[b], records, doc)
     return manifests
 
 

@@ -154,7 +154,8 @@ def training_fingerprints(model: LoadedModel, splits: dict[str, str]) -> dict[st
     manifest = _shard_manifest(model)
     if manifest is None:
         return {}
-    return {s: manifest.slides[s]["fingerprint"] for s, role in splits.items() if role == "train" and s in manifest.slides}
+    return {s: manifest.slides[s]["fingerprint"] for s, role in splits.items()
+            if role == "train" and s in manifest.slides}
 
 
 def _same_content(samplesheet: str, entry: SlideEntry, label: str, model: LoadedModel,

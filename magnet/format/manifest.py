@@ -86,7 +86,8 @@ class Manifest:
         return cls(format_version=d["format_version"], bin_um=d["bin_um"], genes=tuple(d["genes"]),
                    normalisation=d["normalisation"], geometry=geometry, k_neighbours=int(d["k_neighbours"]),
                    encoder=d["encoder"], shards=shards, splits=d.get("splits", {}), slides=d.get("slides", {}),
-                   folds=d.get("folds", {}), extra={k: v for k, v in d.items() if k not in own and k != CHECKSUM}, path=path)
+                   folds=d.get("folds", {}), path=path,
+                   extra={k: v for k, v in d.items() if k not in own and k != CHECKSUM})
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
@@ -104,7 +105,8 @@ class Manifest:
                             f"reads format {FORMAT_VERSION}; re-run `magnet shard`")
         if d.get(CHECKSUM) != content_sha256(d):
             raise UserError(f"{path}: {CHECKSUM}: the manifest was edited after `magnet shard` wrote it (content "
-                            f"sha256 {content_sha256(d)[:12]}, recorded {str(d.get(CHECKSUM))[:12]}); re-run `magnet shard` into a new --out")
+                            f"sha256 {content_sha256(d)[:12]}, recorded {str(d.get(CHECKSUM))[:12]}); "
+                            f"re-run `magnet shard` into a new --out")
         return cls.from_dict(d, path)
 
     def to_dict(self) -> dict[str, Any]:

@@ -75,7 +75,8 @@ class ShardReader:
         if key not in self._verified:
             self._verified[key] = st.st_size == size and sha256_file(url) == sha
         if not self._verified[key]:
-            why = f"bytes: {st.st_size}, manifest says {size}" if st.st_size != size else "sha256: does not match manifest.json"
+            why = (f"bytes: {st.st_size}, manifest says {size}" if st.st_size != size
+                   else "sha256: does not match manifest.json")
             self.handle(f"{url}: {why}", n)
         return self._verified[key]
 

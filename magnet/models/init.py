@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 
-def training_statistics(shard_set, split: str, on_corrupt: str = "fail", max_samples: int = 512) -> dict[str, torch.Tensor]:
+def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
+                        max_samples: int = 512) -> dict[str, torch.Tensor]:
     """Per-gene mean of the bin targets and per-dimension mean/sd of the centre tiles' spot and global
     features, over every ``split`` shard's first samples (``max_samples`` in all), read through the
     checked reader under ``on_corrupt`` (``data.on_corrupt``) like the training stream."""
