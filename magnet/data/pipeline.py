@@ -20,7 +20,6 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
