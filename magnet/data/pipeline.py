@@ -32,8 +32,8 @@ from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
 from magnet.format.manifest import Manifest, manifest_path
-from magnet.format.sample import Sample
 from magnet.format.reader import ShardReader
+from magnet.format.sample import Sample
 
 Stage = Callable[[Iterator], Iterator]
 
