@@ -37,7 +37,7 @@ def cohort(work: Path) -> Path:
 
 
 def decode_only(shards: Path, bin_um: int, n_samples: int) -> float:
-    """Bins/s of reading and decoding samples, nothing else (the baseline)."""
+    """Bins/s of reading and decoding samples through the checked reader, nothing else (the baseline)."""
     from magnet.data.pipeline import ShardSet
 
     sset = ShardSet(str(shards), bin_um, None, None)
