@@ -137,8 +137,10 @@ def train_runs(cfg, shard_set, engine, workers_list, steps: int, warmup: int, fl
 
 def predict_rate(work: Path, slides: Path, shards: Path, model_dir: Path, settings: list[str]) -> dict:
     """One held-out slide through ``magnet predict``; its own bins/s."""
-    man = json.loads((shards / "16um" / "manifest.json").read_text())
-    slide = next(s for s, split in sorted(man["splits"].items()) if split != "train")
+    from magnet.format.manifest import Manifest
+
+    splits = Manifest.load(shards / "16um" / "manifest.json").splits
+    slide = next(s for s, split in sorted(splits.items()) if split != "train")
     folder = slides / slide
     out = work / "pred.h5ad"
     cmd = [sys.executable, "-m", "magnet", "predict", "--model", str(model_dir), "--spaceranger", str(folder / "outs"),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -32,7 +31,9 @@ from magnet.geometry import Geometry  # noqa: E402
 from magnet.synth.tissue import TYPES  # noqa: E402
 from magnet.format.codec import decode_sample, encode_sample  # noqa: E402
 from magnet.format.sample import Sample  # noqa: E402
-from magnet.format.tar import TarSamples, sha256_file  # noqa: E402
+from magnet.format.manifest import Manifest, write_manifest  # noqa: E402
+from magnet.format.reader import ShardReader  # noqa: E402
+from magnet.format.tar import sha256_file  # noqa: E402
 
 RES_UM = 1.0  # cell-count grid
 
@@ -122,8 +123,8 @@ def main() -> None:
     if args.cmd == "score":
         score(args.shards, args.bin_um, args.cohort, args.split, args.models)
         return
-    manifest = json.loads((args.shards / "manifest.json").read_text())
-    geom = Geometry(**{k: manifest["geometry"][k] for k in ("mpp", "global_px", "spot_px", "bin_px")})
+    typed = Manifest.load(args.shards / "manifest.json")
+    reader, manifest, geom = ShardReader(typed), typed.to_dict(), typed.geometry
     args.out.mkdir(parents=True)
     counts, n = {}, 0
     for shard in manifest["shards"]:
@@ -132,7 +133,7 @@ def main() -> None:
             counts[slide] = CellCounts(args.cohort / slide / "ground_truth" / "cells.parquet")
         with open(args.out / shard["name"], "wb") as fh:  # webdataset's writer, deterministic as the shards are
             tar = wds.TarWriter(fh, user="", group="", mode=0o644, mtime=0, encoder=False, compress=False)
-            for raw in TarSamples()([{"url": str(args.shards / shard["name"])}]):
+            for raw in reader.raw(iter([{"url": str(args.shards / shard["name"])}])):
                 image = next(k for k in raw if k.startswith("image."))
                 tar.write(encode_sample(rewrite(decode_sample(raw), geom, counts[slide]), raw[image], image[6:]))
                 n += 1
@@ -140,7 +141,7 @@ def main() -> None:
         shard["bytes"], shard["sha256"] = (args.out / shard["name"]).stat().st_size, sha256_file(args.out / shard["name"])
     manifest["encoder"] = {"name": "truth-cell-type-mix", "feat_dim": len(TYPES) + 1, "input_px": 0,
                            "weights": "none (ground truth)"}
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_manifest(args.out / "manifest.json", manifest)
     print(f"rewrote {n} samples in {len(manifest['shards'])} shards; context features: {len(TYPES)} type shares + density")
 
 

@@ -47,7 +47,7 @@ class DataConfig:
     genes: list[str] | None = None  # expected gene list; None = the manifest's (then recorded here)
     normalisation: dict[str, Any] | None = None  # expected normalisation; None = the manifest's (then recorded)
     on_corrupt: Literal["fail", "skip"] = "fail"  # a corrupt shard or sample: stop, or skip it with a warning
-    # (counted in the MLflow metric data/corrupt_samples); see magnet/data/corrupt.py
+    # (counted in the MLflow metric data/corrupt_samples); see magnet/format/reader.py
 
     def __post_init__(self):
         for name in ("micro_batch", "eval_batch", "max_bins", "shuffle_buffer"):

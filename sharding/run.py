@@ -27,7 +27,7 @@ from pathlib import Path
 
 from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
-from magnet.format.manifest import Manifest
+from magnet.format.manifest import Manifest, write_manifest
 from magnet.format.schema import FORMAT_VERSION
 from magnet.io import atomic_write_text
 
@@ -160,7 +160,7 @@ def _finalise(bin_dir: Path, records: list[dict], manifest: dict) -> Manifest:
                            **{k: part[k] for k in ("n_samples", "n_bins", "bytes", "sha256")}})
     manifest["shards"] = sorted(shards, key=lambda s: s["name"])
     typed = Manifest.from_dict(manifest, bin_dir / "manifest.json")
-    atomic_write_text(typed.path, json.dumps(typed.to_dict(), indent=1, sort_keys=True) + "\n")
+    write_manifest(typed.path, typed.to_dict())
     shutil.rmtree(work)
     return typed
 
@@ -213,12 +213,15 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
             manifests[b] = Manifest.load(manifest_path)
             continue
         records = [json.loads((bin_dirs[b] / WORK / e.slide / DONE).read_text()) for e in entries]
-        manifests[b] = _finalise(bin_dirs[b], records, _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds,
-                                                                 records, by_slide, plans[b], stats.n_bins))
+        fingerprints = {s: found[s]["fingerprint"][b] for s in found}
+        doc = _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds, records, by_slide, plans[b],
+                        stats.n_bins, fingerprints)
+        manifests[b] = _finalise(bin_dirs[b], records, doc)
     return manifests
 
 
-def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, by_slide, plan, n_stat_bins) -> dict:
+def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, by_slide, plan, n_stat_bins,
+              fingerprints) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "bin_um": bin_um,
@@ -239,7 +242,8 @@ def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, 
         "folds": dict(sorted(folds.items())),
         "slides": {r["slide"]: {"split": r["split"], "fold": folds[r["slide"]], "patient": by_slide[r["slide"]].patient,
                                 "tiles": r["tiles"], "bins": r["bins"], "bins_in_tiles": r["bins_in_tiles"],
-                                "bins_in_tissue": r["bins_in_tissue"]} for r in sorted(records, key=lambda r: r["slide"])},
+                                "bins_in_tissue": r["bins_in_tissue"], "fingerprint": fingerprints[r["slide"]]}
+                   for r in sorted(records, key=lambda r: r["slide"])},
         "seed": cfg.seed,
         "config": _recorded_config(cfg),
         "git_revision": git_revision(),

@@ -22,6 +22,7 @@ from magnet.format.validate import Dims
 from magnet.io import atomic_path
 
 from .config import ShardConfig
+from .fingerprint import slide_fingerprint
 from .genes import GeneStats, normalise
 from .image import SlideImage
 from .reader import BinFiles, Bins, read_bins, read_mpp
@@ -34,11 +35,13 @@ TILES_PER_BATCH = 8  # tiles per encoder call: fixed, so features do not depend 
 
 
 def inspect_slide(entry: SlideEntry, bin_ums: list[int], n_genes: int, cfg: ShardConfig, stats_bin: int | None) -> dict:
-    """Read every bin size in full (all input checks); gene statistics at ``stats_bin``."""
+    """Read every bin size in full (all input checks); gene statistics at ``stats_bin``; the slide's
+    fingerprint at each bin size."""
     with SlideImage(entry.image) as image:
         size = image.size
-    out = {"n_bins": {}, "stats": None}
+    out = {"n_bins": {}, "stats": None, "fingerprint": {}}
     for b in bin_ums:
+        out["fingerprint"][b] = slide_fingerprint(entry.image, entry.spaceranger, b)
         stats = GeneStats(n_genes, cfg.genes) if b == stats_bin else None
         bins = read_bins(BinFiles.of(entry.spaceranger, b), size, None, stats, with_barcodes=False)
         out["n_bins"][b] = len(bins.libsize)

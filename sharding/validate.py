@@ -1,8 +1,9 @@
 """``magnet shard validate SHARDS/16um``: re-read every shard and check it against the manifest.
 
-Checks per shard: size and sha256, sample and bin counts; per sample: the schema check of
-:mod:`magnet.format.validate` (members, dtypes, shapes against the manifest's sizes, finite values)
-and ``meta.json`` (slide and split: the shard entry's; bin size: the manifest's). Any mismatch is a
+The manifest's checksum (:meth:`magnet.format.manifest.Manifest.load`); every shard read through the one
+checked reader (:mod:`magnet.format.reader`: size and sha256, member names, the schema check with the
+manifest's sizes and finite values), failing at the first damage; sample and bin counts; per sample
+``meta.json`` (slide and split: the shard entry's; bin size: the manifest's). Any mismatch is a
 UserError naming the shard and the field.
 """
 
@@ -11,10 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from magnet.errors import UserError
-from magnet.format.codec import decode_sample
 from magnet.format.manifest import Manifest
-from magnet.format.tar import TarSamples, sha256_file
-from magnet.format.validate import check_sample
+from magnet.format.reader import ShardReader
 
 
 def validate(folder: str | Path) -> dict:
@@ -23,20 +22,13 @@ def validate(folder: str | Path) -> dict:
 
     folder = Path(folder)
     manifest = Manifest.load(folder / "manifest.json")
+    reader = ShardReader(manifest, "fail", setting=None, finite=True)
     per_slide: dict[str, list[int]] = {}
     for shard in manifest.shards:
         path = folder / shard.name
-        if not path.is_file():
-            raise UserError(f"{path}: file missing (listed in manifest.json)")
-        if path.stat().st_size != shard.bytes:
-            raise UserError(f"{path}: bytes: {path.stat().st_size}, manifest says {shard.bytes}")
-        if sha256_file(path) != shard.sha256:
-            raise UserError(f"{path}: sha256: does not match manifest.json")
         n_samples = n_bins = 0
-        for raw in TarSamples()(iter([{"url": str(path)}])):
-            where = f"{path}: {raw['__key__']}"
-            sample = decode_sample(raw)
-            check_sample(sample, manifest.dims, where, stored=True)
+        for sample in reader.read([str(path)]):
+            where = f"{path}: {sample.key}"
             meta = sample.meta
             for field, got, expect in (("slide", meta.slide, shard.slide), ("split", meta.split, shard.split),
                                        ("bin_um", meta.bin_um, manifest.bin_um)):

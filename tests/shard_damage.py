@@ -8,6 +8,7 @@ import json
 import tarfile
 from pathlib import Path
 
+from magnet.format.manifest import write_manifest
 from magnet.format.tar import sha256_file
 
 
@@ -56,4 +57,4 @@ def rehash(folder: Path, name: str) -> None:
     man = json.loads(man_path.read_text())
     entry = next(s for s in man["shards"] if s["name"] == name)
     entry.update(bytes=(folder / name).stat().st_size, sha256=sha256_file(folder / name))
-    man_path.write_text(json.dumps(man))
+    write_manifest(man_path, man)

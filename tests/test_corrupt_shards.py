@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from magnet.cli import main
@@ -127,3 +128,18 @@ def test_unknown_policy_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="data.on_corrupt"):
         load_config(ExperimentConfig, None, ["data.on_corrupt=ignore"])
+
+
+def test_training_statistics_read_through_the_same_checks(shards, capsys):
+    """model.init_from_data's pass over the training shards honours data.on_corrupt like the stream: a
+    flipped byte is the shard's sha256 (not a zstd error), skipped under `skip`."""
+    from magnet.models.init import training_statistics
+
+    whole = training_statistics(ShardSet(str(shards), 16, None, None), "train")
+    corrupt(shards / "16um" / "train-000000.tar", "flip_npy")
+    with pytest.raises(UserError, match=r"16um/train-000000.tar: sha256: .*data.on_corrupt=fail") as e:
+        training_statistics(ShardSet(str(shards), 16, None, None), "train", "fail")
+    assert "\n" not in str(e.value) and "zstd" not in str(e.value).lower()
+    stats = training_statistics(ShardSet(str(shards), 16, None, None), "train", "skip")
+    assert "train-000000.tar: sha256: does not match manifest.json; skipped" in capsys.readouterr().err
+    assert stats.keys() == whole.keys() and not np.allclose(stats["gene_mean"], whole["gene_mean"])

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from magnet.batch import collate
-from magnet.data.pipeline import EvalStream, ShardSet, TrainStream, samples
+from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
 from magnet.experiment import DataConfig
-from magnet.format.codec import decode_sample
+from magnet.format.manifest import write_manifest
 
 KNN = {"k_bin": 4, "k_spot": 3, "k_global": 3}
 
@@ -56,7 +56,7 @@ def test_manifest_mismatch_is_refused_naming_the_field(copied, field, value):
     man_path = copied / "16um" / "manifest.json"
     expected = json.loads(man_path.read_text())
     man = dict(expected, **{field: value})
-    man_path.write_text(json.dumps(man))
+    write_manifest(man_path, man)  # as if written so: the checksum agrees
     with pytest.raises(UserError, match=rf"manifest.json: {field}:"):
         ShardSet(str(copied), 16, expected["genes"], expected["normalisation"])
 
@@ -125,8 +125,7 @@ def test_eval_stream_reads_every_validation_bin_once(tiny_shards, monkeypatch):
 
 def test_augmentation_moves_image_bins_spots_and_offsets_together(tiny_shards):
     sset = _set(_cfg(tiny_shards))
-    raw = next(iter(samples()(iter([{"url": sset.shards("train")[0][0]}]))))
-    s = decode_sample(raw)
+    s = next(sset.reader("fail").read([sset.shards("train")[0][0]]))
     g = sset.geometry
     half = g.bin_px // 2
     for seed in range(8):
@@ -159,8 +158,8 @@ def test_augmentation_moves_image_bins_spots_and_offsets_together(tiny_shards):
 def test_training_windows_have_the_shape_of_evaluation_chunks(tiny_shards):
     """A training sample's bins are a run of consecutive stored bins, as an evaluation chunk is: the bin
     graph then links bins at the same spacing in both."""
-    urls = [{"url": str(p)} for p in sorted((tiny_shards / "16um").glob("train-*.tar"))]
-    sample = next(s for s in map(decode_sample, samples()(iter(urls))) if len(s["bin_xy"]) >= 9)
+    sset = _set(_cfg(tiny_shards))
+    sample = next(s for s in sset.reader("fail").read(u for u, _ in sset.shards("train")) if len(s["bin_xy"]) >= 9)
     n, cap = len(sample["bin_xy"]), max(2, len(sample["bin_xy"]) // 3)
     rc = [tuple(r) for r in sample["bin_rc"].tolist()]
     starts = set()

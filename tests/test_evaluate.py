@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -164,3 +165,24 @@ def test_training_slide_is_refused(registered, tiny_cohort, tiny_shards, tmp_pat
     out = tmp_path / "eval"
     _fails(["evaluate", "--model", str(run_dir / "model"), "--samplesheet", str(_sheet(tiny_cohort, tmp_path, train)),
             "--out", str(out), "mlflow=false"], capsys, out, f"'{train[0]}' is a training slide")
+
+
+def test_training_slide_under_another_name_is_refused(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
+    """Slide identity by content: a training slide's image and matrix copied under a new name are refused (their
+    fingerprints are a training slide's in the model's shard manifest); the held-out slides still pass."""
+    from magnet.evaluate.select import load_models, select_slides
+
+    _, run_dir = registered
+    splits = _splits(tiny_shards)
+    train = next(s for s, split in splits.items() if split == "train")
+    held = [s for s, split in splits.items() if split != "train"]
+    models = load_models([str(run_dir / "model")], None, None)
+    assert [e.slide for e, _, _ in select_slides(str(_sheet(tiny_cohort, tmp_path, held)), None, models)] == held
+    copy = tmp_path / "renamed"
+    shutil.copytree(tiny_cohort / train / "outs", copy / "outs")
+    shutil.copy(tiny_cohort / train / f"{train}_fullres.tif", copy / "renamed_fullres.tif")
+    sheet = tmp_path / "copied.csv"
+    sheet.write_text(f"slide,spaceranger,image\nrenamed,{copy / 'outs'},{copy / 'renamed_fullres.tif'}\n")
+    out = tmp_path / "eval"
+    _fails(["evaluate", "--model", str(run_dir / "model"), "--samplesheet", str(sheet), "--out", str(out),
+            "mlflow=false"], capsys, out, f"'renamed' has the image and matrix of '{train}', a training slide of model")

@@ -18,7 +18,7 @@ from conftest import train_env
 
 from magnet.cli import main
 from magnet.config import config_from_saved
-from magnet.data.pipeline import EvalStream, Pipeline, ShardSet, TrainStream, samples
+from magnet.data.pipeline import EvalStream, Pipeline, ShardSet, TrainStream
 from magnet.dist import WorldInfo
 from magnet.experiment import ExperimentConfig
 from magnet.metrics import METRICS
@@ -70,7 +70,7 @@ def test_a_fold_trains_on_the_other_folds_and_evaluates_on_its_own(fold_runs, ti
         assert cfg.data.fold == k and cfg.data.folds == folds
         shard_set = ShardSet.for_training(cfg.data)  # what the training loop builds from it
         for entry in shard_set.manifest.shards:  # each shard names the one slide it holds
-            raw = samples()(iter([{"url": str(shard_set.manifest.root / entry.name)}]))
+            raw = shard_set.reader("fail").raw(iter([{"url": str(shard_set.manifest.root / entry.name)}]))
             assert {json.loads(r["meta.json"])["slide"] for r in raw} == {entry.slide}
         train = TrainStream(shard_set, cfg.data, one, 0, KNN)
         n_train = sum(n for _, n in shard_set.shards(cfg.data.train_split))

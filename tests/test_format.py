@@ -1,5 +1,6 @@
 """The format layer: one schema drives encode, decode and validation; shards written through
-webdataset are byte-identical for the same samples; shards of another format version are refused."""
+webdataset are byte-identical for the same samples; shards of another format version, and a manifest
+edited after it was written, are refused."""
 
 from __future__ import annotations
 
@@ -91,4 +92,25 @@ def test_shards_of_the_previous_format_version_are_refused_in_one_line(tiny_shar
     assert err == (f"magnet: error: {path}: format_version: shards of format {FORMAT_VERSION - 1}, this version "
                    f"reads format {FORMAT_VERSION}; re-run `magnet shard`")
     with pytest.raises(UserError, match=f"format_version: shards of format {FORMAT_VERSION - 1}"):
+        ShardSet(str(tmp_path), 16, None, None)
+
+
+@pytest.mark.parametrize("edit", ["two genes swapped", "checksum removed"])
+def test_a_manifest_edited_after_sharding_is_refused_in_one_line(tiny_shards, tmp_path, capsys, edit):
+    """The manifest's checksum covers its content: `shard validate` and training's reader refuse the edit."""
+    from magnet.data.pipeline import ShardSet
+
+    shutil.copytree(tiny_shards / "16um", tmp_path / "16um")
+    path = tmp_path / "16um" / "manifest.json"
+    man = json.loads(path.read_text())
+    if edit == "checksum removed":
+        del man["checksum"]
+    else:
+        man["genes"][0], man["genes"][1] = man["genes"][1], man["genes"][0]
+    path.write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+    assert main(["shard", "validate", str(tmp_path / "16um")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"magnet: error: {path}: checksum: the manifest was edited after `magnet shard` wrote it")
+    assert "\n" not in err and "re-run `magnet shard`" in err
+    with pytest.raises(UserError, match="manifest.json: checksum: the manifest was edited"):
         ShardSet(str(tmp_path), 16, None, None)

@@ -97,7 +97,7 @@ def _under(module: str, package: str) -> bool:
 
 def test_the_graph_is_read():
     graph = import_graph()
-    assert "magnet.format.tar" in graph["magnet.data.pipeline"] and "sharding.slide" in graph["sharding.run"]
+    assert "magnet.format.reader" in graph["magnet.data.pipeline"] and "sharding.slide" in graph["sharding.run"]
     assert "magnet.train.loop" in graph["launch.train"]  # an import inside a function counts
 
 

@@ -14,8 +14,7 @@ import torch
 import zstandard
 
 from magnet.batch import collate
-from magnet.data.pipeline import ShardSet, samples
-from magnet.format.codec import decode_sample
+from magnet.data.pipeline import ShardSet
 from magnet.models.config import ModelConfig
 from magnet.models.factory import create_model
 from magnet.models.init import init_from_statistics, training_statistics
@@ -64,7 +63,7 @@ def test_outputs_start_at_the_training_mean(name, stats, shard_set, tiny_shards)
     feat_dim = manifest["encoder"]["feat_dim"]
     torch.manual_seed(0)
     model = create_model(cfg, len(shard_set.genes), feat_dim, shard_set.geometry).eval()
-    sample = decode_sample(next(samples()(iter([{"url": str(tiny_shards / "16um" / manifest["shards"][0]["name"])}]))))
+    sample = next(shard_set.reader("fail").read([str(tiny_shards / "16um" / manifest["shards"][0]["name"])]))
     batch = collate([sample], shard_set.geometry, k_bin=4, k_spot=4, k_global=4)
     with torch.no_grad():
         init_from_statistics(model, {**stats, "gene_mean": torch.zeros_like(stats["gene_mean"])})  # scalers only

@@ -102,15 +102,14 @@ def test_predictions_equal_the_registered_model_on_the_shards_samples(predicted,
     import mlflow
 
     from magnet.batch import collate
-    from magnet.data.pipeline import samples
-    from magnet.format.codec import decode_sample
+    from magnet.data.pipeline import ShardSet
 
     uri, _ = registered
     mlflow.set_tracking_uri(uri)
     pm = mlflow.pyfunc.load_model("models:/tiny@champion").unwrap_python_model()
     man = json.loads((tiny_shards / "16um" / "manifest.json").read_text())
     urls = [str(tiny_shards / "16um" / s["name"]) for s in man["shards"]]
-    decoded = [decode_sample(r) for r in samples()(iter({"url": u} for u in urls))]
+    decoded = list(ShardSet(str(tiny_shards), 16, None, None).reader("fail").read(urls))
     mine = [s for s in decoded if s.meta.slide == SLIDE]
     assert len(mine) >= 4
     adata = ad.read_h5ad(predicted[0] / "pred.h5ad")

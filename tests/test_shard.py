@@ -19,6 +19,7 @@ import tifffile
 
 from magnet.cli import main
 from magnet.format.codec import decode_npy
+from magnet.format.manifest import write_manifest
 from magnet.format.schema import FORMAT_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +141,38 @@ def test_samples_match_inputs(tiny_shards, tiny_cohort):
             np.testing.assert_array_equal(feats[k], features[(slide, gx + dx, gy + dy)])
 
 
+def test_manifest_records_its_checksum_and_each_slides_fingerprint(tiny_shards, tiny_cohort):
+    from magnet.format.manifest import content_sha256
+    from sharding.fingerprint import slide_fingerprint
+
+    prints = {}
+    for b in (8, 16):
+        manifest = json.loads((tiny_shards / f"{b}um" / "manifest.json").read_text())
+        assert manifest["checksum"] == content_sha256(manifest)
+        for slide, rec in manifest["slides"].items():
+            prints[(slide, b)] = rec["fingerprint"]
+            assert rec["fingerprint"] == slide_fingerprint(tiny_cohort / slide / f"{slide}_fullres.tif",
+                                                           tiny_cohort / slide / "outs", b)
+    assert len({p["image"] for p in prints.values()}) == 3  # one per slide, the same at every bin size
+    assert len({p["matrix"] for p in prints.values()}) == 6  # one per slide and bin size
+
+
+def test_a_large_file_is_fingerprinted_from_sampled_blocks(tmp_path):
+    from sharding.fingerprint import BLOCK, BLOCKS, file_fingerprint
+
+    data = np.random.default_rng(0).integers(0, 256, BLOCK * BLOCKS + 12345, dtype=np.uint8).tobytes()
+    a, b = tmp_path / "a.tif", tmp_path / "b.tif"
+    a.write_bytes(data)
+    b.write_bytes(data)
+    assert file_fingerprint(a) == file_fingerprint(b)  # a copy under another name
+    changed = bytearray(data)
+    changed[BLOCK // 2] ^= 0xFF  # inside the first sampled block
+    b.write_bytes(bytes(changed))
+    assert file_fingerprint(a) != file_fingerprint(b)
+    b.write_bytes(data + b"\0")
+    assert file_fingerprint(a) != file_fingerprint(b)
+
+
 def test_validate_and_corruption(tiny_shards, tmp_path, capsys):
     copy = tmp_path / "16um"
     shutil.copytree(tiny_shards / "16um", copy)
@@ -152,11 +185,11 @@ def test_validate_and_corruption(tiny_shards, tmp_path, capsys):
     first = swapped["shards"][0]
     other = next(s for s in swapped["shards"] if s["slide"] != first["slide"])
     first["slide"], other["slide"] = other["slide"], first["slide"]
-    (copy / "manifest.json").write_text(json.dumps(swapped))
+    write_manifest(copy / "manifest.json", swapped)  # as if written so: the checksum agrees
     assert main(["shard", "validate", str(copy)]) == 2
     err = capsys.readouterr().err.strip()
     assert first["name"] in err and "meta.json: slide" in err and "\n" not in err
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(copy / "manifest.json", manifest)
     victim = copy / manifest["shards"][1]["name"]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF

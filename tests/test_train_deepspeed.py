@@ -1,7 +1,8 @@
 """Real DeepSpeed engines on the CPU (gloo) over `tiny_shards`: ZeRO 1/2/3 with 2 processes, one rank
 killed and the run resumed, one plain process (skipping a corrupt shard), two torchrun node ranks
 over loopback, the registered MLflow model in a fresh process, no credential from the environment
-recorded, a checkpoint that would unpickle code refused, a refused manifest.
+recorded, a checkpoint that would unpickle code refused, a refused manifest, a corrupt shard met by
+the training statistics.
 
 Every run is a subprocess (`magnet train` starts the deepspeed launcher, or `python launch/train.py`),
 sharing one TORCH_EXTENSIONS_DIR under build/ so DeepSpeed's shm op compiles once.
@@ -297,6 +298,28 @@ def test_one_plain_process_without_launcher(tiny_shards, tmp_path, ds_env):
     assert counts == sorted(counts) and counts[-1] >= 8
     kept = sorted(p.name for p in (tmp_path / "one" / "checkpoints").glob("step*"))
     assert kept == ["step00000004", "step00000006"]  # step 2 pruned: keep the last 2
+
+
+def test_corrupt_shard_meets_the_training_statistics_first(tiny_shards, tmp_path, ds_env):
+    """model.init_from_data (the default) reads the training shards before the stream does, through the
+    same checked reader: under data.on_corrupt=skip a flipped byte is skipped and training completes;
+    under fail it stops in one line naming the shard's sha256 (not a zstd error of the statistics pass)."""
+    from shard_damage import corrupt
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards / "16um", shards / "16um")
+    corrupt(shards / "16um" / "train-000000.tar", "flip_npy")
+    common = ("train.deepspeed=zero1", "train.steps=2", "model.init_from_data=true")
+    proc = _run([sys.executable, "launch/train.py", *_args(shards, tmp_path, "skip", *common, "data.on_corrupt=skip")],
+                ds_env)
+    assert "train-000000.tar: sha256: does not match manifest.json; skipped" in proc.stderr
+    assert (tmp_path / "skip" / "model" / "model.safetensors").is_file()
+    proc = subprocess.run([sys.executable, "launch/train.py", *_args(shards, tmp_path, "fail", *common)],
+                          env=ds_env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("magnet: error: ") and "train-000000.tar: sha256: does not match manifest.json" in err
+    assert "zstd" not in proc.stderr.lower() and "Traceback" not in proc.stderr
 
 
 def test_training_starts_at_the_training_mean(zero2_run, tiny_shards, tmp_path, ds_env):

@@ -7,7 +7,8 @@ shuffle (webdataset's, a buffer of encoded samples) -> skip (resume position) ->
 check) -> window -> augment -> collate -> with_epoch (every rank and worker yields a fixed number of
 batches). Every random choice is seeded from (seed, epoch, rank, worker, round or
 sample index), so a stream is a pure function of the seed and a resumed run sees the same batches.
-Corrupted shards and samples are handled by ``data.on_corrupt`` (:mod:`magnet.data.corrupt`).
+Corrupted shards and samples are handled by ``data.on_corrupt`` (:mod:`magnet.format.reader`, the one
+checked reader, also used by the training statistics and ``magnet shard validate``).
 
 Evaluation, per rank: shard_list (once) -> split_by_node -> split_by_worker -> samples -> decode ->
 chunk (every bin once) -> collate; no resampling, no augmentation.
@@ -19,7 +20,6 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,16 +27,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import webdataset as wds
 
-from magnet.data.corrupt import Corruption
 from magnet.data.manifest import check_manifest, fold_view
 from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
-from magnet.format.codec import decode_sample
 from magnet.format.manifest import Manifest, manifest_path
+from magnet.format.reader import ShardReader
 from magnet.format.sample import Sample
-from magnet.format.tar import TarSamples
-from magnet.format.validate import check_sample
 
 Stage = Callable[[Iterator], Iterator]
 
@@ -115,26 +112,6 @@ def split_by_worker(num_workers: int, rotate: int = 0) -> Stage:
     return stage
 
 
-def samples(corruption: Corruption | None = None) -> Stage:
-    """Each shard's samples as member bytes; with ``corruption``, shards are checked against the manifest
-    first (own stage: webdataset verifies no checksums; a run of more corrupt shards than the manifest
-    lists means none is left to read) and read errors go to its policy."""
-    def checked(src: Iterator) -> Iterator:
-        bad_in_a_row = 0
-        for shard in src:
-            if corruption is not None and not corruption.shard_ok(shard["url"]):
-                bad_in_a_row += 1
-                if bad_in_a_row > len(corruption.expected):
-                    raise UserError(f"{shard['url']}: every shard this loader reads is corrupt (data.on_corrupt)")
-                continue
-            bad_in_a_row = 0
-            yield shard
-
-    def stage(src: Iterator) -> Iterator:
-        return TarSamples(corruption.handle if corruption is not None else None)(checked(src))
-    return stage
-
-
 def shuffle(bufsize: int, initial: int, seed: int, epoch: int, rank: int, num_workers: int, rotate: int) -> Stage:
     """webdataset's shuffle buffer of still-encoded samples, its generator seeded in the worker from
     (seed, epoch, rank, logical worker)."""
@@ -162,24 +139,6 @@ def skip(count: Callable[[], int]) -> Stage:
     return stage
 
 
-def decode(corruption: Corruption | None = None) -> Stage:
-    """Late decode into :class:`Sample`; with ``corruption``, a sample that fails to decode or the schema
-    check with the manifest's sizes is handled by its policy."""
-    def stage(src: Iterator) -> Iterator:
-        for s in src:
-            try:
-                d = decode_sample(s)
-                if corruption is not None:  # finite values were checked by the writer; sha256 says the bytes are its
-                    check_sample(d, corruption.dims, f"{d.url}: {s['__key__']}", stored=True, finite=False)
-            except UserError as e:
-                if corruption is None:
-                    raise
-                corruption.handle(str(e))
-                continue
-            yield d
-    return stage
-
-
 def per_sample(fn: Callable[[Sample, np.random.Generator], Sample], key: Callable[[], tuple], tag: int) -> Stage:
     """Apply ``fn(sample, rng)`` with a generator seeded from ``key() + (tag, sample index)``."""
     def stage(src: Iterator) -> Iterator:
@@ -196,7 +155,7 @@ def chunk(cap: int) -> Stage:
     return stage
 
 
-def collate(batch_size: int, geometry, partial: bool, knn: dict, corruption: Corruption | None = None) -> Stage:
+def collate(batch_size: int, geometry, partial: bool, knn: dict, reader: ShardReader) -> Stage:
     """Group samples into the model's :class:`magnet.batch.Batch` (``knn``: its ``k_bin/k_spot/k_global``);
     ``batch.corrupt_samples``: samples skipped in this loader process since its previous batch."""
     from magnet.batch import collate as model_collate
@@ -207,7 +166,7 @@ def collate(batch_size: int, geometry, partial: bool, knn: dict, corruption: Cor
             if not group or (len(group) < batch_size and not partial):
                 return
             batch = model_collate(group, geometry, **knn)
-            batch.corrupt_samples = corruption.take() if corruption is not None else 0
+            batch.corrupt_samples = reader.take()
             yield batch
     return stage
 
@@ -248,10 +207,9 @@ class ShardSet:
     def shards(self, split: str) -> list[tuple[str, int]]:
         return self.manifest.shard_files(split)
 
-    def corruption(self, policy: str) -> Corruption:
-        """What the loader checks each shard and sample against, and how it treats a mismatch."""
-        expected = {str(self.manifest.root / s.name): (s.bytes, s.sha256, s.n_samples) for s in self.manifest.shards}
-        return Corruption(policy, expected, self.manifest.dims)
+    def reader(self, policy: str) -> ShardReader:
+        """The checked reader of these shards under ``policy`` (``data.on_corrupt``)."""
+        return ShardReader(self.manifest, policy)
 
 
 class TrainStream:
@@ -282,24 +240,24 @@ class TrainStream:
             return seed, epoch, world.rank, _worker(nw, rotate)[0]
 
         urls = self.urls * self.repeats
-        bad = self.set.corruption(cfg.on_corrupt)
+        reader = self.set.reader(cfg.on_corrupt)
         stages = [
             ("shard_list", shard_list(urls, repeat=True)),
             ("shuffle_shards", shuffle_shards(seed, epoch, len(urls))),
             ("split_by_node", split_by_node(world)),
             ("split_by_worker", split_by_worker(nw, rotate)),
-            ("samples", samples(bad)),
+            ("samples", reader.raw),
             ("shuffle", shuffle(cfg.shuffle_buffer, cfg.shuffle_initial, seed, epoch, world.rank, nw, rotate)),
             ("number", number()),
             ("skip", skip(lambda: done_batches() * cfg.micro_batch)),
-            ("decode", decode(bad)),
+            ("decode", reader.decode),
             ("window", per_sample(lambda s, r: window_bins(s, cfg.max_bins, r), key, 2)),
         ]
         if cfg.augment:
             g = self.set.geometry
             stages.append(("augment", per_sample(lambda s, r: augment(s, g, r), key, 3)))
         stages += [
-            ("collate", collate(cfg.micro_batch, self.set.geometry, False, self.knn, bad)),
+            ("collate", collate(cfg.micro_batch, self.set.geometry, False, self.knn, reader)),
             ("with_epoch", with_epoch(lambda: self.batches_per_worker - done_batches())),
         ]
         return stages
@@ -332,15 +290,15 @@ class EvalStream:
 
     def stages(self) -> list[tuple[str, Stage]]:
         nw = max(self.cfg.workers, 1)
-        bad = self.set.corruption(self.cfg.on_corrupt)
+        reader = self.set.reader(self.cfg.on_corrupt)
         return [
             ("shard_list", shard_list(self.urls, repeat=False)),
             ("split_by_node", split_by_node(self.world)),
             ("split_by_worker", split_by_worker(nw)),
-            ("samples", samples(bad)),
-            ("decode", decode(bad)),
+            ("samples", reader.raw),
+            ("decode", reader.decode),
             ("chunk", chunk(self.cfg.max_bins)),
-            ("collate", collate(self.cfg.eval_batch, self.set.geometry, True, self.knn, bad)),
+            ("collate", collate(self.cfg.eval_batch, self.set.geometry, True, self.knn, reader)),
         ]
 
     def __iter__(self):

@@ -2,7 +2,9 @@
 
 A slide's split comes from the samplesheet's ``split`` column, else from the shard manifest each model
 was trained from (``data.shards``, when that folder is reachable), else it is ``unseen``. A slide a
-model trained on is refused: scores on it say nothing about held-out slides.
+model trained on is refused: scores on it say nothing about held-out slides. So is a slide under another
+name whose image or count matrix has a training slide's fingerprint in that manifest
+(``sharding/fingerprint.py``).
 
 Cross-validation: models sharing a label that were each trained with ``data.fold`` (one per fold) form
 one entry of the table, ``{fold: model}``; each slide is scored by the model that held out its fold (the
@@ -17,7 +19,6 @@ labelled ``LABEL#1``, ``LABEL#2``...; the report adds mean ± sd over them (:fun
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,23 +127,51 @@ def _check_fold_group(label: str, group: list[LoadedModel]) -> None:
                             f"{first.uri}; cross-validate on one shard set")
 
 
+def _shard_manifest(model: LoadedModel):
+    """The manifest of the shards the model trained on (its ``data.shards``), None when not reachable."""
+    from magnet.format.manifest import Manifest, manifest_path
+
+    path = manifest_path(model.python_model.config.data.shards, int(model.python_model.bin_um))
+    return Manifest.load(path) if path.is_file() else None
+
+
 def manifest_splits(model: LoadedModel) -> dict[str, str]:
     """``slide -> split`` as the model saw it: for a fold model (``data.fold=k``), ``train`` for the slides
     of the other folds and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's
     splits ({} when it is not reachable)."""
     from magnet.data.manifest import fold_roles
-    from magnet.format.manifest import manifest_path
 
     data = model.python_model.config.data
     if data.fold is not None:
         return fold_roles(data.folds or {}, data.fold, f"fold{data.fold}", "train")
-    path = manifest_path(data.shards, int(model.python_model.bin_um))
-    if not path.is_file():
+    manifest = _shard_manifest(model)
+    return dict(manifest.splits) if manifest is not None else {}
+
+
+def training_fingerprints(model: LoadedModel, splits: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``training slide -> fingerprint`` (``sharding/fingerprint.py``) from the model's shard manifest
+    ({} when it is not reachable)."""
+    manifest = _shard_manifest(model)
+    if manifest is None:
         return {}
-    try:
-        return dict(json.loads(path.read_text()).get("splits", {}))
-    except (json.JSONDecodeError, AttributeError):
-        return {}
+    return {s: manifest.slides[s]["fingerprint"] for s, role in splits.items()
+            if role == "train" and s in manifest.slides}
+
+
+def _same_content(samplesheet: str, entry: SlideEntry, label: str, model: LoadedModel,
+                  trained: dict[str, dict[str, str]]) -> None:
+    """Refuse ``entry`` when its image or count matrix is that of a training slide of another name."""
+    from sharding.fingerprint import slide_fingerprint
+
+    if not trained:
+        return
+    mine = slide_fingerprint(entry.image, entry.spaceranger, int(model.python_model.bin_um))
+    for other, theirs in sorted(trained.items()):
+        same = [part for part in ("image", "matrix") if theirs[part] == mine[part]]
+        if same and other != entry.slide:
+            raise UserError(f"{samplesheet}: slide: '{entry.slide}' has the {' and '.join(same)} of '{other}', a "
+                            f"training slide of model '{label}' (fingerprints in its shard manifest); evaluate on "
+                            f"held-out slides")
 
 
 def select_slides(samplesheet: str, split: str | None,
@@ -150,6 +179,8 @@ def select_slides(samplesheet: str, split: str | None,
     """(slide, its split, ``{label: fold of the model that scores it}``) for every slide to score; a
     training slide of a model (of every model of a fold entry) is a one-line error."""
     known = {label: {fold: manifest_splits(m) for fold, m in group.items()} for label, group in models.items()}
+    trained = {label: {fold: training_fingerprints(m, known[label][fold]) for fold, m in group.items()}
+               for label, group in models.items()}
     out = []
     for entry in read_samplesheet(samplesheet):
         seen, scorer = {}, {}
@@ -170,6 +201,8 @@ def select_slides(samplesheet: str, split: str | None,
                 every = " (every fold's)" if None not in known[label] else ""
                 raise UserError(f"{samplesheet}: slide: '{entry.slide}' is a training slide of model '{label}'{every} "
                                 f"(its shard manifest); evaluate on held-out slides")
+        for label, fold in scorer.items():
+            _same_content(samplesheet, entry, label, models[label][fold], trained[label][fold])
         out.append((entry, slide_split, scorer))
     if not out:
         raise UserError(f"{samplesheet}: split: no slide {'of split ' + repr(split) + ' ' if split else ''}to evaluate")

@@ -1,11 +1,14 @@
 """The manifest of one bin size's shard folder (``SHARDS/{bin}um/manifest.json``) as a typed record.
 
-:meth:`Manifest.load` is the one reader; it refuses a folder of another format version in one line.
+:meth:`Manifest.load` is the one reader; it refuses a folder of another format version, or a manifest
+whose content no longer matches its ``checksum`` (edited after it was written), in one line.
+:func:`write_manifest` is the one writer; it records that checksum.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,12 +17,28 @@ from magnet.errors import UserError
 from magnet.format.schema import FORMAT_VERSION
 from magnet.format.validate import Dims
 from magnet.geometry import Geometry
+from magnet.io import atomic_write_text
 
+CHECKSUM = "checksum"  # sha256 of the canonical JSON of every other field (:func:`content_sha256`)
 REQUIRED = ("format_version", "bin_um", "genes", "normalisation", "geometry", "k_neighbours", "encoder", "shards")
 
 
 def manifest_path(shards: str | Path, bin_um: int) -> Path:
     return Path(shards) / f"{bin_um}um" / "manifest.json"
+
+
+def content_sha256(doc: dict[str, Any]) -> str:
+    """sha256 of the manifest's content without its checksum, as canonical JSON (sorted keys, compact);
+    taken on the JSON round trip, so the written and the read document give the same text."""
+    content = json.loads(json.dumps({k: v for k, v in doc.items() if k != CHECKSUM}))
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(path: str | Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` to ``path`` atomically with its ``checksum``: the one way a manifest is written."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps({**doc, CHECKSUM: content_sha256(doc)}, indent=1, sort_keys=True) + "\n")
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +86,13 @@ class Manifest:
         return cls(format_version=d["format_version"], bin_um=d["bin_um"], genes=tuple(d["genes"]),
                    normalisation=d["normalisation"], geometry=geometry, k_neighbours=int(d["k_neighbours"]),
                    encoder=d["encoder"], shards=shards, splits=d.get("splits", {}), slides=d.get("slides", {}),
-                   folds=d.get("folds", {}), extra={k: v for k, v in d.items() if k not in own}, path=path)
+                   folds=d.get("folds", {}), path=path,
+                   extra={k: v for k, v in d.items() if k not in own and k != CHECKSUM})
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
-        """Read ``path``; a missing file, bad JSON, a missing field or another format version is a UserError."""
+        """Read ``path``; a missing file, bad JSON, another format version, a checksum that does not match the
+        content or a missing field is a UserError."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: manifest not found (key data.shards / data.bin_um; run `magnet shard` first)")
@@ -82,6 +103,10 @@ class Manifest:
         if d.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{path}: format_version: shards of format {d.get('format_version')!r}, this version "
                             f"reads format {FORMAT_VERSION}; re-run `magnet shard`")
+        if d.get(CHECKSUM) != content_sha256(d):
+            raise UserError(f"{path}: {CHECKSUM}: the manifest was edited after `magnet shard` wrote it (content "
+                            f"sha256 {content_sha256(d)[:12]}, recorded {str(d.get(CHECKSUM))[:12]}); "
+                            f"re-run `magnet shard` into a new --out")
         return cls.from_dict(d, path)
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import dataclasses
 import enum
 import re
 
-FORMAT_VERSION = 2  # 2: spot/global features centred on the slide (sharding/features.py)
+FORMAT_VERSION = 3  # 2: spot/global features centred on the slide (sharding/features.py); 3: the manifest's
+# checksum and per-slide fingerprints (magnet/format/manifest.py, sharding/fingerprint.py)
 
 
 class Axis(enum.Enum):

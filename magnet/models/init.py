@@ -29,22 +29,26 @@ import torch
 from torch import nn
 
 
-def training_statistics(shard_set, split: str, max_samples: int = 512) -> dict[str, torch.Tensor]:
+def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
+                        max_samples: int = 512) -> dict[str, torch.Tensor]:
     """Per-gene mean of the bin targets and per-dimension mean/sd of the centre tiles' spot and global
-    features, over every ``split`` shard's first samples (``max_samples`` in all)."""
-    from magnet.data.pipeline import samples
-    from magnet.format.codec import decode_sample
+    features, over every ``split`` shard's first samples (``max_samples`` in all), read through the
+    checked reader under ``on_corrupt`` (``data.on_corrupt``) like the training stream."""
+    from magnet.errors import UserError
 
     shards = shard_set.shards(split)
+    reader = shard_set.reader(on_corrupt)
     per_shard = max(1, max_samples // max(len(shards), 1))
     expr_sum, n_bins, spot, glob = 0.0, 0, [], []
     for url, _ in shards:
-        for raw in itertools.islice(samples()(iter([{"url": url}])), per_shard):
-            s = decode_sample(raw)
+        for s in itertools.islice(reader.read([url]), per_shard):
             expr_sum = expr_sum + s["bin_expr"].astype(np.float64).sum(0)
             n_bins += len(s["bin_expr"])
             spot.append(s["spot_feat"][0][s["spot_mask"][0]].astype(np.float64))
             glob.append(s["global_feat"][:1].astype(np.float64))
+    if not glob:
+        raise UserError(f"{shard_set.manifest.path}: shards: no readable sample of split '{split}' for the training "
+                        f"statistics (data.on_corrupt={on_corrupt} skipped them all)")
     spot_f, glob_f = np.concatenate(spot), np.concatenate(glob)
     stats = {"gene_mean": expr_sum / max(n_bins, 1), "spot_mean": spot_f.mean(0), "spot_sd": spot_f.std(0),
              "glob_mean": glob_f.mean(0), "glob_sd": glob_f.std(0)}

@@ -136,7 +136,7 @@ def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
     if cfg.model.init_from_data and fresh:  # the same statistics on every rank; a resumed run loads its own
         from magnet.models.init import init_from_statistics, training_statistics
 
-        init_from_statistics(model, training_statistics(shard_set, cfg.data.train_split))
+        init_from_statistics(model, training_statistics(shard_set, cfg.data.train_split, cfg.data.on_corrupt))
     ds_cfg = deepspeed_config(cfg, torch.cuda.is_available())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
@@ -370,12 +370,12 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
 
 
 def example_sample(shard_set: ShardSet, cfg) -> dict:
-    """The first sample of the first evaluation (else training) shard, decoded, bins capped."""
-    from magnet.data.pipeline import samples
+    """The first readable sample of the evaluation (else training) shards, decoded, bins capped."""
     from magnet.data.transforms import chunk_bins
-    from magnet.format.codec import decode_sample
 
     split = cfg.data.eval_split if shard_set.manifest.has_split(cfg.data.eval_split) else cfg.data.train_split
-    url = shard_set.shards(split)[0][0]
-    raw = next(iter(samples()(iter([{"url": url}]))))
-    return chunk_bins(decode_sample(raw), cfg.data.max_bins)[0]
+    sample = next(shard_set.reader(cfg.data.on_corrupt).read(u for u, _ in shard_set.shards(split)), None)
+    if sample is None:
+        raise UserError(f"{shard_set.manifest.path}: shards: no readable sample of split '{split}' for the model's "
+                        f"example input (data.on_corrupt={cfg.data.on_corrupt} skipped them all)")
+    return chunk_bins(sample, cfg.data.max_bins)[0]

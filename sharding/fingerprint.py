@@ -1,0 +1,32 @@
+"""A slide's identity by content, not by name: ``magnet shard`` records it per slide and bin size in the
+manifest (``slides.{slide}.fingerprint``), and ``magnet evaluate`` refuses to score a slide whose image
+or count matrix has a training slide's fingerprint, whatever the slide is called."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .reader import BinFiles
+
+BLOCK, BLOCKS = 1 << 20, 64
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of the file's size and its bytes: all of them up to 64 MiB, else 64 evenly spaced 1 MiB
+    blocks (a full-resolution image is GBs, often on network storage; a copy still matches, another slide does not)."""
+    size = os.path.getsize(path)
+    sha = hashlib.sha256(f"{size}:".encode())
+    spans = [(0, size)] if size <= BLOCK * BLOCKS else [(i * (size - BLOCK) // (BLOCKS - 1), BLOCK)
+                                                        for i in range(BLOCKS)]
+    with open(path, "rb") as fh:
+        for offset, n in spans:
+            fh.seek(offset)
+            sha.update(fh.read(n))
+    return sha.hexdigest()
+
+
+def slide_fingerprint(image: str | Path, spaceranger: str | Path, bin_um: int) -> dict[str, str]:
+    """``{"image": ..., "matrix": ...}``: the H&E image file and the bin size's filtered count matrix."""
+    return {"image": file_fingerprint(image), "matrix": file_fingerprint(BinFiles.of(Path(spaceranger), bin_um).matrix)}
