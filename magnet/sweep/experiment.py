@@ -91,10 +91,12 @@ def trained_models(summary: dict, sweep_dir: Path, cfg: ReplicatesConfig) -> dic
     return {m: [seeds[s] for s in sorted(seeds)] for m, seeds in out.items()}
 
 
-def evaluate_argv(cfg: ReplicatesConfig, models: dict[str, list[Path]], out: Path, parent_run_id: str) -> list[str]:
-    """``magnet evaluate`` of every model (its seeds as replicates) on the test split, into the parent run."""
+def evaluate_argv(cfg: ReplicatesConfig, models: dict[str, list[Path]], out: Path, parent_run_id: str,
+                  overwrite: bool = False) -> list[str]:
+    """``magnet evaluate`` of every model (its seeds as replicates) on the test split, into the parent run
+    (``overwrite``: replacing the evaluation of an earlier run, on --resume)."""
     e = cfg.evaluate
-    argv = ["evaluate"]
+    argv = ["evaluate"] + (["--overwrite"] if overwrite else [])
     for name, paths in models.items():
         argv += ["--model", f"{name}=" + ",".join(str(p) for p in paths)]
     argv += ["--samplesheet", e.samplesheet, "--split", e.split, "--out", str(out),
@@ -128,7 +130,7 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
     save_config(cfg, sweep_dir / "experiment.yaml")
     models = trained_models(summary, sweep_dir, cfg)
     out = sweep_dir / "evaluation"
-    code = main(evaluate_argv(cfg, models, out, summary["parent_run_id"]))
+    code = main(evaluate_argv(cfg, models, out, summary["parent_run_id"], overwrite=resume))
     if code != 0:
         raise UserError(f"{origin}: evaluate: magnet evaluate failed (exit status {code}, its error above); the "
                         f"trained models are kept: rerun with --resume")
