@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from magnet.config import load_config
     from magnet.experiment import ExperimentConfig, zero_file
+    from magnet.format.manifest import Manifest, manifest_path
 
     from magnet.train.rundir import refuse_if_owned
 
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         refuse_if_owned(folder)
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)
+    Manifest.load(manifest_path(cfg.data.shards, cfg.data.bin_um))  # once here, not once per rank after the launch
     if cfg.mlflow.enabled:
         from magnet.registry.tracking import check_tracking_uri
 
