@@ -28,11 +28,8 @@ def command(args: argparse.Namespace) -> list[str]:
     import torch
 
     from magnet.dist import free_port
-    from magnet.errors import UserError
 
-    nproc = args.nproc or (torch.cuda.device_count() or 2)
-    if nproc < 1:
-        raise UserError(f"--nproc: must be >= 1, got {nproc}")
+    nproc = args.nproc if args.nproc is not None else (torch.cuda.device_count() or 2)
     script = str(Path(__file__).resolve().parents[2] / "launch" / "train.py")
     port = str(args.master_port or free_port())
     if args.launcher == "torchrun":
@@ -65,11 +62,14 @@ def run(args: argparse.Namespace) -> int:
     import subprocess
 
     from magnet.config import load_config
+    from magnet.errors import UserError
     from magnet.experiment import ExperimentConfig, zero_file
     from magnet.format.manifest import Manifest, manifest_path
 
     from magnet.train.rundir import refuse_if_owned
 
+    if args.nproc is not None and args.nproc < 1:  # 0 is not "the default"
+        raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
     folder = _run_folder(args)
     if folder is not None:  # a run in use is refused before anything else (rank 0 takes the lock itself)
         refuse_if_owned(folder)

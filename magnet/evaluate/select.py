@@ -17,7 +17,6 @@ labelled ``LABEL#1``, ``LABEL#2``...; the report adds mean ± sd over them (:fun
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,9 +128,9 @@ def _check_fold_group(label: str, group: list[LoadedModel]) -> None:
 def manifest_splits(model: LoadedModel) -> dict[str, str]:
     """``slide -> split`` as the model saw it: for a fold model (``data.fold=k``), ``train`` for the slides
     of the other folds and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's
-    splits ({} when it is not reachable)."""
+    splits ({} when it is not there; one that is there but unreadable is an error)."""
     from magnet.data.manifest import fold_roles
-    from magnet.format.manifest import manifest_path
+    from magnet.format.manifest import Manifest, manifest_path
 
     data = model.python_model.config.data
     if data.fold is not None:
@@ -139,10 +138,7 @@ def manifest_splits(model: LoadedModel) -> dict[str, str]:
     path = manifest_path(data.shards, int(model.python_model.bin_um))
     if not path.is_file():
         return {}
-    try:
-        return dict(json.loads(path.read_text()).get("splits", {}))
-    except (json.JSONDecodeError, AttributeError):
-        return {}
+    return dict(Manifest.load(path).splits)
 
 
 def select_slides(samplesheet: str, split: str | None,
