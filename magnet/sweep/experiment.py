@@ -120,6 +120,15 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
         raise UserError(f"{origin}: evaluate.samplesheet: required (the slides the models are scored on)")
     if not Path(e.samplesheet).is_file():
         raise UserError(f"{origin}: evaluate.samplesheet: no file {e.samplesheet}")
+    if e.gene_groups and not Path(e.gene_groups).is_file():
+        raise UserError(f"{origin}: evaluate.gene_groups: no file {e.gene_groups}")
+    from magnet.config import load_config
+    from magnet.evaluate.config import EvaluateConfig
+
+    try:  # the evaluation's keys are checked now, not after the whole grid has trained
+        load_config(EvaluateConfig, None, e.overrides)
+    except UserError as err:
+        raise UserError(f"{origin}: evaluate.overrides: {err}") from None
     for pair in e.compare:
         names = pair.split(":")
         if len(names) != 2 or not all(n.split(" (")[0] in cfg.models + ["oracle", "local oracle"] for n in names):
