@@ -161,8 +161,8 @@ ROWS = [
     ("synth: negative --slides", ["magnet", "synth", "--out", "s", "--slides", "-1"], "slides: must be > 0", {}),
     ("synth: --size-um not a number", ["magnet", "synth", "--out", "s", "--size-um", "x"],
      "argument --size-um: invalid float", {}),
-    ("synth: unknown key", ["magnet", "synth", "--out", "s", "expression.n_genez=4"], "unknown key 'expression.n_genez'",
-     {}),
+    ("synth: unknown key", ["magnet", "synth", "--out", "s", "expression.n_genez=4"],
+     "unknown key 'expression.n_genez'", {}),
     # train (magnet train, and launch/train.py as one process)
     ("train: manifest not JSON", TRAIN, "sh/16um/manifest.json: not valid JSON", BAD_JSON),
     ("train: shards missing", TRAIN, "sh/16um/manifest.json: manifest not found", {}),
@@ -200,7 +200,8 @@ def test_bad_input_leaves_every_file_as_it_was(row, tmp_path):
     _, argv, words, files = row
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).mkdir() if text is None else (tmp_path / rel).write_bytes(text.encode(errors="surrogateescape"))
+        path = tmp_path / rel
+        path.mkdir() if text is None else path.write_bytes(text.encode(errors="surrogateescape"))
     before = _tree(tmp_path)
     cmd = [sys.executable, "-m", "magnet", *argv[1:]] if argv[0] == "magnet" else [sys.executable, *argv]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
