@@ -173,6 +173,8 @@ ROWS = [
     ("train: negative steps", [*TRAIN, "train.steps=-1"], "train.steps", BAD_JSON),
     ("train: --nproc 0", [*TRAIN, "--nproc", "0"], "--nproc: must be >= 1", BAD_JSON),
     ("train: --nproc not a number", [*TRAIN, "--nproc", "x"], "argument --nproc: invalid int", BAD_JSON),
+    ("train: --resume of a run without checkpoints", [*TRAIN, "--resume", "runs/old"],
+     "--resume runs/old: no checkpoint found under runs/old", {**BAD_JSON, "runs/old/config.yaml": "x"}),
     ("train: unknown ZeRO config", [*TRAIN, "train.deepspeed=zero9"], "no ZeRO config file 'zero9'", BAD_JSON),
     # launch/sweep.py and launch/experiment.py
     ("sweep: manifest not JSON", SWEEP, "manifest.json: not valid JSON", BAD_JSON),

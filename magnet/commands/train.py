@@ -50,7 +50,8 @@ def _run_folder(args: argparse.Namespace):
     from magnet.experiment import TrainConfig
 
     if args.resume not in (None, "latest"):
-        return Path(args.resume)
+        p = Path(args.resume)
+        return p.parent if p.name == "checkpoints" else p  # as launch/train.py reads it
     train = dict(load_yaml(args.config).get("train") or {})
     for override in args.overrides:
         train.update(parse_override(override).get("train") or {})
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from magnet.experiment import ExperimentConfig, zero_file
     from magnet.format.manifest import Manifest, manifest_path
 
+    from magnet.train.checkpoint import read_pointer
     from magnet.train.rundir import refuse_if_owned
 
     if args.nproc is not None and args.nproc < 1:  # 0 is not "the default"
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     folder = _run_folder(args)
     if folder is not None:  # a run in use is refused before anything else (rank 0 takes the lock itself)
         refuse_if_owned(folder)
+        if args.resume is not None and read_pointer(folder / "checkpoints") is None:  # not once per rank
+            raise UserError(f"--resume {args.resume}: no checkpoint found under {folder}")
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)
     Manifest.load(manifest_path(cfg.data.shards, cfg.data.bin_um))  # once here, not once per rank after the launch
