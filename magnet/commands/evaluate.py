@@ -76,9 +76,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from magnet.config import load_config, save_config
-    from magnet.io import atomic_path
     from magnet.evaluate.config import EvaluateConfig
     from magnet.evaluate.select import each_model, load_models, parse_genes, select_slides
+    from magnet.io import atomic_path
     from magnet.registry.tracking import resolve_tracking_uri
 
     cfg = load_config(EvaluateConfig, args.config, args.overrides)

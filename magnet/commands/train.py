@@ -66,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     from magnet.errors import UserError
     from magnet.experiment import ExperimentConfig, zero_file
     from magnet.format.manifest import Manifest, manifest_path
-
     from magnet.train.checkpoint import read_pointer
     from magnet.train.rundir import refuse_if_owned
 
