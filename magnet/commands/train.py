@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--resume {args.resume}: no checkpoint found under {folder}")
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)
-    Manifest.load(manifest_path(cfg.data.shards, cfg.data.bin_um))  # once here, not once per rank after the launch
     if cfg.mlflow.enabled:
         from magnet.registry.tracking import check_tracking_uri
 
         check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
+    Manifest.load(manifest_path(cfg.data.shards, cfg.data.bin_um))  # once here, not once per rank after the launch
     return subprocess.call(command(args))
