@@ -144,8 +144,8 @@ def predict_rate(work: Path, slides: Path, shards: Path, model_dir: Path, settin
     folder = slides / slide
     out = work / "pred.h5ad"
     cmd = [sys.executable, "-m", "magnet", "predict", "--model", str(model_dir), "--spaceranger", str(folder / "outs"),
-           "--image", str(folder / f"{slide}_fullres.tif"), "--bin-um", "16", "--out", str(out), "progress=false",
-           *settings]
+           "--image", str(folder / f"{slide}_fullres.tif"), "--bin-um", "16", "--out", str(out), "--overwrite",
+           "progress=false", *settings]  # --overwrite: the work folder is kept for re-runs
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         sys.exit("magnet predict failed:\n" + proc.stderr[-3000:])

@@ -15,7 +15,9 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="launch/experiment.py", description=__doc__.splitlines()[0])
+    from magnet.cli import ArgumentParser
+
+    p = ArgumentParser(prog="launch/experiment.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="experiment YAML (configs/experiment/*.yaml)")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster node); default: local Ray")
     p.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this name")

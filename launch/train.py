@@ -16,7 +16,9 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__.splitlines()[0])
+    from magnet.cli import ArgumentParser
+
+    p = ArgumentParser(prog="launch/train.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="experiment YAML (configs/train/*.yaml)")
     p.add_argument("--resume", default=None, help="'latest' (this run name's newest checkpoint) or a run directory")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher

@@ -17,8 +17,15 @@ from magnet.errors import UserError
 COMMANDS = ["synth", "train", "registry", "shard", "predict", "evaluate"]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (``magnet: error: PROG: ...``, exit 2), not usage + message."""
+
+    def error(self, message: str):
+        self.exit(2, f"magnet: error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magnet", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="magnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"magnet-hd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

@@ -1,27 +1,73 @@
-"""Atomic output: nothing half-written is ever visible under its final name."""
+"""Atomic output: nothing half-written is ever visible under its final name, and outputs are checked before work.
+
+A temporary path is ``.{name}.magnet-tmp-{pid}-{host}-{token}.tmp`` beside the final ``name``: the writer's
+process id and host are in the name, so the next writer of the same output (:func:`atomic_path`, or
+:func:`remove_stale` for a whole folder) removes what a killed writer left (SIGKILL, power loss) and never
+the temporary path of a writer that is still running (a live process, or one on another host).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from magnet.errors import UserError
+
+TMP_MARK = ".magnet-tmp-"
+_TMP = re.compile(r"\.(?P<name>.+)\.magnet-tmp-(?P<pid>\d+)-(?P<host>.+)-[0-9a-f]{8}\.tmp")
+
+
+def tmp_name(final_name: str) -> str:
+    """The temporary name of ``final_name`` for this process (unique: a random token)."""
+    return f".{final_name}{TMP_MARK}{os.getpid()}-{socket.gethostname()}-{secrets.token_hex(4)}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(folder: Path, name: str = "*") -> list[Path]:
+    """Remove the temporary paths of ``name`` (default: any output) in ``folder`` whose writer is dead: written on
+    this host by a process that no longer exists. Returns what was removed."""
+    removed = []
+    host = socket.gethostname()
+    for p in Path(folder).glob(f".{'*' if name == '*' else glob.escape(name)}{TMP_MARK}*.tmp"):
+        m = _TMP.fullmatch(p.name)
+        if m is None or m["host"] != host or _alive(int(m["pid"])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(p)
+    return removed
+
 
 @contextlib.contextmanager
-def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
+def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
 
-    Works for files and directories (whatever the block creates at the temporary path).
+    Works for files and directories (whatever the block creates at the temporary path). Temporary paths of
+    ``final`` left by dead writers are removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f"{suffix}.tmp", dir=final.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    tmp_path = Path(tmp)
+    remove_stale(final.parent, final.name)
+    tmp_path = final.parent / tmp_name(final.name)
     try:
         yield tmp_path
         if final.is_dir() and tmp_path.is_dir():
@@ -41,3 +87,38 @@ def atomic_write_bytes(final: str | Path, data: bytes) -> None:
 
 def atomic_write_text(final: str | Path, text: str) -> None:
     atomic_write_bytes(final, text.encode())
+
+
+def _probe(folder: Path, path: Path, flag: str) -> None:
+    """Create (and drop) a nameless file in ``folder``: the only check that root, read-only mounts and ACLs agree on."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: {flag}: cannot write in {folder} ({e.strerror})") from None
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse a ``path`` that cannot be created: its nearest existing ancestor must be a writable directory."""
+    parent = Path(path).absolute().parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{path}: {flag}: cannot create it ({parent} is a file, not a directory)")
+    _probe(parent, path, flag)
+
+
+def check_output(path: Path, flag: str, overwrite: bool, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written: a folder where a file is expected (or
+    a file where a folder is), a path under a file or an unwritable folder, or an existing one without
+    ``overwrite`` (an empty folder is not an output yet)."""
+    path = Path(path)
+    if path.exists():
+        if path.is_dir() != folder:
+            raise UserError(f"{path}: {flag}: is a {'directory' if path.is_dir() else 'file'}; expected a "
+                            f"{'folder' if folder else 'file'}")
+        if not overwrite and not (folder and not any(path.iterdir())):
+            raise UserError(f"{path}: {flag}: exists; pass --overwrite to replace it")
+        if folder:
+            _probe(path, path, flag)
+    check_writable(path, flag)

@@ -56,7 +56,7 @@ $PY -m magnet predict --model models:/magnet-demo@champion --spaceranger "$DEMO/
   --image "$DEMO/slides/$TEST/${TEST}_fullres.tif" --bin-um $BIN_UM --out "$DEMO/predictions/${TEST}_${BIN_UM}um.h5ad" \
   --genes $GENES --maps "$DEMO/predictions/maps" progress=false
 
-PRED_SD="$DEMO/predictions/${TEST}_${BIN_UM}um.zarr"
+PRED_SD="$DEMO/predictions/${TEST}_${BIN_UM}um_spatialdata.zarr"  # its own stem: {stem}.config.yaml beside each
 stage "the same prediction as a SpatialData store; measured vs predicted ${GENES%%,*} drawn over the H&E by spatialdata-plot"
 $PY -m magnet predict --model models:/magnet-demo@champion --spaceranger "$DEMO/slides/$TEST/outs" \
   --image "$DEMO/slides/$TEST/${TEST}_fullres.tif" --bin-um $BIN_UM --format spatialdata --out "$PRED_SD" progress=false

@@ -29,7 +29,7 @@ from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
 from magnet.format.manifest import Manifest, write_manifest
 from magnet.format.schema import FORMAT_VERSION
-from magnet.io import atomic_write_text
+from magnet.io import atomic_write_text, remove_stale
 
 from .config import ShardConfig
 from .genes import GeneStats, genes_from_file, normalisation_record, select_genes
@@ -137,8 +137,7 @@ def _prepare(bin_dir: Path, plan: str) -> bool:
             if SHARD_NAME.match(f.name):
                 f.unlink()
     work.mkdir(parents=True, exist_ok=True)
-    for stale in work.glob(".*.tmp"):  # a slide folder left by a killed task
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    remove_stale(work)  # a slide folder left by a killed task on this host
     atomic_write_text(work / "plan.json", json.dumps({"plan": plan}))
     return True
 

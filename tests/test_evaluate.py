@@ -186,3 +186,43 @@ def test_training_slide_under_another_name_is_refused(registered, tiny_cohort, t
     out = tmp_path / "eval"
     _fails(["evaluate", "--model", str(run_dir / "model"), "--samplesheet", str(sheet), "--out", str(out),
             "mlflow=false"], capsys, out, f"'renamed' has the image and matrix of '{train}', a training slide of model")
+
+
+def test_existing_evaluation_is_refused_then_replaced_whole(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
+    """An evaluation folder is refused in one line before any model is loaded; --overwrite replaces the folder whole
+    (a file of the earlier run that this one does not write is gone) and only a folder magnet evaluate wrote."""
+    _, run_dir = registered
+    held = [s for s, split in _splits(tiny_shards).items() if split != "train"]
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(run_dir / "model"), "--samplesheet", str(_sheet(tiny_cohort, tmp_path, held)),
+            "--out", str(out), "mlflow=false", "oracle=false", "controls=[]", "predict.max_bins=100000"]
+    assert main(argv) == 0
+    (out / "scatter_earlier.png").write_bytes(b"an earlier run's")
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"magnet: error: {out}: --out: exists; pass --overwrite to replace it"]
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "evaluation.md").is_file() and not (out / "scatter_earlier.png").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_unreadable_shard_manifest_of_a_model_is_one_line(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
+    """The manifest tells a model's training slides; one that is there but not JSON was ignored (and with it the
+    training-slide check): now one line naming it."""
+    import yaml
+
+    _, run_dir = registered
+    model = tmp_path / "model"
+    shutil.copytree(run_dir / "model", model)
+    config = next(model.rglob("config.yaml"))
+    doc = yaml.safe_load(config.read_text())
+    doc["config"]["data"]["shards"] = str(tmp_path / "shards")
+    config.write_text(yaml.safe_dump(doc))
+    bad = tmp_path / "shards" / "16um" / "manifest.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("not json {")
+    held = [s for s, split in _splits(tiny_shards).items() if split != "train"]
+    out = tmp_path / "eval"
+    _fails(["evaluate", "--model", str(model), "--samplesheet", str(_sheet(tiny_cohort, tmp_path, held)),
+            "--out", str(out), "mlflow=false"], capsys, out, f"{bad}: not valid JSON (line 1)")

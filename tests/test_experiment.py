@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -108,3 +109,14 @@ def test_tie_names_a_swept_key():
     assert trial.train.seed == trial.model.seed == 4
     with pytest.raises(UserError, match="tie.model.seed: 'optim.lr' is not a key of the search space"):
         param_space(SweepConfig(space=space, tie={"model.seed": "optim.lr"}))
+
+
+def test_a_resumed_experiment_replaces_its_evaluation():
+    """magnet evaluate refuses an existing --out: --resume (re-evaluating an experiment) passes --overwrite, a new
+    experiment does not (its folder is new; the sweep refuses a name in use)."""
+    from magnet.sweep.experiment import ReplicatesConfig, evaluate_argv
+
+    cfg = ReplicatesConfig(models=["magnet"], seeds=[0])
+    models = {"magnet": [Path("runs/t0/model")]}
+    assert "--overwrite" not in evaluate_argv(cfg, models, Path("eval"), "parent")
+    assert evaluate_argv(cfg, models, Path("eval"), "parent", overwrite=True)[:2] == ["evaluate", "--overwrite"]

@@ -292,3 +292,46 @@ def test_mistyped_size_is_refused_before_memory_grows(registered, tiny_cohort, c
     assert ("--mpp" in lines[0] and "mistyped" in lines[0]) if typo[1] != "0.5" else "--bin-um" in lines[0]
     assert typo_mb <= 2 * correct_rss_mb, (typo_mb, correct_rss_mb)
     assert not out.exists() and not list(tmp_path.glob(".typo.h5ad*"))
+
+
+def test_killed_prediction_is_cleaned_by_the_next_run_and_outputs_need_overwrite(registered, tiny_cohort, tmp_path,
+                                                                                capsys):
+    """SIGKILL cannot be caught: the temporary .h5ad stays, named with the dead writer's pid and host, and the next
+    run for the same --out removes it (a live writer's is kept). Then the output exists: a re-run is refused in
+    one line before the model is loaded, and --overwrite replaces it."""
+    import signal
+    import socket
+    import time
+
+    from magnet.io import tmp_name
+
+    uri, _ = registered
+    outs, image = _slide(tiny_cohort)
+    out = tmp_path / "p.h5ad"
+    argv = ["predict", "--model", "models:/tiny@champion", "--tracking-uri", uri, "--spaceranger", str(outs),
+            "--image", str(image), "--out", str(out), "progress=false"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "magnet", *argv], env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not list(tmp_path.glob(".p.h5ad.magnet-tmp-*")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "prediction ended before its temporary file was seen"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    (stale,) = tmp_path.glob(".p.h5ad.magnet-tmp-*")
+    assert f"-{proc.pid}-{socket.gethostname()}-" in stale.name and not out.exists()
+    live = tmp_path / tmp_name("p.h5ad")  # a writer still running (this process) keeps its temporary file
+    live.write_bytes(b"")
+
+    assert main(argv) == 0
+    assert out.is_file() and not stale.exists() and live.exists()
+    live.unlink()
+    capsys.readouterr()
+    written = (out.stat().st_mtime_ns, out.read_bytes())
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"magnet: error: {out}: --out: exists; pass --overwrite to replace it"]
+    assert (out.stat().st_mtime_ns, out.read_bytes()) == written
+    assert main([*argv, "--overwrite"]) == 0
+    assert out.stat().st_mtime_ns != written[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.config.yaml", "p.h5ad"]

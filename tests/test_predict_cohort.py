@@ -1,5 +1,6 @@
 """`magnet predict --samplesheet`: a 3-slide cohort on a real local Ray (2 CPUs, 100 MB object store), model
-from the sqlite MLflow registry, one slide's image broken; then the slide fixed and the command re-run."""
+from the sqlite MLflow registry, one slide's image broken; then the slide fixed and the command re-run (a killed
+run's temporary file removed), then re-run with --overwrite (every slide predicted again)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from magnet.cli import main
+from magnet.io import tmp_name
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDES = ("synth_000", "synth_001", "synth_002")
@@ -84,7 +86,7 @@ def test_cohort_with_a_broken_slide_then_resumed(registered, tiny_cohort, tmp_pa
     assert [summary[s]["status"] for s in SLIDES] == ["predicted", "predicted", "failed"]
     assert "not a readable TIFF" in summary["synth_002"]["error"] and summary["synth_002"]["bins"] == "0"
     assert sorted(p.name for p in out.glob("*.h5ad")) == ["synth_000.h5ad", "synth_001.h5ad"]
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*"))
 
     for s in SLIDES[:2]:  # the single-slide command on the same slide, same threads: the same file
         single = tmp_path / "single" / f"{s}.h5ad"
@@ -96,14 +98,28 @@ def test_cohort_with_a_broken_slide_then_resumed(registered, tiny_cohort, tmp_pa
 
     before = {s: (_sha(out / f"{s}.h5ad"), (out / f"{s}.h5ad").stat().st_mtime_ns) for s in SLIDES[:2]}
     broken.write_bytes((tiny_cohort / SLIDES[2] / f"{SLIDES[2]}_fullres.tif").read_bytes())  # fixed
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = out / tmp_name(f"{SLIDES[2]}.h5ad").replace(f"-{os.getpid()}-", f"-{dead.pid}-")  # a killed run's
+    stale.write_bytes(b"half a file")
     second = _run(_cohort_cmd(uri, sheet, out))
     assert second.returncode == 0, second.stderr[-3000:]
+    assert not stale.exists()
     assert "2 of 3 slides already done, 1 to do" in second.stderr
     summary = _summary(out)
     assert [summary[s]["status"] for s in SLIDES] == ["skipped", "skipped", "predicted"]
     assert int(summary["synth_002"]["bins"]) > 0 and summary["synth_002"]["error"] == ""
     assert {s: (_sha(out / f"{s}.h5ad"), (out / f"{s}.h5ad").stat().st_mtime_ns) for s in SLIDES[:2]} == before
     assert (out / "synth_002.h5ad").is_file()
+
+    written = {s: (out / f"{s}.h5ad").stat().st_mtime_ns for s in SLIDES}
+    third = _run(_cohort_cmd(uri, sheet, out) + ["--overwrite"])  # every slide again, each file replaced
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "--overwrite: every slide predicted again" in third.stderr
+    assert [_summary(out)[s]["status"] for s in SLIDES] == ["predicted"] * 3
+    assert all((out / f"{s}.h5ad").stat().st_mtime_ns != written[s] for s in SLIDES)
+    _assert_same_h5ad(out / f"{SLIDES[0]}.h5ad", tmp_path / "single" / f"{SLIDES[0]}.h5ad")
+    assert not list(out.glob(".*"))
 
 
 def test_cohort_arguments_are_checked(registered, tiny_cohort, tmp_path, capsys):

@@ -107,7 +107,8 @@ def test_feature_slice_sums_to_the_binned_matrices(tiny_cohort):
 
 @pytest.fixture(scope="module")
 def both_formats(registered, tiny_cohort, tmp_path_factory):
-    """The same prediction written as .h5ad and as a SpatialData store (the CLI, in this process)."""
+    """The same prediction written as .h5ad and as a SpatialData store (the CLI, in this process); each has its own
+    stem, as each output's {stem}.config.yaml is written beside it."""
     from magnet.cli import main
 
     uri, _ = registered
@@ -118,7 +119,7 @@ def both_formats(registered, tiny_cohort, tmp_path_factory):
     assert main([*base, "--out", str(out / "pred.h5ad")]) == 0
     with pytest.MonkeyPatch.context() as mp:  # the bin squares are streamed in batches: several of them here
         mp.setattr("magnet.predict.spatialdata_out.SHAPE_BATCH", 100)
-        assert main([*base, "--format", "spatialdata", "--out", str(out / "pred.zarr")]) == 0
+        assert main([*base, "--format", "spatialdata", "--out", str(out / "pred_sd.zarr")]) == 0
     return out
 
 
@@ -129,7 +130,7 @@ def test_spatialdata_store_lines_up_with_the_h5ad(both_formats):
     from spatialdata.models import TableModel
 
     adata = ad.read_h5ad(both_formats / "pred.h5ad")
-    sdata = spatialdata.read_zarr(both_formats / "pred.zarr")
+    sdata = spatialdata.read_zarr(both_formats / "pred_sd.zarr")
     slide = SLIDE + "_fullres"  # the slide's name: the image file's, as in the .h5ad's uns['spatial']
     assert list(adata.uns["spatial"]) == [slide] and list(sdata.coordinate_systems) == [slide]
     table = sdata.tables["magnet_square_016um"]
@@ -164,7 +165,7 @@ def test_bin_shapes_sit_on_their_pixels(both_formats, tiny_cohort):
     from spatialdata.transformations import get_transformation
 
     adata = ad.read_h5ad(both_formats / "pred.h5ad")
-    sdata = spatialdata.read_zarr(both_formats / "pred.zarr")
+    sdata = spatialdata.read_zarr(both_formats / "pred_sd.zarr")
     slide = SLIDE + "_fullres"
     table = sdata.tables["magnet_square_016um"]
     bins = spatialdata.transform(sdata.shapes[f"{slide}_magnet_square_016um"], to_coordinate_system=slide)
@@ -176,7 +177,8 @@ def test_bin_shapes_sit_on_their_pixels(both_formats, tiny_cohort):
     assert shapely.union_all(polys.to_numpy()).area == pytest.approx(polys.area.sum(), rel=1e-6)  # no overlap
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(next((both_formats / "pred.zarr" / "shapes").glob("*_magnet_square_016um/shapes.parquet")))
+    shapes = both_formats / "pred_sd.zarr" / "shapes"
+    parquet = pq.ParquetFile(next(shapes.glob("*_magnet_square_016um/shapes.parquet")))
     assert parquet.num_row_groups == -(-len(polys) // 100)  # written in batches of 100 bins
     bbox = json.loads(parquet.schema_arrow.metadata[b"geo"])["columns"]["geometry"]["bbox"]
     np.testing.assert_allclose(bbox, bins.total_bounds, atol=1e-6)
@@ -205,7 +207,7 @@ def test_overlay_png_draws_measured_next_to_predicted(both_formats, tmp_path):
     overlay = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overlay)
     png = tmp_path / "overlay.png"
-    overlay.overlay(str(both_formats / "pred.zarr"), "TUM08", str(png))
+    overlay.overlay(str(both_formats / "pred_sd.zarr"), "TUM08", str(png))
     rgb = np.asarray(Image.open(png).convert("RGB"), np.float32)
     h, w, _ = rgb.shape
     assert w > 1.6 * h and h > 300
@@ -231,7 +233,9 @@ def test_bad_spatialdata_output_is_refused_and_nothing_is_left(registered, tiny_
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
-    _refused([*base, "--image", str(_image(tiny_cohort)), "--out", str(folder)], capsys, "not a SpatialData store")
+    _refused([*base, "--image", str(_image(tiny_cohort)), "--out", str(folder)], capsys, "exists; pass --overwrite")
+    _refused([*base, "--image", str(_image(tiny_cohort)), "--out", str(folder), "--overwrite"], capsys,
+             "not a SpatialData store")
     assert (folder / "notes.txt").read_text() == "keep me"
     small = tmp_path / "small.tif"  # refused while predicting: after the store was begun under a temporary name
     tifffile.imwrite(small, tifffile.imread(_image(tiny_cohort))[:600, :600])

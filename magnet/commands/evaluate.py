@@ -22,8 +22,9 @@ is also scored under the context controls (controls=[zero,shuffle]; magnet/predi
 or --gene-groups) and paired comparisons (--compare A:B, default: the first model against each other one; and
 each MagNet model against its controls): per-gene PCC difference, bootstrap 95% interval, Wilcoxon p (magnet/evaluate/paired.py),
 with a scatter OUT/scatter_<A>_vs_<B>_<bin>um.png per pair. Writes OUT/evaluation.{md,csv},
-OUT/evaluation_{slides,genes,groups,paired,replicates}.csv and OUT/evaluate.config.yaml, and logs them to
-MLflow (mlflow=false to skip; run_id=ID logs into an existing run).
+OUT/evaluation_{slides,genes,groups,paired,replicates}.csv and OUT/evaluate.config.yaml (the folder appears
+whole when complete; an existing one is refused unless --overwrite), and logs them to MLflow (mlflow=false
+to skip; run_id=ID logs into an existing run).
 Keys of --config / key=value: magnet/evaluate/config.py (predict.* as in magnet predict)."""
 
 
@@ -46,12 +47,27 @@ def add_parser(subparsers) -> None:
                    help="a paired comparison of two table labels, e.g. magnet:stnet or 'magnet:oracle'; repeat "
                         "for more (default: the first model against each other one); each MagNet model is also "
                         "compared with its context controls")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (written whole, under a temporary name, at the end)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out written by magnet evaluate")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
     p.add_argument("--config", default=None, help="YAML evaluate config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. top_k=20 mlflow=false")
     p.set_defaults(run=run)
+
+
+CONFIG_NAME = "evaluate.config.yaml"
+
+
+def check_out(out, overwrite: bool) -> None:
+    """Before any work: ``out`` is absent, empty, or (with ``overwrite``) a folder that magnet evaluate wrote."""
+    from magnet.errors import UserError
+    from magnet.io import check_output
+
+    check_output(out, "--out", overwrite, folder=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
+        raise UserError(f"{out}: --out: --overwrite replaces only a folder written by magnet evaluate (no "
+                        f"{CONFIG_NAME} there); refusing to delete it")
 
 
 def run(args) -> int:
@@ -62,9 +78,12 @@ def run(args) -> int:
     from magnet.config import load_config, save_config
     from magnet.evaluate.config import EvaluateConfig
     from magnet.evaluate.select import each_model, load_models, parse_genes, select_slides
+    from magnet.io import atomic_path
     from magnet.registry.tracking import resolve_tracking_uri
 
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    out = Path(args.out)
+    check_out(out, args.overwrite)
     genes = parse_genes(args.genes)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     models = load_models(args.model, args.tracking_uri, args.bin_um)
@@ -90,7 +109,6 @@ def run(args) -> int:
     index = paired.group_index(genes, groups)
     group_rows = paired.group_rows(pccs, index)
     comparisons, plots = [], []
-    out = Path(args.out)
     for a, b in pairs:
         for bin_um in sorted({k[0] for k in pccs}):
             if (bin_um, a) in pccs and (bin_um, b) in pccs:
@@ -101,13 +119,17 @@ def run(args) -> int:
              for e, split, _ in slides if split == "val"]
     if groups is not None:
         notes.append(f"Gene groups: {groups_path}.")
-    paths = report.write(out, rows, cfg.top_k, notes, group_rows, comparisons, paired.genes_csv(pccs, genes, groups))
-    for a, b, name in plots:
-        paths[name] = paired.scatter(a, b, genes, groups, out / f"{name}.png")
     sources = {label if fold is None else f"{label}/fold{fold}": m.source for label, fold, m in each_model(models)}
-    paths["config"] = save_config(cfg, out / "evaluate.config.yaml", models=sources, genes=genes,
-                                  samplesheet=str(Path(args.samplesheet).resolve()),
-                                  slides={e.slide: split for e, split, _ in slides})
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        paths = report.write(tmp, rows, cfg.top_k, notes, group_rows, comparisons,
+                             paired.genes_csv(pccs, genes, groups))
+        for a, b, name in plots:
+            paths[name] = paired.scatter(a, b, genes, groups, tmp / f"{name}.png")
+        paths["config"] = save_config(cfg, tmp / CONFIG_NAME, models=sources, genes=genes,
+                                      samplesheet=str(Path(args.samplesheet).resolve()),
+                                      slides={e.slide: split for e, split, _ in slides})
+    paths = {k: out / p.name for k, p in paths.items()}
     run_id = None
     if cfg.mlflow:
         from magnet.config import to_dict

@@ -11,7 +11,9 @@ USAGE = """examples:
   magnet predict --model models:/magnet-hd@champion --samplesheet slides.csv --out preds [--address auto]
   magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --format spatialdata \
       --out pred.zarr
-  magnet predict --model runs/NAME/model ... [--config FILE] [key=value ...]   (keys: magnet/predict/config.py)"""
+  magnet predict --model runs/NAME/model ... [--config FILE] [key=value ...]   (keys: magnet/predict/config.py)
+An existing --out (or its .config.yaml, or a map) is refused unless --overwrite; a cohort's folder is resumed
+(slides already written are skipped) unless --overwrite, which predicts every slide again."""
 
 
 def add_parser(subparsers) -> None:
@@ -33,6 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--maps", default=None, help="folder for PNG gene maps ({gene}.png; a cohort: {slide}/{gene}.png)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (its .config.yaml and maps); with --samplesheet: predict every "
+                        "slide again (default: a re-run skips slides already written)")
     p.add_argument("--config", default=None, help="YAML predict config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. batch_size=8 device=cpu")
     p.set_defaults(run=run)
@@ -72,12 +77,34 @@ def _check_args(args) -> list[str]:
         if importlib.util.find_spec("spatialdata") is None:
             raise UserError("--format: spatialdata needs the [spatialdata] extra "
                             "(pip install 'magnet-hd[spatialdata]')")
-        from magnet.predict.spatialdata_out import check_out
-
-        check_out(Path(args.out))
     if (args.genes is None) != (args.maps is None):
         raise UserError("--genes/--maps: give both (genes to draw and the folder for their maps)")
-    return [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
+    chosen = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
+    _check_outputs(args, chosen)
+    return chosen
+
+
+def _check_outputs(args, chosen: list[str]) -> None:
+    """Every path the command will write, before any work: nothing replaced without --overwrite (a cohort's
+    existing folder is its resume), no folder where a file goes, no path under a file or an unwritable folder."""
+    from pathlib import Path
+
+    from magnet.io import check_output
+
+    out, maps = Path(args.out), Path(args.maps) if args.maps else None
+    if maps is not None:
+        check_output(maps, "--maps", overwrite=True, folder=True)
+    if args.samplesheet is not None:
+        check_output(out, "--out", overwrite=True, folder=True)
+        return
+    check_output(out, "--out", args.overwrite, folder=args.format == "spatialdata")
+    if args.format == "spatialdata":
+        from magnet.predict.spatialdata_out import check_out
+
+        check_out(out)
+    check_output(out.parent / f"{out.stem}.config.yaml", "--out", args.overwrite)
+    for gene in chosen:
+        check_output(maps / f"{gene}.png", "--maps", args.overwrite)
 
 
 def _terminated(signum, frame):
@@ -143,7 +170,7 @@ def _run_cohort(args, model, bin_um: int, cfg, chosen: list[str]) -> int:
     from magnet.predict.cohort import predict_cohort
 
     rows = predict_cohort(Path(args.samplesheet), args.model, args.tracking_uri, model, bin_um, cfg, Path(args.out),
-                          args.address, chosen, Path(args.maps) if args.maps else None)
+                          args.address, chosen, Path(args.maps) if args.maps else None, args.overwrite)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("predicted", "skipped", "failed")}
     print(json.dumps({"out": args.out, "summary": str(Path(args.out) / "summary.csv"), "slides": len(rows),
                       **counts, "bins": sum(r["bins"] for r in rows if r["status"] == "predicted")}))

@@ -28,11 +28,8 @@ def command(args: argparse.Namespace) -> list[str]:
     import torch
 
     from magnet.dist import free_port
-    from magnet.errors import UserError
 
-    nproc = args.nproc or (torch.cuda.device_count() or 2)
-    if nproc < 1:
-        raise UserError(f"--nproc: must be >= 1, got {nproc}")
+    nproc = args.nproc if args.nproc is not None else (torch.cuda.device_count() or 2)
     script = str(Path(__file__).resolve().parents[2] / "launch" / "train.py")
     port = str(args.master_port or free_port())
     if args.launcher == "torchrun":
@@ -53,7 +50,8 @@ def _run_folder(args: argparse.Namespace):
     from magnet.experiment import TrainConfig
 
     if args.resume not in (None, "latest"):
-        return Path(args.resume)
+        p = Path(args.resume)
+        return p.parent if p.name == "checkpoints" else p  # as launch/train.py reads it
     train = dict(load_yaml(args.config).get("train") or {})
     for override in args.overrides:
         train.update(parse_override(override).get("train") or {})
@@ -65,17 +63,24 @@ def run(args: argparse.Namespace) -> int:
     import subprocess
 
     from magnet.config import load_config
+    from magnet.errors import UserError
     from magnet.experiment import ExperimentConfig, zero_file
-
+    from magnet.format.manifest import Manifest, manifest_path
+    from magnet.train.checkpoint import read_pointer
     from magnet.train.rundir import refuse_if_owned
 
+    if args.nproc is not None and args.nproc < 1:  # 0 is not "the default"
+        raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
     folder = _run_folder(args)
     if folder is not None:  # a run in use is refused before anything else (rank 0 takes the lock itself)
         refuse_if_owned(folder)
+        if args.resume is not None and read_pointer(folder / "checkpoints") is None:  # not once per rank
+            raise UserError(f"--resume {args.resume}: no checkpoint found under {folder}")
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)
     if cfg.mlflow.enabled:
         from magnet.registry.tracking import check_tracking_uri
 
         check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
+    Manifest.load(manifest_path(cfg.data.shards, cfg.data.bin_um))  # once here, not once per rank after the launch
     return subprocess.call(command(args))

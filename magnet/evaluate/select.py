@@ -138,7 +138,7 @@ def _shard_manifest(model: LoadedModel):
 def manifest_splits(model: LoadedModel) -> dict[str, str]:
     """``slide -> split`` as the model saw it: for a fold model (``data.fold=k``), ``train`` for the slides
     of the other folds and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's
-    splits ({} when it is not reachable)."""
+    splits ({} when it is not there; one that is there but unreadable is an error)."""
     from magnet.data.manifest import fold_roles
 
     data = model.python_model.config.data

@@ -100,6 +100,10 @@ class Manifest:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON (line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not valid JSON (not UTF-8 text)") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: not a manifest (a JSON {type(d).__name__}, expected an object)")
         if d.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{path}: format_version: shards of format {d.get('format_version')!r}, this version "
                             f"reads format {FORMAT_VERSION}; re-run `magnet shard`")

@@ -4,8 +4,9 @@ Each worker is a Ray actor that loads the model once and then predicts slide aft
 single-slide function (:func:`magnet.predict.output.predict_to_file`), so a cohort's files equal the
 single-slide command's. Actors take a GPU each when the cluster has GPUs (``cohort.gpus_per_worker``),
 else ``cohort.cpus_per_worker`` CPUs. A slide already written (``DIR/{slide}.h5ad``, renamed into place
-only when complete) is skipped and left untouched; a slide that fails is recorded with a one-line reason
-and the others go on. A registry alias is pinned to its version once, so every worker loads the same model.
+only when complete) is skipped and left untouched, unless ``--overwrite`` (every slide predicted again); a
+slide that fails is recorded with a one-line reason and the others go on. A registry alias is pinned to its
+version once, so every worker loads the same model.
 """
 
 from __future__ import annotations
@@ -102,26 +103,28 @@ def _worker_options(ray, cfg: PredictConfig, n_todo: int) -> tuple[int, dict]:
 
 def predict_cohort(samplesheet: Path, model_spec: str, tracking_uri: str | None, model, bin_um: int,
                    cfg: PredictConfig, out_dir: Path, address: str | None, chosen: list[str],
-                   maps_dir: Path | None) -> list[dict]:
-    """Predict every slide of ``samplesheet`` not yet in ``out_dir``; return the summary rows (samplesheet order)."""
+                   maps_dir: Path | None, overwrite: bool = False) -> list[dict]:
+    """Predict every slide of ``samplesheet`` not yet in ``out_dir`` (``overwrite``: every slide, each file replaced
+    when its new one is complete); return the summary rows (samplesheet order)."""
+    from magnet.io import remove_stale
     from sharding.run import ray_session
     from sharding.samplesheet import read_samplesheet
 
     entries = read_samplesheet(samplesheet, check_paths=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for e in entries:  # temporary files of a killed run (its workers could not clean up)
-        for stale in out_dir.glob(f".{e.slide}.h5ad.*.tmp"):
-            stale.unlink()
+    for e in entries:  # temporary files of a killed run on this host (each worker also cleans its slide's)
+        remove_stale(out_dir, f"{e.slide}.h5ad")
     rows: dict[str, dict] = {}
     todo = []
     for e in entries:
         out = out_dir / f"{e.slide}.h5ad"
-        if out.is_file():
+        if out.is_file() and not overwrite:
             rows[e.slide] = {"slide": e.slide, **_finished(out), "status": "skipped", "error": ""}
         else:
             todo.append(e)
-    print(f"predict: {out_dir}: {len(entries) - len(todo)} of {len(entries)} slides already done, "
-          f"{len(todo)} to do", file=sys.stderr)
+    print(f"predict: {out_dir}: " + ("--overwrite: every slide predicted again" if overwrite else
+                                     f"{len(entries) - len(todo)} of {len(entries)} slides already done, "
+                                     f"{len(todo)} to do"), file=sys.stderr)
     if todo:
         with ray_session(address, cfg.cohort.num_cpus, cfg.cohort.object_store_mb, cfg.progress) as ray:
             rows.update(_run_workers(ray, todo, _pinned(model_spec, model.source), tracking_uri, model.source,

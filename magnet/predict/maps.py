@@ -44,7 +44,7 @@ def write_maps(folder: Path, xy_um: np.ndarray, pred: np.ndarray, measured: np.n
         g = genes.index(gene)
         fig = gene_map(xy_um, pred[:, g], None if measured is None else measured[:, g], gene, title, bin_um)
         path = folder / f"{gene}.png"
-        with atomic_path(path, suffix=".png") as tmp:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
         out.append(path)

@@ -39,7 +39,7 @@ def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictCo
     keep = [genes.index(g) for g in chosen]
     if fmt == "spatialdata":
         from magnet.predict.spatialdata_out import SpatialDataWriter
-    with atomic_path(out, suffix=f".{fmt}") as tmp, (
+    with atomic_path(out) as tmp, (
             H5adWriter(tmp, keep) if fmt == "h5ad" else SpatialDataWriter(tmp, Path(image), bin_um, keep)) as writer:
         pred = stream_slide(model, Path(image), bin_um, cfg, writer, spaceranger=outs, mpp=mpp, slide=slide)
         if fmt == "h5ad":

@@ -91,10 +91,12 @@ def trained_models(summary: dict, sweep_dir: Path, cfg: ReplicatesConfig) -> dic
     return {m: [seeds[s] for s in sorted(seeds)] for m, seeds in out.items()}
 
 
-def evaluate_argv(cfg: ReplicatesConfig, models: dict[str, list[Path]], out: Path, parent_run_id: str) -> list[str]:
-    """``magnet evaluate`` of every model (its seeds as replicates) on the test split, into the parent run."""
+def evaluate_argv(cfg: ReplicatesConfig, models: dict[str, list[Path]], out: Path, parent_run_id: str,
+                  overwrite: bool = False) -> list[str]:
+    """``magnet evaluate`` of every model (its seeds as replicates) on the test split, into the parent run
+    (``overwrite``: replacing the evaluation of an earlier run, on --resume)."""
     e = cfg.evaluate
-    argv = ["evaluate"]
+    argv = ["evaluate"] + (["--overwrite"] if overwrite else [])
     for name, paths in models.items():
         argv += ["--model", f"{name}=" + ",".join(str(p) for p in paths)]
     argv += ["--samplesheet", e.samplesheet, "--split", e.split, "--out", str(out),
@@ -118,6 +120,15 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
         raise UserError(f"{origin}: evaluate.samplesheet: required (the slides the models are scored on)")
     if not Path(e.samplesheet).is_file():
         raise UserError(f"{origin}: evaluate.samplesheet: no file {e.samplesheet}")
+    if e.gene_groups and not Path(e.gene_groups).is_file():
+        raise UserError(f"{origin}: evaluate.gene_groups: no file {e.gene_groups}")
+    from magnet.config import load_config
+    from magnet.evaluate.config import EvaluateConfig
+
+    try:  # the evaluation's keys are checked now, not after the whole grid has trained
+        load_config(EvaluateConfig, None, e.overrides)
+    except UserError as err:
+        raise UserError(f"{origin}: evaluate.overrides: {err}") from None
     for pair in e.compare:
         names = pair.split(":")
         if len(names) != 2 or not all(n.split(" (")[0] in cfg.models + ["oracle", "local oracle"] for n in names):
@@ -128,7 +139,7 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
     save_config(cfg, sweep_dir / "experiment.yaml")
     models = trained_models(summary, sweep_dir, cfg)
     out = sweep_dir / "evaluation"
-    code = main(evaluate_argv(cfg, models, out, summary["parent_run_id"]))
+    code = main(evaluate_argv(cfg, models, out, summary["parent_run_id"], overwrite=resume))
     if code != 0:
         raise UserError(f"{origin}: evaluate: magnet evaluate failed (exit status {code}, its error above); the "
                         f"trained models are kept: rerun with --resume")

@@ -12,7 +12,7 @@ from typing import Any
 from magnet.config import load_config
 from magnet.errors import UserError
 from magnet.experiment import ExperimentConfig
-from magnet.format.manifest import manifest_path
+from magnet.format.manifest import Manifest, manifest_path
 from magnet.sweep.config import DISTRIBUTIONS, SweepConfig
 
 
@@ -117,6 +117,7 @@ def check_resolutions(cfg: SweepConfig, base: ExperimentConfig, origin: str) -> 
         path = manifest_path(root, bin_um)
         if not path.is_file():
             raise UserError(f"{origin}: shards.{bin_um}: no shard set at {path.parent} (manifest.json missing)")
+        Manifest.load(path)  # readable, with its fields: not a failure in every trial
 
 
 def check_no_fold(cfg: SweepConfig, base: ExperimentConfig, origin: str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import pyarrow.parquet as pq
 
 from magnet.config import save_config
 from magnet.errors import UserError
-from magnet.io import atomic_path
+from magnet.io import atomic_path, check_writable
 from magnet.synth import expression, feature_slice, spaceranger, tissue, wsi
 from magnet.synth.config import SynthConfig
 from magnet.synth.grid import BIN_SIZES_UM, BinGrid, random_grid
@@ -180,11 +179,7 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
             if not ((out_dir / "samplesheet.csv").is_file() and (out_dir / "config.yaml").is_file()):
                 raise UserError(f"{out_dir}: --out: --overwrite replaces only a folder written by magnet synth "
                                 "(samplesheet.csv and config.yaml missing); refusing to delete it")
-    parent = out_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{out_dir}: --out: cannot create it ({parent} is not a writable directory)")
+    check_writable(out_dir, "--out")
 
 
 def generate_cohort(cfg: SynthConfig, out_dir: str | Path, overwrite: bool = False,

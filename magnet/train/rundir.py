@@ -19,7 +19,7 @@ from pathlib import Path
 from magnet.errors import UserError
 
 LOCK_NAME = ".lock"
-_held: dict[Path, bool] = {}  # run folders this process holds -> created by it; released by release/release_all
+_held: dict[Path, Path | None] = {}  # run folders this process holds -> the top folder it created for it, or None
 # keys a resumed run may change: how long it runs, how it logs and where it reports, not what it learns
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last",
              "train.progress", "train.out_dir", "train.run_name", "data.shards", "data.workers", "data.prefetch",
@@ -80,7 +80,11 @@ def refuse_if_owned(run_dir: Path) -> None:
 def acquire(run_dir: Path) -> Path:
     """Take the run folder for this process (creating it); released by :func:`release` or :func:`release_all`."""
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
+    created = None
+    for folder in (run_dir, *run_dir.parents):  # the top folder created here (train.out_dir too, if new)
+        if folder.exists():
+            break
+        created = folder
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
@@ -106,7 +110,7 @@ def release(run_dir: Path) -> None:
     """Remove the lock if this process holds it. A folder this process created that holds no checkpoint (the run
     failed before its first one) goes too: a config.yaml beside an empty checkpoints/ only misleads."""
     run_dir = Path(run_dir)
-    created = _held.pop(run_dir, False)
+    created = _held.pop(run_dir, None)
     path = run_dir / LOCK_NAME
     try:
         if json.loads(path.read_text()).get("pid") != os.getpid():
@@ -114,8 +118,12 @@ def release(run_dir: Path) -> None:
     except (OSError, ValueError):
         return  # already gone or not ours to judge
     path.unlink()
-    if created and not (run_dir / "checkpoints" / "latest").exists():
+    if created is not None and not (run_dir / "checkpoints" / "latest").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
+        for folder in run_dir.parents:  # the folders created for it, while nothing else is in them
+            if folder == created.parent or any(folder.iterdir()):
+                break
+            folder.rmdir()
 
 
 @atexit.register
