@@ -16,7 +16,8 @@ written, for each bin size in turn (interleaved, so both sides see the same mach
 Printed: bins/s and ratios against naive (wall and CPU seconds: this process's children), and
 the breakdown of the one-slide run (``magnet shard``'s ``shard: seconds:`` line; interpreter start
 and imports are the rest of its wall time). Finally every bin size in one call on the slide, as
-``magnet shard --bin-um 8 16`` is run, against the naive writer run once per bin size.
+``magnet shard --bin-um 8 16`` is run, against the naive writer run once per bin size. The last
+line holds the figures as JSON.
 """
 
 from __future__ import annotations
@@ -136,6 +137,17 @@ def row(label: str, r: dict, ref: dict) -> str:
             f"(x{rate(r, 'cpu') / rate(ref, 'cpu'):5.1f})")
 
 
+def figures(ref: dict, ours: dict[str, dict]) -> dict:
+    """bins/s (wall and CPU) of the naive writer and of ours, and ours / naive, for the JSON line."""
+    out = {"bins": ref["bins"], "naive": {"wall": ref["wall"], "cpu": ref["cpu"]}}
+    for name, r in ours.items():
+        out[name] = {"wall": r["wall"], "cpu": r["cpu"], "bins": r["bins"],
+                     "ratio_wall": rate(r, "wall") / rate(ref, "wall"), "ratio_cpu": rate(r, "cpu") / rate(ref, "cpu")}
+        if "seconds" in r:
+            out[name]["seconds"] = r["seconds"]
+    return out
+
+
 def breakdown(one: dict) -> str:
     s = dict(one["seconds"])
     phases = s.pop("slide_phases")
@@ -163,7 +175,7 @@ def main() -> None:
     one, cohort = synth(work / "slides", args.size_um, args.mpp, args.slides)
     print(f"slide {args.size_um:.0f} um at {args.mpp} um/px, magnet shard default config, one core; "
           f"cohort: {args.slides} copies of the slide")
-    refs = {}
+    refs, results = {}, {"size_um": args.size_um, "mpp": args.mpp, "slides": args.slides}
     for b in args.bin_um:
         ref = refs[b] = run_naive(one, b, work / f"naive{b}")
         single = magnet_shard(one, [b], work / f"one{b}")
@@ -176,14 +188,22 @@ def main() -> None:
         print(row("magnet shard, one slide, end to end", single, ref))
         print(row("magnet shard, a slide in a cohort", steady, ref))
         print("  one-slide breakdown (s):\n" + breakdown(single))
+        results[f"{b}um"] = figures(ref, {"one_slide": single, "cohort_slide": steady})
     if len(args.bin_um) > 1:  # one call writes every bin size: tile images and features are shared
         both = magnet_shard(one, args.bin_um, work / "both")
+        many = magnet_shard(cohort, args.bin_um, work / "cohort_both")
+        steady = {k: (many[k] - both[k]) / (args.slides - 1) for k in ("wall", "cpu")}
+        steady["bins"] = both["bins"]
         naive_all = {k: sum(r[k] for r in refs.values()) for k in ("wall", "cpu", "bins")}
         print(f"{' + '.join(map(str, args.bin_um))} um in one call ({both['bins']} bins) against the naive writer "
               f"run once per bin size:")
         print(row("naive writer (after imports)", naive_all, naive_all))
         print(row("magnet shard, one slide, end to end", both, naive_all))
-        print("  breakdown (s):\n" + breakdown(both))
+        print(row("magnet shard, a slide in a cohort", steady, naive_all))
+        print("  one-slide breakdown (s):\n" + breakdown(both))
+        results["+".join(map(str, args.bin_um)) + "um"] = figures(naive_all, {"one_slide": both,
+                                                                               "cohort_slide": steady})
+    print(json.dumps(results))
 
 if __name__ == "__main__":
     main()

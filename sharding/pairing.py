@@ -72,5 +72,6 @@ def check_pairing(image: SlideImage, spatial: Path) -> None:
     mine = _darkness(thumbnail(image, 1.0, max(1.0, 1.0 / (scale * k))), size)  # read near the comparison scale
     r = float(np.corrcoef(mine.ravel(), _darkness(ref, size).ravel())[0, 1])
     if not r >= MIN_CORRELATION:  # NaN (a blank image) is refused too
-        raise UserError(f"{image.path}: image: does not look like {ref_path} (correlation {r:.2f} at {size[0]} x {size[1]} "
-                        f"px, below {MIN_CORRELATION}); is it the image these Space Ranger outputs were made from?")
+        raise UserError(f"{image.path}: image: does not look like {ref_path} (correlation {r:.2f} at {size[0]} x "
+                        f"{size[1]} px, below {MIN_CORRELATION}); is it the image these Space Ranger outputs were made "
+                        "from?")
