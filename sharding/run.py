@@ -229,27 +229,26 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
                  address: str | None = None) -> dict[int, dict]:
     """Shard a cohort; return ``{bin_um: manifest}``."""
     clock = Clock()
-    with clock("checks"):
-        entries = read_samplesheet(samplesheet)
-        bin_ums = sorted(set(bin_ums))
-        splits, folds = assign_splits(entries, cfg.split, cfg.seed, str(samplesheet))
-        stats_bin = cfg.genes.selection_bin_um if cfg.genes.selection != "file" else None
-        read_bins_at = sorted(set(bin_ums) | ({stats_bin} if stats_bin else set()))
-        gene_ids, gene_names = check_inputs(entries, read_bins_at)
-        if cfg.genes.selection == "file":
-            genes_from_file(Path(cfg.genes.gene_file), gene_ids, gene_names)
-        if cfg.encoder.weights and not Path(cfg.encoder.weights).is_file() and ":" not in cfg.encoder.weights:
-            raise UserError(f"config: encoder.weights: file not found: {cfg.encoder.weights}")
+    entries = read_samplesheet(samplesheet)
+    bin_ums = sorted(set(bin_ums))
+    splits, folds = assign_splits(entries, cfg.split, cfg.seed, str(samplesheet))
+    stats_bin = cfg.genes.selection_bin_um if cfg.genes.selection != "file" else None
+    read_bins_at = sorted(set(bin_ums) | ({stats_bin} if stats_bin else set()))
+    gene_ids, gene_names = check_inputs(entries, read_bins_at)
+    if cfg.genes.selection == "file":
+        genes_from_file(Path(cfg.genes.gene_file), gene_ids, gene_names)
+    if cfg.encoder.weights and not Path(cfg.encoder.weights).is_file() and ":" not in cfg.encoder.weights:
+        raise UserError(f"config: encoder.weights: file not found: {cfg.encoder.weights}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "shard_config.yaml")
     by_slide = {e.slide: e for e in entries}
     slide_phases: dict[str, float] = {}
-    t0 = time.perf_counter()
+    clock.lap("checks")
     with workers(cfg, address, len(entries)) as pool:
-        clock.seconds["workers_start"] = time.perf_counter() - t0
-        with clock("inspect"):
-            found = pool.map("inspect", {e.slide: (e, read_bins_at, len(gene_ids), stats_bin) for e in entries})
+        clock.lap("workers_start")
+        found = pool.map("inspect", {e.slide: (e, read_bins_at, len(gene_ids), stats_bin) for e in entries})
+        clock.lap("inspect")
         stats = GeneStats(len(gene_ids), cfg.genes)
         for slide in sorted(found):
             if splits[slide] == "train" and found[slide]["stats"] is not None:
@@ -268,24 +267,23 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
             for slide in missing:
                 todo.setdefault(slide, []).append(b)
         work = {b: str(bin_dirs[b] / WORK) for b in bin_ums}
-        with clock("slides"):
-            done = pool.map("shard", {s: (by_slide[s], splits[s], bs, work, genes) for s, bs in sorted(todo.items())},
-                            _overall_bar(cfg.ray.progress, len(todo)))
+        done = pool.map("shard", {s: (by_slide[s], splits[s], bs, work, genes) for s, bs in sorted(todo.items())},
+                        _overall_bar(cfg.ray.progress, len(todo)))
+        clock.lap("slides")
         for records in done.values():
             for phase, seconds in next(iter(records.values()))["phases"].items():
                 slide_phases[phase] = slide_phases.get(phase, 0.0) + seconds
-        t0 = time.perf_counter()
-    clock.seconds["workers_stop"] = time.perf_counter() - t0
+    clock.lap("workers_stop")
     manifests = {}
-    with clock("finalise"):
-        for b in bin_ums:
-            manifest_path = bin_dirs[b] / "manifest.json"
-            if not (bin_dirs[b] / WORK).is_dir():
-                manifests[b] = Manifest.load(manifest_path)
-                continue
-            records = [json.loads((bin_dirs[b] / WORK / e.slide / DONE).read_text()) for e in entries]
-            manifests[b] = _finalise(bin_dirs[b], records, _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds,
-                                                                     records, by_slide, plans[b], stats.n_bins))
+    for b in bin_ums:
+        manifest_path = bin_dirs[b] / "manifest.json"
+        if not (bin_dirs[b] / WORK).is_dir():
+            manifests[b] = Manifest.load(manifest_path)
+            continue
+        records = [json.loads((bin_dirs[b] / WORK / e.slide / DONE).read_text()) for e in entries]
+        manifests[b] = _finalise(bin_dirs[b], records, _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds,
+                                                                 records, by_slide, plans[b], stats.n_bins))
+    clock.lap("finalise")
     print("shard: seconds: " + json.dumps({**clock.rounded(), "slide_phases": {k: round(v, 3) for k, v in
                                                                                slide_phases.items()}}), file=sys.stderr)
     return manifests

@@ -205,10 +205,12 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
 
 
 class Clock:
-    """Seconds spent per phase: ``with clock("features"): ...`` adds up."""
+    """Seconds per phase: ``with clock("features"): ...`` adds up (phases that interleave);
+    ``clock.lap("checks")`` adds the time since the previous lap or the clock's start (phases in a row)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
@@ -217,6 +219,11 @@ class Clock:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
