@@ -148,9 +148,9 @@ class SlideWorker:
 
 
 def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: dict[int, str], genes: np.ndarray,
-                cfg: ShardConfig, extractor, bar) -> dict[int, dict]:
+                cfg: ShardConfig, extractor, make_bar) -> dict[int, dict]:
     """Write the slide's samples for each of ``bin_ums`` into ``work_dirs[bin]/{slide}`` with ``extractor``
-    (a :class:`~sharding.features.FeatureExtractor`); return their records. ``bar(total)``: a progress bar."""
+    (a :class:`~sharding.features.FeatureExtractor`); return their records. ``make_bar(total)``: a progress bar."""
     from .features import centre_on_slide
 
     started = time.perf_counter()
@@ -165,7 +165,7 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
         where = {yx: i for i, yx in enumerate(union)}
         spot_feat = np.zeros((len(union), geom.n_spots, extractor.dim), np.float16)
         global_feat = np.zeros((len(union), extractor.dim), np.float16)
-        bar = bar(len(union) + sum(len(lv.tiles.grid) for lv in levels.values()))
+        bar = make_bar(len(union) + sum(len(lv.tiles.grid) for lv in levels.values()))
         with EncodedTiles(image, geom, mpp_full, cfg.shard.image_format, cfg.shard.jpeg_quality,
                           Path(work_dirs[bin_ums[0]]).parent) as tile_images:
             for i in range(0, len(union), TILES_PER_BATCH):
