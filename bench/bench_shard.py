@@ -1,14 +1,23 @@
-"""Sharding throughput, bytes and memory against the naive layout, on synthetic slides.
+"""Sharding throughput against the naive layout, at 8 and 16 um, measured in one run.
 
-    .venv/bin/python bench/bench_shard.py [--size-um 1000] [--bin-um 8] [--workdir DIR]
+    .venv/bin/python bench/bench_shard.py [--size-um 2500] [--mpp 0.2738] [--slides 4] [--bin-um 8 16] [--workdir DIR]
 
-One synthetic slide (``magnet synth``, 0.5 um/px) is sharded with the default config (8 um
-bins, 512/224/112 px, regnetx_002 frozen features, JPEG q90) by the slide task of ``magnet shard``
-in a fresh process, one thread; the same slide is then written the naive way (one PNG per bin
-patch, per 224 px spot tile and per 512 px tile, whole image in memory, as the reference
-preprocessing does). Then the slide task runs on a slide with a 4x larger image (2x the side).
-Printed: bins/s, tiles/s, bytes per bin, peak RSS of each, and ratios measured in this run; and
-the end-to-end ``magnet shard`` wall time (local Ray) for the first slide.
+One synthetic slide (``magnet synth``, ``--size-um`` square at ``--mpp`` um/px full resolution) is
+written, for each bin size in turn (interleaved, so both sides see the same machine load):
+
+- naive: the reference-style writer, one PNG per bin patch (112 px) and per spot (224 px) and
+  global (512 px) tile at the slide's own pixel size, the whole image in memory, labels pickled,
+  no features; timed from after its imports;
+- ``magnet shard`` on that one slide, end to end as a user runs it (interpreter start, imports,
+  checks, encoder build, the slide, manifest), default config, one core (``ray.num_cpus=1``);
+- ``magnet shard`` on a cohort of ``--slides`` copies of the slide in one call: the fixed costs are
+  paid once, so (cohort - one slide) / (slides - 1) is the steady-state cost of a slide.
+
+Printed: bins/s and ratios against naive (wall and CPU seconds: this process's children), and
+the breakdown of the one-slide run (``magnet shard``'s ``shard: seconds:`` line; interpreter start
+and imports are the rest of its wall time). Finally every bin size in one call on the slide, as
+``magnet shard --bin-um 8 16`` is run, against the naive writer run once per bin size. The last
+line holds the figures as JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import resource
 import subprocess
 import sys
@@ -29,39 +39,45 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
 
 
-def synth(out: Path, size_um: float) -> Path:
-    subprocess.run([sys.executable, "-m", "magnet", "synth", "--out", str(out), "--slides", "1",
-                    "--size-um", str(size_um), "--mpp", "0.5", "--seed", "3"], check=True, env=ENV,
-                   stdout=subprocess.DEVNULL)
-    return out / "samplesheet.csv"
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
-def task(sheet: Path, bin_um: int, out: Path) -> dict:
-    """In this (fresh) process: the slide task of magnet shard, timed, with its peak RSS."""
-    from magnet.config import load_config
-    from sharding.config import ShardConfig
-    from sharding.genes import select_genes
-    from sharding.reader import BinFiles, read_genes
-    from sharding.samplesheet import read_samplesheet
-    from sharding.slide import inspect_slide, shard_slide
+def timed(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall s, CPU s, stderr) of a command run to completion in a fresh process."""
+    c0, t0 = children_cpu(), time.perf_counter()
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, cwd=REPO)
+    wall, cpu = time.perf_counter() - t0, children_cpu() - c0
+    if res.returncode != 0:
+        sys.exit(f"bench_shard: {' '.join(cmd[:4])} failed:\n{res.stderr[-3000:]}")
+    return wall, cpu, res.stderr + res.stdout
 
-    cfg = load_config(ShardConfig, REPO / "configs/shard/default.yaml", ["ray.progress=false"])
-    entry = read_samplesheet(sheet)[0]
-    ids, names = read_genes(BinFiles.of(entry.spaceranger, 16).matrix)
-    found = inspect_slide(entry, sorted({bin_um, 16}), len(ids), cfg, 16)
-    genes = select_genes(ids, names, found["stats"], cfg.genes)
-    (out / ".work").mkdir(parents=True)
-    import timm  # noqa: F401  a Ray worker imports torch and timm once, not per slide: not timed
 
-    t0 = time.perf_counter()
-    rec = shard_slide(entry, "train", [bin_um], {bin_um: str(out / ".work")}, genes, cfg, False)[bin_um]
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tiles": rec["tiles"], "bins": rec["bins"],
-            "bytes": sum(p["bytes"] for p in rec["parts"]), "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+def synth(out: Path, size_um: float, mpp: float, copies: int) -> tuple[Path, Path]:
+    """One synthetic slide; samplesheets of it alone and of ``copies`` names for it (a cohort)."""
+    subprocess.run([sys.executable, "-m", "magnet", "synth", "--out", str(out), "--slides", "1", "--size-um",
+                    str(size_um), "--mpp", str(mpp), "--seed", "3"], check=True, env=ENV, stdout=subprocess.DEVNULL)
+    one = out / "samplesheet.csv"
+    header, row = one.read_text().splitlines()[:2]
+    slide, rest = row.split(",", 1)
+    cohort = out / "cohort.csv"
+    cohort.write_text("\n".join([header] + [f"{slide}_{i}," + rest for i in range(copies)]) + "\n")
+    return one, cohort
+
+
+def magnet_shard(sheet: Path, bins: list[int], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "magnet", "shard", "--samplesheet", str(sheet), "--bin-um", *map(str, bins),
+           "--out", str(out), "ray.num_cpus=1", "ray.progress=false"]
+    wall, cpu, log = timed(cmd)
+    seconds = json.loads(log.split("shard: seconds: ", 1)[1].splitlines()[0])
+    summaries = [json.loads(line) for line in log.splitlines() if line.startswith('{"bin_um"')]
+    return {"wall": wall, "cpu": cpu, "seconds": seconds, "bins": sum(s["bins"] for s in summaries),
+            "tiles": sum(s["tiles"] for s in summaries), "bytes": sum(s["bytes"] for s in summaries)}
 
 
 def naive(sheet: Path, bin_um: int, out: Path) -> dict:
-    """One PNG per bin patch, per spot tile, per global tile; the whole image loaded, as in the reference."""
+    """In this (fresh) process: one PNG per bin patch, spot tile and global tile at the slide's pixel size."""
     import tifffile
     from PIL import Image
 
@@ -70,17 +86,15 @@ def naive(sheet: Path, bin_um: int, out: Path) -> dict:
     from sharding.samplesheet import read_samplesheet
     from sharding.tiles import make_tiles
 
-    geom = Geometry()
     entry = read_samplesheet(sheet)[0]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    files = BinFiles.of(entry.spaceranger, bin_um)
+    geom = Geometry(mpp=read_mpp(files.scalefactors, bin_um))  # 112 / 224 / 512 px at the slide's own pixels
     image = tifffile.imread(entry.image, level=0)
     pad = geom.global_px
     image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
-    files = BinFiles.of(entry.spaceranger, bin_um)
-    scale = read_mpp(files.scalefactors, bin_um) / geom.mpp
-    assert abs(scale - 1) < 1e-9, "the naive path reads the image at the model pixel size"
-    bins = read_bins(files, (image.shape[1] - 2 * pad, image.shape[0] - 2 * pad), np.arange(1))
-    tiles = make_tiles(bins.xy * scale, bins.rc, geom, 1, 0)
+    bins = read_bins(files, (image.shape[1] - 2 * pad, image.shape[0] - 2 * pad), np.arange(250))
+    tiles = make_tiles(bins.xy, bins.rc, geom, 1, 0)
     n_bytes = n_files = 0
 
     def save(arr, name):
@@ -91,7 +105,7 @@ def naive(sheet: Path, bin_um: int, out: Path) -> dict:
         n_files += 1
 
     h = geom.bin_px // 2
-    for i, (x, y) in enumerate(np.rint(bins.xy * scale).astype(int) + pad):
+    for i, (x, y) in enumerate(np.rint(bins.xy).astype(int) + pad):
         save(image[y - h:y + h, x - h:x + h], f"bin_{i}.png")
     for gx, gy in tiles.grid:
         x0, y0 = gx * geom.global_px + pad, gy * geom.global_px + pad
@@ -99,55 +113,97 @@ def naive(sheet: Path, bin_um: int, out: Path) -> dict:
         for j, (cx, cy) in enumerate(geom.spot_centres() - geom.margin):
             sx, sy = int(x0 + cx - geom.spot_px / 2), int(y0 + cy - geom.spot_px / 2)
             save(image[sy:sy + geom.spot_px, sx:sx + geom.spot_px], f"spot_{gx}_{gy}_{j}.png")
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tiles": len(tiles.grid), "bins": len(bins.libsize), "bytes": n_bytes,
-            "files": n_files, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    with open(out / "labels.pkl", "wb") as fh:
+        pickle.dump({"xy": bins.xy, "counts": bins.counts.toarray()}, fh)
+    n_bytes += (out / "labels.pkl").stat().st_size
+    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "bins": len(bins.libsize),
+            "tiles": len(tiles.grid), "bytes": n_bytes, "files": n_files + 1}
 
 
-def in_fresh_process(kind: str, sheet: Path, bin_um: int, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--_run", kind, str(sheet), str(bin_um), str(out)]
-    res = subprocess.run(cmd, check=True, env=ENV, capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def run_naive(sheet: Path, bin_um: int, out: Path) -> dict:
+    out.mkdir(parents=True)
+    _, _, log = timed([sys.executable, __file__, "--_naive", str(sheet), str(bin_um), str(out)])
+    subprocess.run(["rm", "-rf", str(out)], check=True)  # tens of thousands of PNGs
+    return json.loads(log.strip().splitlines()[-1])
 
 
-def rates(r: dict) -> str:
-    return (f"{r['bins'] / r['seconds']:8.1f} bins/s {r['tiles'] / r['seconds']:6.2f} tiles/s "
-            f"{r['bytes'] / r['bins']:9.0f} B/bin  peak RSS {r['rss_mb']:6.0f} MB  "
-            f"({r['bins']} bins, {r['tiles']} tiles, {r['seconds']:.1f} s)")
+def rate(r: dict, key: str) -> float:
+    return r["bins"] / r[key]
+
+
+def row(label: str, r: dict, ref: dict) -> str:
+    return (f"  {label:34s} {r['wall']:7.1f} s {r['cpu']:7.1f} CPU s  {rate(r, 'wall'):8.0f} bins/s "
+            f"(x{rate(r, 'wall') / rate(ref, 'wall'):5.1f})  {rate(r, 'cpu'):8.0f} bins/CPU s "
+            f"(x{rate(r, 'cpu') / rate(ref, 'cpu'):5.1f})")
+
+
+def figures(ref: dict, ours: dict[str, dict]) -> dict:
+    """bins/s (wall and CPU) of the naive writer and of ours, and ours / naive, for the JSON line."""
+    out = {"bins": ref["bins"], "naive": {"wall": ref["wall"], "cpu": ref["cpu"]}}
+    for name, r in ours.items():
+        out[name] = {"wall": r["wall"], "cpu": r["cpu"], "bins": r["bins"],
+                     "ratio_wall": rate(r, "wall") / rate(ref, "wall"), "ratio_cpu": rate(r, "cpu") / rate(ref, "cpu")}
+        if "seconds" in r:
+            out[name]["seconds"] = r["seconds"]
+    return out
+
+
+def breakdown(one: dict) -> str:
+    s = dict(one["seconds"])
+    phases = s.pop("slide_phases")
+    inside = sum(s.values())
+    parts = [f"interpreter+imports {one['wall'] - inside:.1f}"] + [f"{k} {v:.1f}" for k, v in s.items()]
+    return ("    run:   " + ", ".join(parts) + "\n    slide: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size-um", type=float, default=1000.0)
-    p.add_argument("--bin-um", type=int, default=8)
+    p.add_argument("--size-um", type=float, default=2500.0)
+    p.add_argument("--mpp", type=float, default=0.2738)
+    p.add_argument("--slides", type=int, default=4, help="copies of the slide in the cohort run (>= 2)")
+    p.add_argument("--bin-um", type=int, nargs="+", default=[8, 16])
     p.add_argument("--workdir", default=None)
-    p.add_argument("--_run", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--_naive", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._run:
-        kind, sheet, bin_um, out = args._run
-        print(json.dumps((task if kind == "task" else naive)(Path(sheet), int(bin_um), Path(out))))
+    if args._naive:
+        sheet, bin_um, out = args._naive
+        print(json.dumps(naive(Path(sheet), int(bin_um), Path(out))))
         return
+    if args.slides < 2:
+        p.error("--slides must be >= 2 (the steady state is the cohort minus one slide)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_shard_"))
-    small, large = synth(work / "slide1x", args.size_um), synth(work / "slide4x", 2 * args.size_um)
-    ours = in_fresh_process("task", small, args.bin_um, work / "ours1x")
-    (work / "naive").mkdir()
-    ref = in_fresh_process("naive", small, args.bin_um, work / "naive")
-    big = in_fresh_process("task", large, args.bin_um, work / "ours4x")
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "magnet", "shard", "--samplesheet", str(small), "--bin-um", str(args.bin_um),
-                    "--out", str(work / "cli"), "ray.num_cpus=1", "ray.progress=false"], check=True, env=ENV,
-                   capture_output=True)
-    cli_s = time.perf_counter() - t0
-    print(f"slide {args.size_um:.0f} um at 0.5 um/px, {args.bin_um} um bins, default config, 1 thread")
-    print(f"shards (magnet shard slide task): {rates(ours)}")
-    print(f"naive (PNG per bin/spot/tile)   : {rates(ref)}  [{ref['files']} files]")
-    print(f"ratio shards / naive            : bins/s x{(ours['bins'] / ours['seconds']) / (ref['bins'] / ref['seconds']):.2f}, "
-          f"bytes x{ours['bytes'] / ref['bytes']:.3f}")
-    print(f"4x larger image (slide task)    : {rates(big)}")
-    print(f"peak RSS 4x / 1x                : x{big['rss_mb'] / ours['rss_mb']:.2f}")
-    print(f"end to end magnet shard (local Ray, 1 CPU, incl. start): {cli_s:.1f} s "
-          f"({ours['bins'] / cli_s:.1f} bins/s)")
-
+    one, cohort = synth(work / "slides", args.size_um, args.mpp, args.slides)
+    print(f"slide {args.size_um:.0f} um at {args.mpp} um/px, magnet shard default config, one core; "
+          f"cohort: {args.slides} copies of the slide")
+    refs, results = {}, {"size_um": args.size_um, "mpp": args.mpp, "slides": args.slides}
+    for b in args.bin_um:
+        ref = refs[b] = run_naive(one, b, work / f"naive{b}")
+        single = magnet_shard(one, [b], work / f"one{b}")
+        many = magnet_shard(cohort, [b], work / f"cohort{b}")
+        steady = {k: (many[k] - single[k]) / (args.slides - 1) for k in ("wall", "cpu")}
+        steady["bins"] = single["bins"]
+        print(f"{b} um: {single['bins']} bins, {single['tiles']} tiles ({single['bytes'] / single['bins']:.0f} B/bin); "
+              f"naive: {ref['bins']} bins, {ref['files']} files ({ref['bytes'] / ref['bins']:.0f} B/bin)")
+        print(row("naive writer (after imports)", ref, ref))
+        print(row("magnet shard, one slide, end to end", single, ref))
+        print(row("magnet shard, a slide in a cohort", steady, ref))
+        print("  one-slide breakdown (s):\n" + breakdown(single))
+        results[f"{b}um"] = figures(ref, {"one_slide": single, "cohort_slide": steady})
+    if len(args.bin_um) > 1:  # one call writes every bin size: tile images and features are shared
+        both = magnet_shard(one, args.bin_um, work / "both")
+        many = magnet_shard(cohort, args.bin_um, work / "cohort_both")
+        steady = {k: (many[k] - both[k]) / (args.slides - 1) for k in ("wall", "cpu")}
+        steady["bins"] = both["bins"]
+        naive_all = {k: sum(r[k] for r in refs.values()) for k in ("wall", "cpu", "bins")}
+        print(f"{' + '.join(map(str, args.bin_um))} um in one call ({both['bins']} bins) against the naive writer "
+              f"run once per bin size:")
+        print(row("naive writer (after imports)", naive_all, naive_all))
+        print(row("magnet shard, one slide, end to end", both, naive_all))
+        print(row("magnet shard, a slide in a cohort", steady, naive_all))
+        print("  one-slide breakdown (s):\n" + breakdown(both))
+        results["+".join(map(str, args.bin_um)) + "um"] = figures(naive_all, {"one_slide": both,
+                                                                               "cohort_slide": steady})
+    print(json.dumps(results))
 
 if __name__ == "__main__":
     main()

@@ -89,10 +89,12 @@ class SplitConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class RayConfig:
-    """Local Ray (without --address): cores and a small object store; ignored on a cluster."""
+    """Workers: one per ``cpus_per_task`` local cores (a single worker, for one slide or one core, runs in the
+    command's own process without Ray) and Ray's object store; ``num_cpus`` and the store are ignored on a
+    cluster."""
 
     num_cpus: int = 0  # 0 = all cores of this machine
-    cpus_per_task: int = 1  # also the torch threads of each slide task
+    cpus_per_task: int = 1  # cores of each worker, also its torch threads
     object_store_mb: int = 256
     progress: bool = True
 

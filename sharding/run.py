@@ -1,13 +1,19 @@
-"""Orchestration: check inputs up front, then inspect and shard slides as Ray tasks, then finalise.
+"""Orchestration: check inputs up front, then inspect and shard slides on workers, then finalise.
 
-1. In the driver (before Ray starts): samplesheet, files, scalefactors, parquet columns, image
-   mode and size, gene sets of every matrix, gene file, splits. Bad input fails here in seconds.
-2. Ray task per slide: read every bin size in full (content checks) and sum gene statistics;
+1. In the driver (before any worker starts): samplesheet, files, scalefactors, parquet columns,
+   image mode and size, gene sets of every matrix, gene file, splits. Bad input fails here in seconds.
+2. Per slide, on a worker: read every bin size in full (content checks) and sum gene statistics;
    the training slides' statistics choose the cohort's genes.
-3. Ray task per slide: tile images, frozen features and samples for every bin size still to do,
-   into ``{bin}um/.work/{slide}/`` (renamed into place when complete; re-runs skip those).
+3. Per slide, on a worker: tile images, frozen features and samples for every bin size still to
+   do, into ``{bin}um/.work/{slide}/`` (renamed into place when complete; re-runs skip those).
 4. Driver: parts renamed to ``{bin}um/{split}-NNNNNN.tar`` (numbered per split in slide order),
    then ``manifest.json`` written atomically, then the work folder removed.
+
+Workers are :class:`~sharding.slide.SlideWorker`: each builds the frozen encoder once and serves
+slide after slide. With one worker (one slide, or one local core) it runs in the driver's process
+and Ray is not started; otherwise one Ray actor per worker (``--address``, or a Ray session already
+started, always uses Ray). The last stderr line gives the run's seconds: driver phases, and the
+slides' phases summed over slides.
 
 Nothing under a final name is half-written; a re-run with the same inputs and config finishes
 what is missing and leaves finished bin sizes alone.
@@ -37,7 +43,7 @@ from .image import SlideImage
 from .pairing import check_pairing
 from .reader import BinFiles, check_positions_columns, read_genes, read_mpp
 from .samplesheet import SPLITS, SlideEntry, read_samplesheet
-from .slide import DONE, inspect_slide, shard_slide
+from .slide import DONE, Clock, SlideWorker
 from .splits import assign_splits
 
 WORK = ".work"
@@ -90,25 +96,79 @@ def ray_session(address: str | None, num_cpus: int = 0, object_store_mb: int = 2
         ray.shutdown()
 
 
-def _gather(ray, refs: dict, bar=None) -> dict:
-    """Results of ``{name: ObjectRef}``; the first failure cancels the rest and is raised (UserError as is)."""
-    from ray.exceptions import RayTaskError
+class Workers:
+    """The run's :class:`SlideWorker` s: one in this process (``ray`` None), or one Ray actor per worker
+    slot, killed on :meth:`close`. :meth:`map` calls a worker method once per slide, handing slides out as
+    workers free up; the first failure is raised (a UserError as is) and :meth:`close` stops the rest."""
 
-    out, pending = {}, dict((ref, name) for name, ref in refs.items())
-    try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            name = pending.pop(done[0])
-            out[name] = ray.get(done[0])
-            if bar is not None:
-                bar(name, out[name])
-    except RayTaskError as e:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        if isinstance(e.cause, UserError):
-            raise UserError(str(e.cause)) from None
-        raise
-    return out
+    def __init__(self, cfg: ShardConfig, ray=None, n_slides: int = 1):
+        self.ray, self.local, self.actors = ray, None, []
+        if ray is None:
+            self.local = SlideWorker(cfg)
+            return
+        slots = int(ray.cluster_resources().get("CPU", 1) // cfg.ray.cpus_per_task)
+        actor = ray.remote(num_cpus=cfg.ray.cpus_per_task)(SlideWorker)
+        self.actors = [actor.remote(cfg, in_ray=True) for _ in range(max(1, min(n_slides, slots)))]
+
+    def map(self, method: str, calls: dict[str, tuple], bar=None) -> dict:
+        """``{name: worker.method(*args)}`` for ``calls`` ``{name: args}``; ``bar(name, result)`` after each."""
+        out = {}
+        if self.local is not None:
+            for name, args in calls.items():
+                out[name] = getattr(self.local, method)(*args)
+                if bar is not None:
+                    bar(name, out[name])
+            return out
+        from ray.exceptions import RayTaskError
+
+        queue, running = list(reversed(calls.items())), {}
+
+        def submit(actor) -> None:
+            name, args = queue.pop()
+            running[getattr(actor, method).remote(*args)] = (name, actor)
+
+        for actor in self.actors[:len(queue)]:
+            submit(actor)
+        try:
+            while running:
+                (ref,), _ = self.ray.wait(list(running), num_returns=1)
+                name, actor = running.pop(ref)
+                out[name] = self.ray.get(ref)
+                if bar is not None:
+                    bar(name, out[name])
+                if queue:
+                    submit(actor)
+        except RayTaskError as e:
+            if isinstance(e.cause, UserError):
+                raise UserError(str(e.cause)) from None
+            raise
+        return out
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+
+
+@contextlib.contextmanager
+def workers(cfg: ShardConfig, address: str | None, n_slides: int):
+    """:class:`Workers` for ``n_slides``: in this process when one local worker does (no Ray started)."""
+    local_slots = (cfg.ray.num_cpus or os.cpu_count() or 1) // cfg.ray.cpus_per_task
+    if address is None and not _ray_started() and min(n_slides, local_slots) <= 1:
+        yield Workers(cfg)
+        return
+    with ray_session(address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress) as ray:
+        pool = Workers(cfg, ray, n_slides)
+        try:
+            yield pool
+        finally:
+            pool.close()
+
+
+def _ray_started() -> bool:
+    """A Ray session of this process (the caller's own, reused); Ray is not imported to find out."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _plan(cfg: ShardConfig, bin_um: int, gene_ids: list[str], splits: dict, folds: dict) -> str:
@@ -167,6 +227,7 @@ def _finalise(bin_dir: Path, records: list[dict], manifest: dict) -> Manifest:
 def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, cfg: ShardConfig,
                  address: str | None = None) -> dict[int, dict]:
     """Shard a cohort; return ``{bin_um: manifest}``."""
+    clock = Clock()
     entries = read_samplesheet(samplesheet)
     bin_ums = sorted(set(bin_ums))
     splits, folds = assign_splits(entries, cfg.split, cfg.seed, str(samplesheet))
@@ -181,9 +242,12 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "shard_config.yaml")
     by_slide = {e.slide: e for e in entries}
-    with ray_session(address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress) as ray:
-        inspect = ray.remote(num_cpus=cfg.ray.cpus_per_task)(inspect_slide)
-        found = _gather(ray, {e.slide: inspect.remote(e, read_bins_at, len(gene_ids), cfg, stats_bin) for e in entries})
+    slide_phases: dict[str, float] = {}
+    clock.lap("checks")
+    with workers(cfg, address, len(entries)) as pool:
+        clock.lap("workers_start")
+        found = pool.map("inspect", {e.slide: (e, read_bins_at, len(gene_ids), stats_bin) for e in entries})
+        clock.lap("inspect")
         stats = GeneStats(len(gene_ids), cfg.genes)
         for slide in sorted(found):
             if splits[slide] == "train" and found[slide]["stats"] is not None:
@@ -201,10 +265,14 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
                   f"{len(missing)} to do", file=sys.stderr)
             for slide in missing:
                 todo.setdefault(slide, []).append(b)
-        task = ray.remote(num_cpus=cfg.ray.cpus_per_task)(shard_slide)
         work = {b: str(bin_dirs[b] / WORK) for b in bin_ums}
-        _gather(ray, {s: task.remote(by_slide[s], splits[s], bs, work, genes, cfg, cfg.ray.progress)
-                      for s, bs in sorted(todo.items())}, _overall_bar(cfg.ray.progress, len(todo)))
+        done = pool.map("shard", {s: (by_slide[s], splits[s], bs, work, genes) for s, bs in sorted(todo.items())},
+                        _overall_bar(cfg.ray.progress, len(todo)))
+        clock.lap("slides")
+        for records in done.values():
+            for phase, seconds in next(iter(records.values()))["phases"].items():
+                slide_phases[phase] = slide_phases.get(phase, 0.0) + seconds
+    clock.lap("workers_stop")
     manifests = {}
     for b in bin_ums:
         manifest_path = bin_dirs[b] / "manifest.json"
@@ -216,6 +284,9 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
         doc = _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds, records, by_slide, plans[b],
                         stats.n_bins, fingerprints)
         manifests[b] = _finalise(bin_dirs[b], records, doc)
+    clock.lap("finalise")
+    print("shard: seconds: " + json.dumps({**clock.rounded(), "slide_phases": {k: round(v, 3) for k, v in
+                                                                               slide_phases.items()}}), file=sys.stderr)
     return manifests
 
 

@@ -1,14 +1,16 @@
-"""The work of one slide (a Ray task each): inspect it, then write its samples at every bin size.
+"""The work of one slide: inspect it, then write its samples at every bin size; :class:`SlideWorker`
+does it slide after slide with one frozen encoder.
 
 A slide's samples at one bin size go to ``{bin}um/.work/{slide}/part-NNNNNN.tar`` plus
 ``done.json``; the folder is written under a temporary name and renamed when complete, so a
 folder under its final name is a finished slide (re-runs skip it). Tile images are read once per
 slide for all bin sizes (encoded bytes are spilled to an unlinked temporary file), features are
-computed once per tile.
+computed once per tile. Each record carries the seconds of the slide's phases (``phases``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import zlib
@@ -117,33 +119,69 @@ def make_sample(entry: SlideEntry, split: str, bin_um: int, lv: Level, t: int, f
     return Sample(meta=meta, arrays=arrays), n_tile
 
 
+class SlideWorker:
+    """One worker of ``magnet shard``: the frozen encoder is built once, on first use, then slide after
+    slide is inspected and sharded. Run in the driver's process when there is one worker, else as one
+    Ray actor per worker (``in_ray``: progress bars through Ray)."""
+
+    def __init__(self, cfg: ShardConfig, in_ray: bool = False):
+        self.cfg, self.in_ray = cfg, in_ray
+        self._extractor = None
+
+    def inspect(self, entry: SlideEntry, bin_ums: list[int], n_genes: int, stats_bin: int | None) -> dict:
+        return inspect_slide(entry, bin_ums, n_genes, self.cfg, stats_bin)
+
+    def shard(self, entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: dict[int, str],
+              genes: np.ndarray) -> dict[int, dict]:
+        """:func:`shard_slide` with this worker's encoder; the first slide's records also count its build."""
+        built = 0.0
+        if self._extractor is None:
+            from .features import FeatureExtractor
+
+            t0 = time.perf_counter()
+            self._extractor = FeatureExtractor(self.cfg.encoder, self.cfg.shard.geometry(), self.cfg.seed,
+                                               self.cfg.ray.cpus_per_task)
+            built = time.perf_counter() - t0
+        progress = self.cfg.ray.progress
+        records = shard_slide(entry, split, bin_ums, work_dirs, genes, self.cfg, self._extractor,
+                              lambda total: _bar(progress, self.in_ray, entry.slide, total))
+        for rec in records.values():
+            rec["phases"]["encoder_build"] = round(built, 3)
+        return records
+
+
 def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: dict[int, str], genes: np.ndarray,
-                cfg: ShardConfig, progress: bool) -> dict[int, dict]:
-    """Write the slide's samples for each of ``bin_ums`` into ``work_dirs[bin]/{slide}``; return their records."""
-    from .features import FeatureExtractor, centre_on_slide
+                cfg: ShardConfig, extractor, make_bar) -> dict[int, dict]:
+    """Write the slide's samples for each of ``bin_ums`` into ``work_dirs[bin]/{slide}`` with ``extractor``
+    (a :class:`~sharding.features.FeatureExtractor`); return their records. ``make_bar(total)``: a progress bar."""
+    from .features import centre_on_slide
 
     started = time.perf_counter()
+    clock = Clock()
     geom = cfg.shard.geometry()
     records = {}
     with SlideImage(entry.image) as image:
-        levels = {b: Level.read(entry, b, image, genes, cfg) for b in bin_ums}
+        with clock("bins"):
+            levels = {b: Level.read(entry, b, image, genes, cfg) for b in bin_ums}
         mpp_full = levels[bin_ums[0]].mpp_full
         union = sorted({(int(gy), int(gx)) for lv in levels.values() for gx, gy in lv.tiles.grid})
         where = {yx: i for i, yx in enumerate(union)}
-        extractor = FeatureExtractor(cfg.encoder, geom, cfg.seed, cfg.ray.cpus_per_task)
         spot_feat = np.zeros((len(union), geom.n_spots, extractor.dim), np.float16)
         global_feat = np.zeros((len(union), extractor.dim), np.float16)
-        bar = _bar(progress, entry.slide, len(union) + sum(len(lv.tiles.grid) for lv in levels.values()))
+        bar = make_bar(len(union) + sum(len(lv.tiles.grid) for lv in levels.values()))
         with EncodedTiles(image, geom, mpp_full, cfg.shard.image_format, cfg.shard.jpeg_quality,
                           Path(work_dirs[bin_ums[0]]).parent) as tile_images:
             for i in range(0, len(union), TILES_PER_BATCH):
                 block = union[i:i + TILES_PER_BATCH]
                 imgs = tile_images.read([(gx, gy) for gy, gx in block])
-                spot_feat[i:i + len(block)], global_feat[i:i + len(block)] = extractor(imgs)
+                with clock("features"):
+                    spot_feat[i:i + len(block)], global_feat[i:i + len(block)] = extractor(imgs)
                 bar.update(len(block))
+            clock.seconds.update(tile_images.seconds)
             for b, lv in levels.items():
                 uidx = np.array([where[(int(gy), int(gx))] for gx, gy in lv.tiles.grid], np.int64)
-                feats = centre_on_slide(spot_feat[uidx], global_feat[uidx], lv.spot_mask)
+                with clock("features"):
+                    feats = centre_on_slide(spot_feat[uidx], global_feat[uidx], lv.spot_mask)
                 n_bins = n_total = 0
                 with atomic_path(Path(work_dirs[b]) / entry.slide) as tmp:
                     tmp.mkdir()
@@ -152,8 +190,10 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
                     writer = PartWriter(tmp, cfg.shard.samples_per_shard, cfg.shard.bytes_per_shard, dims,
                                         cfg.shard.image_format)
                     for t in range(len(lv.tiles.grid)):
-                        sample, n_tile = make_sample(entry, split, b, lv, t, feats, cfg)
-                        writer.write(sample, tile_images.encoded(uidx[t]))
+                        with clock("samples"):
+                            sample, n_tile = make_sample(entry, split, b, lv, t, feats, cfg)
+                        with clock("write"):
+                            writer.write(sample, tile_images.encoded(uidx[t]))
                         n_bins, n_total = n_bins + sample.n_bins, n_total + n_tile
                         bar.update(1)
                     records[b] = {"slide": entry.slide, "split": split, "bin_um": b, "tiles": len(lv.tiles.grid),
@@ -162,7 +202,34 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
                                   "parts": writer.close(), "seconds": round(time.perf_counter() - started, 3)}
                     (tmp / DONE).write_text(json.dumps(records[b], indent=1, sort_keys=True))
         bar.close()
+    for rec in records.values():  # the slide's phases, all bin sizes together (not in done.json)
+        rec["phases"] = clock.rounded()
     return records
+
+
+class Clock:
+    """Seconds per phase: ``with clock("features"): ...`` adds up (phases that interleave);
+    ``clock.lap("checks")`` adds the time since the previous lap or the clock's start (phases in a row)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
 class _NoBar:
@@ -173,9 +240,12 @@ class _NoBar:
         pass
 
 
-def _bar(progress: bool, slide: str, total: int):
+def _bar(progress: bool, in_ray: bool, slide: str, total: int):
     if not progress:
         return _NoBar()
-    from ray.experimental.tqdm_ray import tqdm
+    if in_ray:
+        from ray.experimental.tqdm_ray import tqdm
+    else:
+        from tqdm import tqdm
 
     return tqdm(desc=f"slide {slide}", total=total, unit="tile")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ class EncodedTiles:
         self.image, self.geom, self.mpp_full, self.fmt, self.quality = image, geom, mpp_full, fmt, quality
         self.spill = tempfile.TemporaryFile(prefix="magnet-tiles-", dir=folder)
         self.spans: list[tuple[int, int]] = []
+        self.seconds = {"image": 0.0, "encode": 0.0}  # reading and resampling; encoding
 
     def __enter__(self) -> "EncodedTiles":
         return self
@@ -32,13 +34,17 @@ class EncodedTiles:
     def read(self, block) -> list[np.ndarray]:
         """Decoded images of the tiles ``(gx, gy)`` in ``block``, in order; their encoded bytes are kept."""
         g = self.geom
+        t0 = time.perf_counter()
         imgs = [self.image.region(*g.tile_origin_px(int(gx), int(gy)), g.image_px, g.mpp, self.mpp_full)
                 for gx, gy in block]
+        t1 = time.perf_counter()
         self.spill.seek(0, 2)
         for img in imgs:
             data = encode_image(img, self.fmt, self.quality)
             self.spans.append((self.spill.tell(), len(data)))
             self.spill.write(data)
+        self.seconds["image"] += t1 - t0
+        self.seconds["encode"] += time.perf_counter() - t1
         return imgs
 
     def encoded(self, i: int) -> bytes:

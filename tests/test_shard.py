@@ -173,6 +173,24 @@ def test_a_large_file_is_fingerprinted_from_sampled_blocks(tmp_path):
     assert file_fingerprint(a) != file_fingerprint(b)
 
 
+def test_one_worker_in_process_writes_the_shards_of_ray_workers(tiny_shards, tiny_cohort, tmp_path, capsys):
+    """``ray.num_cpus=1`` and no Ray session: one SlideWorker in this process (Ray is not started) shards the
+    cohort with one encoder; its output is that of the Ray actors (``tiny_shards``, 2 CPUs), byte for byte."""
+    import ray
+
+    assert not ray.is_initialized()
+    out = tmp_path / "in_process"
+    assert shard(tiny_cohort / "samplesheet.csv", out, "ray.num_cpus=1") == 0
+    assert not ray.is_initialized()
+    seconds = json.loads(capsys.readouterr().err.split("shard: seconds: ")[1].splitlines()[0])
+    assert seconds["workers_start"] < 1 and seconds["slide_phases"]["features"] > 0
+    for b in ("8um", "16um"):
+        names = sorted(p.name for p in (tiny_shards / b).iterdir())
+        assert names == sorted(p.name for p in (out / b).iterdir())
+        for name in names:
+            assert (tiny_shards / b / name).read_bytes() == (out / b / name).read_bytes(), f"{b}/{name} differs"
+
+
 def test_validate_and_corruption(tiny_shards, tmp_path, capsys):
     copy = tmp_path / "16um"
     shutil.copytree(tiny_shards / "16um", copy)

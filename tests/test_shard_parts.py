@@ -189,3 +189,23 @@ def test_bins_do_not_depend_on_row_order_or_batches(tiny_cohort, tmp_path, monke
     pq.write_table(pa.concat_tables([table, table.slice(len(table) // 2, 1)]), files.positions, row_group_size=50)
     with pytest.raises(UserError, match="tissue_positions.parquet: barcode: duplicate barcodes"):
         reader.read_bins(files, size, genes)
+
+
+def test_pairing_compares_the_smallest_space_ranger_image_large_enough(tmp_path):
+    """The lowres image when it has COMPARE_PX on its longest side, else the hires one; none: nothing to check."""
+    from sharding.pairing import COMPARE_PX, _reference
+
+    def spatial(lowres_px: int) -> Path:
+        d = tmp_path / str(lowres_px)
+        d.mkdir()
+        Image.fromarray(smooth_rgb(1024)).save(d / "tissue_hires_image.png")
+        Image.fromarray(smooth_rgb(1024)).resize((lowres_px, lowres_px)).save(d / "tissue_lowres_image.png")
+        (d / "scalefactors_json.json").write_text(json.dumps({"tissue_hires_scalef": 0.5,
+                                                              "tissue_lowres_scalef": 0.5 * lowres_px / 1024}))
+        return d
+
+    big, small = spatial(COMPARE_PX), spatial(COMPARE_PX - 1)
+    assert _reference(big) == (big / "tissue_lowres_image.png", 0.5 * COMPARE_PX / 1024)
+    assert _reference(small) == (small / "tissue_hires_image.png", 0.5)
+    (big / "scalefactors_json.json").unlink()
+    assert _reference(big) is None
