@@ -7,36 +7,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from magnet.cli import ArgumentParser
-
-    p = ArgumentParser(prog="launch/sweep.py", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="sweep YAML (configs/sweep/*.yaml)")
-    p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster node); default: local Ray")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name (Tuner.restore)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from magnet.config import load_config
-    from magnet.errors import UserError
+    from magnet.sweep.cli import run_cli
     from magnet.sweep.config import SweepConfig
     from magnet.sweep.run import run_sweep
 
-    try:
-        flags = {"ray": {"address": args.address}} if args.address is not None else {}
-        cfg = load_config(SweepConfig, args.config, args.overrides, **flags)
-        summary = run_sweep(cfg, args.config, resume=args.resume)
-    except UserError as e:
-        print(f"magnet: error: {e}", file=sys.stderr)
+    done = run_cli("launch/sweep.py", __doc__, "sweep", "continue the interrupted sweep of this name (Tuner.restore)",
+                   SweepConfig, run_sweep, argv)
+    if done == 2:
         return 2
+    cfg, summary = done
     if summary.get("already_finished"):
         print(f"sweep {summary['sweep_dir']}: finished already, nothing to resume", file=sys.stderr)
     best = summary["best"]
