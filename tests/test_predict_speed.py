@@ -1,6 +1,6 @@
 """Prediction speed settings (magnet/models/inference.py) change nothing beyond fp32 rounding: batch norms
 folded into convolutions (timm ResNet and RegNet, whose norm layers carry the activation), channels-last,
-torch.compile, and the whole `magnet predict` output with and without them."""
+torch.compile, and the whole `magnet predict` output with and without them, and whatever the batch size."""
 
 from __future__ import annotations
 
@@ -92,3 +92,26 @@ def test_prediction_with_and_without_the_speed_settings(registered, tiny_cohort,
     for level in ("spot", "global"):
         np.testing.assert_allclose(fast.uns["magnet"][level]["X"], plain.uns["magnet"][level]["X"], rtol=1e-4,
                                    atol=1e-5)
+
+
+def test_prediction_does_not_depend_on_the_batch_size(registered, tiny_cohort, tmp_path):
+    """One chunk per forward pass, three, or about 512 bins: the same outputs up to fp32 rounding (the bin graph
+    is built within each chunk, so the chunks a pass holds do not change a bin's neighbours)."""
+    import anndata as ad
+
+    _, run_dir = registered
+    slide = tiny_cohort / "synth_000"
+    common = ["predict", "--model", str(run_dir / "model"), "--spaceranger", str(slide / "outs"), "--image",
+              str(slide / "synth_000_fullres.tif")]
+    outs = []
+    for i, setting in enumerate(["batch_size=1", "batch_size=3", "batch_bins=512"]):
+        assert main(common + ["--out", str(tmp_path / f"{i}.h5ad"), "progress=false", setting]) == 0
+        outs.append(ad.read_h5ad(tmp_path / f"{i}.h5ad"))
+    ref = outs[0]
+    assert ref.n_obs > 4 * 32  # more chunks than the smallest pass holds
+    for other in outs[1:]:
+        assert list(other.obs_names) == list(ref.obs_names)
+        np.testing.assert_allclose(other.X, ref.X, rtol=1e-5, atol=1e-5)
+        for level in ("spot", "global"):
+            np.testing.assert_allclose(other.uns["magnet"][level]["X"], ref.uns["magnet"][level]["X"], rtol=1e-5,
+                                       atol=1e-5)
