@@ -49,15 +49,48 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fullsize import measure  # noqa: E402
+
+BASELINE = "fold_bn=false channels_last=false batch_bins=0 encoder_px=0 mmap_threshold_mb=0.25"
+
+
+def _output(out: Path) -> tuple[int, float]:
+    """Bins written and size in MB of an .h5ad or SpatialData store."""
+    import h5py
+
+    if out.suffix == ".zarr":
+        bins = json.loads(next(out.glob("tables/magnet_square_*/X/zarr.json")).read_text())["shape"][0]
+    else:
+        with h5py.File(out) as f:
+            bins = f["X"].shape[0]
+    return bins, sum(p.stat().st_size for p in ([out] if out.is_file() else out.rglob("*"))) / 2**20
+
+
+def _run(name: str, cmd: list[str], out: Path, env: dict) -> dict:
+    """One magnet predict process: wall and CPU seconds (user + sys of the process, from getrusage), its own
+    log's prediction seconds (wall and CPU, without imports and model load), peak RSS, output."""
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    row = measure(name, cmd + ["--out", str(out)], env)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = json.loads(row.pop("log")[-1])["seconds"]
+    row.update(cpu_s=cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, own_s=own["total"],
+               own_cpu_s=own["cpu"])
+    row["bins"], row["mb"] = _output(out)
+    shutil.rmtree(out) if out.is_dir() else out.unlink()
+    return row
+
+
+RATES = {"bins/cpu-s": "cpu_s", "own bins/cpu-s": "own_cpu_s", "bins/s": "seconds", "own bins/s": "own_s"}
 
 
 def main() -> None:
@@ -68,9 +101,10 @@ def main() -> None:
     ap.add_argument("--size-um", type=float, default=1000.0, help="side of the synthetic slide without --slide")
     ap.add_argument("--bin-um", type=int, default=16)
     ap.add_argument("--default-only", action="store_true", help="skip the baseline run")
-    ap.add_argument("--baseline", default="fold_bn=false channels_last=false",
+    ap.add_argument("--baseline", default=BASELINE,
                     help="predict config overrides of the baseline run (the settings before issue 15)")
     ap.add_argument("--settings", default="", help="predict config overrides of the run compared with it")
+    ap.add_argument("--repeats", type=int, default=2, help="baseline and default runs, interleaved (A B A B ...)")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the predict process")
     ap.add_argument("--no-spatialdata", action="store_true", help="skip the --format spatialdata run")
     a = ap.parse_args()
@@ -87,7 +121,7 @@ def main() -> None:
             slide = Path(tmp) / "c" / "synth_000"
         model = str(Path(a.model).resolve()) if Path(a.model).is_dir() else a.model
         base = [sys.executable, "-m", "magnet", "predict", "--model", model, "--spaceranger", str(slide / "outs"),
-                "--image", str(slide / f"{slide.name}_fullres.tif"), "--bin-um", str(a.bin_um)]
+                "--image", str(slide / f"{slide.name}_fullres.tif"), "--bin-um", str(a.bin_um), "progress=false"]
         if a.tracking_uri:
             base += ["--tracking-uri", a.tracking_uri]
         idle = subprocess.run([sys.executable, "-c", "import resource, torch, mlflow, anndata, magnet.predict.slide;"
@@ -95,40 +129,28 @@ def main() -> None:
                               capture_output=True, text=True, check=True)
         print(f"slide {slide}, {a.bin_um} um bins; RSS after imports {float(idle.stdout):.0f} MB", flush=True)
         after = ("default" + (f" {a.settings}" if a.settings else ""), a.settings.split())
-        runs = [after] if a.default_only else [(f"baseline {a.baseline}", a.baseline.split()), after]
+        variants = [after] if a.default_only else [(f"baseline {a.baseline}", a.baseline.split()), after]
+        runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+        for r in range(a.repeats):
+            for name, extra in variants:
+                row = _run(name, base + extra, Path(tmp) / "out.h5ad", env)
+                runs[name].append(row)
+                print(f"  run {r}: {name:40s} bins {row['bins']:7d} "
+                      + " ".join(f"{k} {row['bins'] / row[v]:7.1f}" for k, v in RATES.items())
+                      + f" peak RSS {row['peak_rss_mb']:5.0f} MB", flush=True)
+        med = {name: {k: float(np.median([x["bins"] / x[v] for x in rows])) for k, v in RATES.items()}
+               for name, rows in runs.items()}
+        ref = med[variants[0][0]]
+        print(f"medians of {a.repeats} interleaved runs, ratios to the first:")
+        for name, rows in runs.items():
+            print(f"{name:48s} " + " ".join(f"{k} {med[name][k]:7.1f} (x{med[name][k] / ref[k]:.2f})" for k in RATES)
+                  + f" peak RSS {max(x['peak_rss_mb'] for x in rows):5.0f} MB output {rows[-1]['mb']:6.0f} MB")
         if not a.no_spatialdata:  # the same prediction as a SpatialData store
-            runs.append(("default, spatialdata", [*after[1], "--format", "spatialdata"]))
-        rows = []
-        for i, (name, extra) in enumerate(runs):
-            zarr = "spatialdata" in extra
-            out = Path(tmp) / (f"{i}.zarr" if zarr else f"{i}.h5ad")
-            cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            row = measure(name, base + ["--out", str(out), "progress=false", *extra], env)
-            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            row["own_rate"] = json.loads(row.pop("log")[-1])["bins_per_s"]  # magnet predict's: without imports
-            row["cpu_s"] = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
-            import h5py
-
-            if zarr:
-                meta = json.loads(next(out.glob("tables/magnet_square_*/X/zarr.json")).read_text())
-                row["bins"] = meta["shape"][0]
-            else:
-                with h5py.File(out) as f:
-                    row["bins"] = f["X"].shape[0]
-            row["mb"] = sum(p.stat().st_size for p in ([out] if out.is_file() else out.rglob("*"))) / 2**20
-            rows.append(row)
-    base_rate = rows[0]["bins"] / rows[0]["seconds"]
-    base_cpu = rows[0]["bins"] / rows[0]["cpu_s"]
-    for r in rows:
-        rate, cpu_rate = r["bins"] / r["seconds"], r["bins"] / r["cpu_s"]
-        print(f"{r['step']:44s} bins {r['bins']:7d} bins/s {rate:7.1f} (x{rate / base_rate:.2f}) "
-              f"bins/cpu-s {cpu_rate:7.1f} (x{cpu_rate / base_cpu:.2f}) own bins/s {r['own_rate']:7.1f} "
-              f"(x{r['own_rate'] / rows[0]['own_rate']:.2f}) wall {r['seconds']:7.1f} s "
-              f"peak RSS {r['peak_rss_mb']:5.0f} MB output {r['mb']:6.0f} MB")
-    if not a.no_spatialdata:
-        h5ad, sdata = rows[-2], rows[-1]
-        print(f"peak RSS spatialdata / h5ad: {sdata['peak_rss_mb']:.0f} / {h5ad['peak_rss_mb']:.0f} MB = "
-              f"x{sdata['peak_rss_mb'] / h5ad['peak_rss_mb']:.2f} (target <= 1.2)")
+            sdata = _run("default, spatialdata", base + after[1] + ["--format", "spatialdata"],
+                         Path(tmp) / "out.zarr", env)
+            h5ad = max(x["peak_rss_mb"] for x in runs[after[0]])
+            print(f"peak RSS spatialdata / h5ad: {sdata['peak_rss_mb']:.0f} / {h5ad:.0f} MB = "
+                  f"x{sdata['peak_rss_mb'] / h5ad:.2f} (target <= 1.2); store {sdata['mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -37,12 +37,15 @@ def test_folded_encoder_computes_the_same(name):
     fast = copy.deepcopy(enc)
     holder = nn.Module()
     holder.encoder = fast
-    done = for_inference(holder, input_px=64)
-    assert done["folded_batch_norms"] > 5 and done["channels_last"]
+    done = for_inference(holder, encoder_batch=2, input_px=64)  # 3 images: calls of 2 and 1
+    assert done["folded_batch_norms"] > 5 and done["channels_last"] and done["encoder_batch"] == 2
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.backbone.modules())
+    pixels = (x * 255).round()
     with torch.inference_mode():
         out = fast(x)
+        from_bytes, from_floats = fast(pixels.to(torch.uint8)), fast(pixels / 255)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(from_bytes, from_floats, rtol=0, atol=0)  # uint8 input: scaled to [0, 1] first
     assert for_inference(holder) is done  # a second slide of a cohort worker: prepared once
 
 
