@@ -4,14 +4,17 @@
     python bench/bench_predict.py --model DIR --slide /path/to/synth_000 --bin-um 8 --default-only   (full size)
 
 The slide is `--slide` (a `magnet synth` slide folder: outs/ and {name}_fullres.tif) or a synthetic one of
-`--size-um`. Prints, per run, wall seconds, bins/s, the peak RSS of the predict process (polled from /proc
-by bench_fullsize.measure) and the output's size, for the default settings and, as the baseline measured
-in the same run, the settings before issue 15 (`--baseline`, default `fold_bn=false channels_last=false`:
-batch norms unfolded, the encoder's memory format as trained (`--settings batch_bins=512` adds larger passes);
-`--default-only` skips it); and RSS after imports. Rates are bins per wall second and per CPU second of the
-predict process (user + sys, from getrusage): on a shared machine the CPU-second rate moves less with other
-jobs' load. The default settings are also run with `--format spatialdata` (`--no-spatialdata` skips it) and
-its peak RSS is given as a ratio to the .h5ad run's (target <= 1.2).
+`--size-um`. The baseline is the settings before issue 15 (`--baseline`, default: batch norms unfolded, the
+encoder's memory format as trained, the model's eval_batch chunks per pass, a whole batch per encoder call, the
+256 KB glibc mmap threshold); `--default-only` skips it. Baseline and default (`--settings` adds overrides)
+run `--repeats` times each, interleaved (A B A B ...), each a fresh `magnet predict` process; the medians and
+their ratios are printed. Rates: bins per CPU second of the process (user + sys from getrusage, imports and
+model load included), per CPU second of the prediction itself (magnet predict's `seconds.cpu`), per wall
+second of the process and of the prediction (`seconds.total`). On a shared machine the CPU-second rates move
+less with other jobs' load. Also the peak RSS of the predict process (polled from /proc by
+bench_fullsize.measure), the output's size and RSS after imports. The default settings are also run once with
+`--format spatialdata` (`--no-spatialdata` skips it) and its peak RSS is given as a ratio to the .h5ad
+run's (target <= 1.2).
 
 Measured 2026-11 (2 CPU cores shared with 3 other engineers' jobs, load 6-13, so rates are lower bounds
 and vary by run; tiny 2-step model: configs/train/tiny.yaml on default-geometry 8 um shards, 250 genes;
@@ -26,16 +29,25 @@ imports and model load, where this script divides by the wall time):
                               at 1.40-1.51 GB while predicting, .h5ad 685 MB
   (earlier, before the mmap fix and the reader's batching: stopped at 148 of 545 tiles, peak 2390 MB
   reading the matrix, RSS creeping 1.86 -> 2.18 GB while predicting)
-Issue 15 (2026-11, same tiny model on default-geometry 16 um shards, 1 mm slide of 2,692 bins, 2 cores at
-load 10-20, so wall rates are noisy; CPU seconds of the predict process, profiled with cProfile on process time):
-imports + model load 17 cpu-s (not in magnet predict's own rate), model forward 27 (bin encoder 18: conv 12,
-batch norm 2.5, relu 2.3; graph, attention and heads 9), frozen features 6, .h5ad 2.3 (mostly the anndata
-import), tile read + JPEG encode 0.3, JPEG decode 0.2, sample building 0.3.
-  baseline (fold_bn=false channels_last=false) vs default (folded, channels-last), one run:
-      bins per CPU-s x1.15, own bins/s x1.00 (bin encoder alone: x1.25-1.6 per CPU-s in isolation)
-  baseline vs default + batch_bins=512 (16 chunks of 32 bins per pass instead of 4), one run:
-      bins per CPU-s x1.42, own bins/s x1.45, wall x1.28; peak RSS 1314 -> 1684 MB
-  torch.compile of the bin encoder: no gain on the CPU (331 vs 369 images/CPU-s) after ~56 s of compiling.
+Issue 15, before (2026-11, same tiny model on default-geometry 16 um shards, 1 mm slide of 2,692 bins, cProfile
+on process time): imports + model load 17 cpu-s, model forward 27 (bin encoder 18), frozen features 6, .h5ad
+2.3, tile read + JPEG encode 0.3, JPEG decode 0.2, sample building 0.3; folded + channels-last: x1.15 bins per
+CPU-s; torch.compile of the bin encoder: no gain on the CPU (331 vs 369 images/CPU-s) after ~56 s of compiling.
+Issue 15, after (2026-11-30, tiny 2-step model: configs/train/tiny.yaml, test_resnet on 112 px patches, 32-bin
+chunks, on default-geometry 16 um shards of 3 synthetic 1 mm slides; --threads 1; 2 cores shared, load 3-7).
+The profile of the prediction (10.3 cpu-s: bin encoder 6.1, frozen features 1.6, JPEG decode 0.3) led to:
+the 256 KB mmap threshold had every activation page-faulted anew (the bin encoder alone, 512 patches, in
+patches per CPU-s: 410 at 256 KB whatever the call size, 730 at 16-64 MB in calls of 32-64); a whole batch per
+encoder call leaves the cache (480 per CPU-s for 512 per call, 770 for 32); and batch_bins was not the default
+because the bin graph crossed chunks (now built within each sample: magnet/batch.py).
+  1 mm slide, 2,692 bins, baseline vs default, 2 interleaved runs, medians:
+      bins per CPU-s of the process 140 -> 217 (x1.54), of the prediction 226 -> 485 (x2.14), wall bins/s
+      x2.25 (prediction x3.28); peak RSS 1189 -> 1327 MB
+  3 mm slide, 23,533 bins, only the mmap threshold (0.25 vs 32 MB), one run each:
+      bins per CPU-s of the prediction 300 -> 560 (x1.86); peak RSS 1405 -> 1364 MB
+  batch_bins, default otherwise, bins per CPU-s of the prediction (one process, 2 interleaved runs): tiny
+      model 128 (its eval_batch) 485, 256 506, 512 515, 1024 519; demo model (resnet10t, 48 px patches)
+      256 (its eval_batch) 506, 512 526, 1024 531; 512 without the encoder's calls (encoder_px=0) 352 / 489
 .h5ad vs SpatialData store, same slide and model (2-step tiny model on the tiny cohort's 16 um shards, 32 genes,
 --default-only --threads 1, load 14-16 on the 2 cores, 2026-11-29):
   1.5 mm slide,  6,059 16 um bins:  peak RSS .h5ad 1216 MB, spatialdata 1267 MB (x1.04)
