@@ -43,6 +43,9 @@ because the bin graph crossed chunks (now built within each sample: magnet/batch
   1 mm slide, 2,692 bins, baseline vs default, 2 interleaved runs, medians:
       bins per CPU-s of the process 140 -> 217 (x1.54), of the prediction 226 -> 485 (x2.14), wall bins/s
       x2.25 (prediction x3.28); peak RSS 1189 -> 1327 MB
+  same slide, demo model (demo/runs/magnet-16um: resnet10t on 48 px patches, width 256), same way:
+      bins per CPU-s of the process 166 -> 217 (x1.31: imports and model load are ~8 of its ~16 cpu-s), of the
+      prediction 289 -> 489 (x1.69), wall bins/s x1.74 (prediction x2.27); peak RSS 1189 -> 1229 MB
   3 mm slide, 23,533 bins, only the mmap threshold (0.25 vs 32 MB), one run each:
       bins per CPU-s of the prediction 300 -> 560 (x1.86); peak RSS 1405 -> 1364 MB
   batch_bins, default otherwise, bins per CPU-s of the prediction (one process, 2 interleaved runs): tiny
