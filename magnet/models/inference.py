@@ -1,7 +1,8 @@
 """A trained model made faster for prediction, without changing what it computes beyond fp32 rounding:
 batch norms folded into the convolutions before them, channels-last convolutions, the encoder called on
-a few images at a time, optionally ``torch.compile``. (PyTorch's own ``torch.fx`` fusion needs a symbolically traceable model and folds
-only plain ``BatchNorm2d``; timm's norm+activation layers and untraceable models need the pairs below.)
+a few images at a time, optionally ``torch.compile``. (PyTorch's own ``torch.fx`` fusion needs a
+symbolically traceable model and folds only plain ``BatchNorm2d``; timm's norm+activation layers and
+untraceable models need the pairs below.)
 """
 
 from __future__ import annotations
