@@ -314,8 +314,10 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
                 sample, _ = make_sample(entry, "predict", bin_um, lv, t, feats, scfg)
                 sample = sample.replace(image=decode_image(tile_images.encoded(t)))
                 idx = tiles.bins_of(t)
-                for k, chunk in enumerate(chunk_bins(sample, max_bins)):
-                    pending.append((chunk, idx[k * max_bins:(k + 1) * max_bins], t))
+                start = 0
+                for chunk in chunk_bins(sample, max_bins):
+                    pending.append((chunk, idx[start:start + chunk.n_bins], t))
+                    start += chunk.n_bins
                     if len(pending) >= batch_size:
                         flush()
                 bar.update(1)
