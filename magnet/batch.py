@@ -4,8 +4,10 @@ A batch is a set of global-tile samples (docs/shard_format.md), each with its bi
 global tiles (centre first) and their ``S`` spot cells. Three graphs, all sparse ``edge_index``
 (PyG convention: row 0 = source, row 1 = target, messages flow source -> target):
 
-- bin graph: each bin receives from its ``k_bin`` nearest bins of the same slide in the batch
-  (scipy ``cKDTree`` over slide positions in um);
+- bin graph: each bin receives from its ``k_bin`` nearest bins of the same sample (scipy ``cKDTree``
+  over slide positions in um). Bins of different samples are never linked, even when two chunks of one
+  tile or two adjacent tiles of a slide share a batch: a sample's outputs do not depend on what else
+  is in its batch (the batch size of prediction and evaluation, the shuffle of training);
 - spot graph: each spot node receives from its ``k_spot`` nearest spot nodes of the same sample;
 - global graph: each global node receives from its ``k_global`` nearest global nodes of the same
   sample. Samples are separate subgraphs, so the cost is O(batch), never O(slide).
@@ -141,22 +143,22 @@ def _edges_from_knn(idx: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return np.stack([src, dst]).astype(np.int64)
 
 
-def _bin_edges(pos: np.ndarray, slide_of_bin: np.ndarray, k: int) -> np.ndarray:
-    """kNN edges among bins of the same slide (source = neighbour, target = bin), via cKDTree."""
+def _bin_edges(pos: np.ndarray, starts: np.ndarray, k: int) -> np.ndarray:
+    """kNN edges among the bins of each sample (source = neighbour, target = bin), via cKDTree; sample ``i``
+    holds bins ``starts[i]:starts[i + 1]``. Each sample's edges depend on its own bins alone."""
     from scipy.spatial import cKDTree
 
     edges = []
-    for s in np.unique(slide_of_bin):
-        members = np.flatnonzero(slide_of_bin == s)
-        n = len(members)
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        n = b - a
         if n < 2:
             continue
         k_eff = min(k, n - 1)
-        _, nb = cKDTree(pos[members]).query(pos[members], k=k_eff + 1)
+        _, nb = cKDTree(pos[a:b]).query(pos[a:b], k=k_eff + 1)
         keep = nb != np.arange(n)[:, None]  # drop self wherever the tree put it ...
         keep[keep.all(1), -1] = False  # ... or, if a duplicate position hid it, the farthest
         rows = np.broadcast_to(np.arange(n)[:, None], nb.shape)
-        edges.append(np.stack([members[nb[keep]], members[rows[keep]]]))
+        edges.append(np.stack([nb[keep], rows[keep]]) + a)
     if not edges:
         return np.zeros((2, 0), np.int64)
     return np.concatenate(edges, axis=1).astype(np.int64)
@@ -226,7 +228,7 @@ def collate(samples: list[Sample], geometry: Geometry, *, k_bin: int = 8, k_spot
     s_idx, s_ok = _knn_dense(spot_pos.reshape(B, k1 * S, 2), spot_valid.reshape(B, k1 * S), k_spot)
     glob_ei = _edges_from_knn(g_idx, g_ok)
     spot_ei = _edges_from_knn(s_idx, s_ok)
-    bin_ei = _bin_edges(bin_pos, bin_slide, k_bin)
+    bin_ei = _bin_edges(bin_pos, starts, k_bin)
 
     glob_pos_f = glob_pos.reshape(B * k1, 2)
     spot_pos_f = spot_pos.reshape(B * k1 * S, 2)

@@ -9,6 +9,7 @@ from fake_samples import TINY_GEOMETRY, VirtualSlide
 
 from magnet.batch import collate
 from magnet.config import load_config
+from magnet.data.transforms import chunk_bins
 from magnet.errors import UserError
 from magnet.losses import LossConfig, compute_loss
 from magnet.models.config import ModelConfig
@@ -74,20 +75,33 @@ def test_collate_fields_follow_the_samples(batch):
 
 def test_graphs_are_sparse_spatial_and_never_cross_samples_or_slides(batch):
     _, b = batch
-    src, dst = b.bin_edge_index
-    assert (b.bin_slide[src] == b.bin_slide[dst]).all() and (src != dst).all()
-    assert torch.bincount(dst, minlength=b.num_bins).eq(4).all()
-    # each bin's sources are its 4 nearest bins of the same slide (brute force)
-    pos, slide = b.bin_pos.double(), b.bin_slide
-    for i in range(b.num_bins):
-        d = (pos - pos[i]).norm(dim=1)
-        d[(slide != slide[i]) | (torch.arange(b.num_bins) == i)] = float("inf")
-        assert set(src[dst == i].tolist()) == set(torch.topk(-d, 4).indices.tolist())
-    np.testing.assert_allclose(b.bin_edge_attr.numpy(), (b.bin_pos[src] - b.bin_pos[dst]).numpy(), atol=1e-3)
     for name in ("spot", "glob"):
         ei = getattr(b, f"{name}_edge_index")
         sample = b.glob_sample[b.spot_glob] if name == "spot" else b.glob_sample
         assert (sample[ei[0]] == sample[ei[1]]).all() and ei.shape[1] <= K * len(sample)
+
+
+def test_bin_graph_links_the_bins_of_each_sample_alone():
+    """Adjacent tiles of one slide and the chunks of one tile in one batch: each bin's sources are its 4
+    nearest bins of its own sample, the edges a sample gets alone, whatever else the batch holds."""
+    vs = VirtualSlide(9, geometry=TINY_GEOMETRY, n_genes=G, feat_dim=F, k=K, bins_per_tile=24)
+    samples = [vs.sample(0), vs.sample(1)] + chunk_bins(vs.sample(4), 8)  # tiles 0, 1 touch; 3 chunks of tile 4
+    b = collate(samples, TINY_GEOMETRY, k_bin=4, k_spot=K, k_global=K)
+    src, dst = b.bin_edge_index
+    assert (b.bin_sample[src] == b.bin_sample[dst]).all() and (src != dst).all()
+    assert torch.bincount(dst, minlength=b.num_bins).eq(4).all()
+    pos, sample = b.bin_pos.double(), b.bin_sample
+    for i in range(b.num_bins):  # brute force
+        d = (pos - pos[i]).norm(dim=1)
+        d[(sample != sample[i]) | (torch.arange(b.num_bins) == i)] = float("inf")
+        assert set(src[dst == i].tolist()) == set(torch.topk(-d, 4).indices.tolist())
+    np.testing.assert_allclose(b.bin_edge_attr.numpy(), (b.bin_pos[src] - b.bin_pos[dst]).numpy(), atol=1e-3)
+    start = 0
+    for s in samples:
+        alone = collate([s], TINY_GEOMETRY, k_bin=4, k_spot=K, k_global=K).bin_edge_index
+        mine = b.bin_sample[dst] == b.bin_sample[start]
+        assert torch.equal(b.bin_edge_index[:, mine] - start, alone)
+        start += s.n_bins
 
 
 def test_absent_neighbours_are_masked_and_have_no_edges():

@@ -1,6 +1,6 @@
 """Prediction speed settings (magnet/models/inference.py) change nothing beyond fp32 rounding: batch norms
 folded into convolutions (timm ResNet and RegNet, whose norm layers carry the activation), channels-last,
-torch.compile, and the whole `magnet predict` output with and without them."""
+torch.compile, and the whole `magnet predict` output with and without them, and whatever the batch size."""
 
 from __future__ import annotations
 
@@ -37,12 +37,15 @@ def test_folded_encoder_computes_the_same(name):
     fast = copy.deepcopy(enc)
     holder = nn.Module()
     holder.encoder = fast
-    done = for_inference(holder, input_px=64)
-    assert done["folded_batch_norms"] > 5 and done["channels_last"]
+    done = for_inference(holder, encoder_batch=2, input_px=64)  # 3 images: calls of 2 and 1
+    assert done["folded_batch_norms"] > 5 and done["channels_last"] and done["encoder_batch"] == 2
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.backbone.modules())
+    pixels = (x * 255).round()
     with torch.inference_mode():
         out = fast(x)
+        from_bytes, from_floats = fast(pixels.to(torch.uint8)), fast(pixels / 255)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(from_bytes, from_floats, rtol=0, atol=0)  # uint8 input: scaled to [0, 1] first
     assert for_inference(holder) is done  # a second slide of a cohort worker: prepared once
 
 
@@ -92,3 +95,26 @@ def test_prediction_with_and_without_the_speed_settings(registered, tiny_cohort,
     for level in ("spot", "global"):
         np.testing.assert_allclose(fast.uns["magnet"][level]["X"], plain.uns["magnet"][level]["X"], rtol=1e-4,
                                    atol=1e-5)
+
+
+def test_prediction_does_not_depend_on_the_batch_size(registered, tiny_cohort, tmp_path):
+    """One chunk per forward pass, three, or about 512 bins: the same outputs up to fp32 rounding (the bin graph
+    is built within each chunk, so the chunks a pass holds do not change a bin's neighbours)."""
+    import anndata as ad
+
+    _, run_dir = registered
+    slide = tiny_cohort / "synth_000"
+    common = ["predict", "--model", str(run_dir / "model"), "--spaceranger", str(slide / "outs"), "--image",
+              str(slide / "synth_000_fullres.tif")]
+    outs = []
+    for i, setting in enumerate(["batch_size=1", "batch_size=3", "batch_bins=512"]):
+        assert main(common + ["--out", str(tmp_path / f"{i}.h5ad"), "progress=false", setting]) == 0
+        outs.append(ad.read_h5ad(tmp_path / f"{i}.h5ad"))
+    ref = outs[0]
+    assert ref.n_obs > 4 * 32  # more chunks than the smallest pass holds
+    for other in outs[1:]:
+        assert list(other.obs_names) == list(ref.obs_names)
+        np.testing.assert_allclose(other.X, ref.X, rtol=1e-5, atol=1e-5)
+        for level in ("spot", "global"):
+            np.testing.assert_allclose(other.uns["magnet"][level]["X"], ref.uns["magnet"][level]["X"], rtol=1e-5,
+                                       atol=1e-5)

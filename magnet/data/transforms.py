@@ -30,8 +30,8 @@ def take_bins(sample: Sample, idx: np.ndarray) -> Sample:
 def window_bins(sample: Sample, cap: int, rng: np.random.Generator) -> Sample:
     """At most ``cap`` bins: a run of consecutive bins in stored (row-major) order from a random start.
 
-    The same shape as the evaluation chunks (:func:`chunk_bins`), so MagNet's bin graph (kNN within the
-    batch) links bins at the same distances in training as in evaluation and prediction; a random
+    The same shape as the evaluation chunks (:func:`chunk_bins`), so MagNet's bin graph (kNN within each
+    sample) links bins at the same distances in training as in evaluation and prediction; a random
     subset of the tile spread the bins out and the graph saw neighbours twice as far apart.
     """
     n = sample.n_bins

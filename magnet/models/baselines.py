@@ -50,7 +50,7 @@ class STNet(nn.Module):
         return [self.head.bias]
 
     def forward(self, batch) -> Predictions:
-        return Predictions(bin=self.head(self.encoder(batch.bin_img.float() / 255.0)))
+        return Predictions(bin=self.head(self.encoder(batch.bin_img)))
 
 
 @register_model("stnet")

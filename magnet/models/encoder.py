@@ -44,7 +44,10 @@ def weights_id(weights: str | None, seed: int) -> str:
 
 
 class Encoder(nn.Module):
-    """timm backbone -> pooled embedding ``(N, num_features)``; input float (N, 3, H, W) in [0, 1]."""
+    """timm backbone -> pooled embedding ``(N, num_features)``; input (N, 3, H, W) uint8 in [0, 255] or float in
+    [0, 1]. ``max_batch`` (0: all at once) splits the input into calls of at most that many images (prediction,
+    :func:`magnet.models.inference.for_inference`): small calls keep a conv's activations in the CPU's cache, and
+    each image's embedding is its own, so the split changes nothing beyond fp32 rounding."""
 
     def __init__(self, name: str, weights: str | None = None, seed: int = 0, channels_last: bool = True):
         super().__init__()
@@ -75,9 +78,17 @@ class Encoder(nn.Module):
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
+        self.max_batch = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / self.std
+        n = self.max_batch
+        if n and len(images) > n:
+            return torch.cat([self._embed(images[i:i + n]) for i in range(0, len(images), n)])
+        return self._embed(images)
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images
+        x = (x - self.mean).div_(self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)

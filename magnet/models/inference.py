@@ -1,7 +1,8 @@
 """A trained model made faster for prediction, without changing what it computes beyond fp32 rounding:
-batch norms folded into the convolutions before them, channels-last convolutions, optionally
-``torch.compile``. (PyTorch's own ``torch.fx`` fusion needs a symbolically traceable model and folds
-only plain ``BatchNorm2d``; timm's norm+activation layers and untraceable models need the pairs below.)
+batch norms folded into the convolutions before them, channels-last convolutions, the encoder called on
+a few images at a time, optionally ``torch.compile``. (PyTorch's own ``torch.fx`` fusion needs a
+symbolically traceable model and folds only plain ``BatchNorm2d``; timm's norm+activation layers and
+untraceable models need the pairs below.)
 """
 
 from __future__ import annotations
@@ -71,15 +72,16 @@ def fold_batch_norms(encoder: nn.Module, example: torch.Tensor) -> tuple[nn.Modu
 
 
 def for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True, compile: bool = False,
-                  input_px: int = 64) -> dict:
+                  encoder_batch: int = 0, input_px: int = 64) -> dict:
     """Ready ``model`` (eval mode) for prediction in place: its image encoder (``model.encoder``, a
-    :class:`magnet.models.encoder.Encoder`) folded and channels-last, optionally compiled. Returns what was done."""
+    :class:`magnet.models.encoder.Encoder`) folded and channels-last, optionally compiled, and called on at most
+    ``encoder_batch`` images at a time (0: a whole batch). Returns what was done."""
     from magnet.models.encoder import Encoder
 
     model.eval()
     if hasattr(model, "inference_ready"):  # a cohort worker predicts slide after slide with one model
         return model.inference_ready
-    done = {"folded_batch_norms": 0, "channels_last": False, "compiled": False}
+    done = {"folded_batch_norms": 0, "channels_last": False, "compiled": False, "encoder_batch": 0}
     model.inference_ready = done
     enc = getattr(model, "encoder", None)
     if not isinstance(enc, Encoder):
@@ -94,4 +96,5 @@ def for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool
     if compile:
         enc.backbone = torch.compile(enc.backbone, dynamic=True)
         done["compiled"] = True
+    enc.max_batch = done["encoder_batch"] = encoder_batch
     return done

@@ -83,7 +83,7 @@ class MagNet(nn.Module):
         return getattr(batch, f"{name}_edge_attr") / self.scale[name] if self.edge_features else None
 
     def forward(self, batch) -> Predictions:
-        local = self.encoder(batch.bin_img.float() / 255.0)
+        local = self.encoder(batch.bin_img)
         x = self.bin_proj(local)
         nodes = {}
         for name in self.levels:

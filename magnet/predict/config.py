@@ -27,15 +27,22 @@ class CohortConfig:
 @dataclasses.dataclass(kw_only=True)
 class PredictConfig:
     batch_size: int = 0  # global-tile chunks per forward pass; 0 = max(the model's data.eval_batch, batch_bins // max_bins)
-    # bins per forward pass that batch_size 0 aims at (0: the model's eval_batch). Larger passes are faster on the CPU
-    # (x1.4 at 512 bins on the tiny model), but not the default: collate links the bins of one slide across the
-    # chunks of a batch (kNN), so the batch size changes predictions at chunk borders (up to ~0.003 here)
-    batch_bins: int = 0
+    # bins per forward pass that batch_size 0 aims at (0: the model's eval_batch). Each chunk's bin graph is its own
+    # (magnet/batch.py), so the batch size changes no output beyond fp32 rounding. Bins per CPU-s on the tiny model
+    # (test_resnet, 112 px patches, 32-bin chunks), one run: 128 bins (its eval_batch) 485, 256 506, 512 515, 1024 519
+    batch_bins: int = 512
     max_bins: int = 0  # bins per chunk of a tile (the bin graph is built within a chunk); 0 = the model's data.max_bins
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     fold_bn: bool = True  # fold the bin encoder's batch norms into its convolutions (same outputs up to fp32 rounding)
     channels_last: bool = True  # channels-last bin encoder (False: as the model was trained)
+    # CPU: bin patches per bin-encoder call, counted in pixels (401408: 32 patches of 112 px, 174 of 48 px); 0 = a
+    # whole batch per call (always on CUDA). Small calls keep a conv's activations in cache (test_resnet at 112 px:
+    # 830 patches per CPU-s in calls of 32, 530 in calls of 256); each patch's embedding is its own
+    encoder_px: int = 401408
+    # glibc serves allocations of this size and more by mmap (magnet/predict/slide.py fixed_mmap_threshold): the
+    # encoder's calls reuse heap memory below it, batch-wide arrays above it leave no fragments (0.25 before issue 15)
+    mmap_threshold_mb: float = 32.0
     compile: bool = False  # torch.compile the bin encoder (minutes of compiling first; pays off on large cohorts)
     encoder_weights: str | None = None  # the shards' local encoder checkpoint, when model_meta.json names one by sha256
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -52,8 +59,12 @@ class PredictConfig:
     cohort: CohortConfig = dataclasses.field(default_factory=CohortConfig)
 
     def __post_init__(self):
-        if min(self.batch_size, self.batch_bins, self.max_bins, self.threads) < 0 or self.tiles_per_block < 1:
-            raise ValueError("batch_size, batch_bins, max_bins, threads must be >= 0 and tiles_per_block >= 1")
+        if min(self.batch_size, self.batch_bins, self.max_bins, self.encoder_px, self.threads) < 0:
+            raise ValueError("batch_size, batch_bins, max_bins, encoder_px, threads must be >= 0")
+        if self.tiles_per_block < 1:
+            raise ValueError("tiles_per_block must be >= 1")
+        if not self.mmap_threshold_mb > 0:
+            raise ValueError("mmap_threshold_mb must be > 0")
         if self.tissue_level_um <= 0 or not 0 < self.tissue_min_fraction <= 1:
             raise ValueError("tissue_level_um must be > 0 and tissue_min_fraction in (0, 1]")
         if min(self.hires_px, self.lowres_px) < 16:
