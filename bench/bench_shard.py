@@ -176,33 +176,29 @@ def main() -> None:
     print(f"slide {args.size_um:.0f} um at {args.mpp} um/px, magnet shard default config, one core; "
           f"cohort: {args.slides} copies of the slide")
     refs, results = {}, {"size_um": args.size_um, "mpp": args.mpp, "slides": args.slides}
-    for b in args.bin_um:
-        ref = refs[b] = run_naive(one, b, work / f"naive{b}")
-        single = magnet_shard(one, [b], work / f"one{b}")
-        many = magnet_shard(cohort, [b], work / f"cohort{b}")
+
+    def compare(bin_ums: list[int], ref: dict, tag: str) -> tuple[dict, dict]:
+        """One slide end to end and a slide's share of the cohort run, printed against ``ref``."""
+        single = magnet_shard(one, bin_ums, work / f"one{tag}")
+        many = magnet_shard(cohort, bin_ums, work / f"cohort{tag}")
         steady = {k: (many[k] - single[k]) / (args.slides - 1) for k in ("wall", "cpu")}
         steady["bins"] = single["bins"]
-        print(f"{b} um: {single['bins']} bins, {single['tiles']} tiles ({single['bytes'] / single['bins']:.0f} B/bin); "
-              f"naive: {ref['bins']} bins, {ref['files']} files ({ref['bytes'] / ref['bins']:.0f} B/bin)")
         print(row("naive writer (after imports)", ref, ref))
         print(row("magnet shard, one slide, end to end", single, ref))
         print(row("magnet shard, a slide in a cohort", steady, ref))
         print("  one-slide breakdown (s):\n" + breakdown(single))
-        results[f"{b}um"] = figures(ref, {"one_slide": single, "cohort_slide": steady})
+        return single, figures(ref, {"one_slide": single, "cohort_slide": steady})
+
+    for b in args.bin_um:
+        ref = refs[b] = run_naive(one, b, work / f"naive{b}")
+        print(f"{b} um: naive: {ref['bins']} bins, {ref['files']} files ({ref['bytes'] / ref['bins']:.0f} B/bin)")
+        single, results[f"{b}um"] = compare([b], ref, str(b))
+        print(f"  magnet shard: {single['bins']} bins, {single['tiles']} tiles "
+              f"({single['bytes'] / single['bins']:.0f} B/bin)")
     if len(args.bin_um) > 1:  # one call writes every bin size: tile images and features are shared
-        both = magnet_shard(one, args.bin_um, work / "both")
-        many = magnet_shard(cohort, args.bin_um, work / "cohort_both")
-        steady = {k: (many[k] - both[k]) / (args.slides - 1) for k in ("wall", "cpu")}
-        steady["bins"] = both["bins"]
         naive_all = {k: sum(r[k] for r in refs.values()) for k in ("wall", "cpu", "bins")}
-        print(f"{' + '.join(map(str, args.bin_um))} um in one call ({both['bins']} bins) against the naive writer "
-              f"run once per bin size:")
-        print(row("naive writer (after imports)", naive_all, naive_all))
-        print(row("magnet shard, one slide, end to end", both, naive_all))
-        print(row("magnet shard, a slide in a cohort", steady, naive_all))
-        print("  one-slide breakdown (s):\n" + breakdown(both))
-        results["+".join(map(str, args.bin_um)) + "um"] = figures(naive_all, {"one_slide": both,
-                                                                               "cohort_slide": steady})
+        print(f"{' + '.join(map(str, args.bin_um))} um in one call against the naive writer run once per bin size:")
+        _, results["+".join(map(str, args.bin_um)) + "um"] = compare(args.bin_um, naive_all, "_both")
     print(json.dumps(results))
 
 if __name__ == "__main__":
