@@ -25,17 +25,18 @@ def _level(row: dict) -> str:
     return f"{row['bin_um']} um bins" if row["level"] == "bins" else f"spot ({row['bin_um']} um model)"
 
 
+def _table(heads: list[str], aligns: str, rows: list[list]) -> str:
+    """A Markdown table: ``aligns`` has one letter per column, ``l`` (left) or ``r`` (right)."""
+    rule = "|" + "".join("---:|" if a == "r" else "---|" for a in aligns)
+    return "\n".join(["| " + " | ".join(heads) + " |", rule, *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+
+
 def markdown(rows: list[dict], top_k: int, notes: list[str]) -> str:
     heads = [HEADERS[m].format(k=top_k) for m in METRICS]
-    lines = ["| level | model | scored | slides | " + " | ".join(heads) + " |",
-             "|---|---|---|---:|" + "---:|" * len(METRICS)]
-    for r in rows:
-        cells = []
-        for m in METRICS:
-            sd = f" ± {r[f'{m}_sd']:.3f}" if r["n_slides"] > 1 else ""
-            cells.append(f"{r[m]:.3f}{sd}")
-        lines.append(f"| {_level(r)} | {r['model']} | {r['source']} | {r['n_slides']} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
+    text = _table(["level", "model", "scored", "slides", *heads], "lllr" + "r" * len(METRICS),
+                  [[_level(r), r["model"], r["source"], r["n_slides"],
+                    *(f"{r[m]:.3f}" + (f" ± {r[f'{m}_sd']:.3f}" if r["n_slides"] > 1 else "") for m in METRICS)]
+                   for r in rows])
     legend = (f"Mean ± sd over slides (sd shown with more than one slide). PCC per bin: across genes, mean over "
               f"bins (MagNet paper); PCC per gene: across bins, mean over genes (HEST); top {top_k}: the most "
               f"variable measured genes of these slides. Targets: the training normalisation.")
@@ -47,16 +48,13 @@ def _folds_markdown(rows: list[dict], heads: list[str]) -> list[str]:
     folded = [r for r in rows if r["n_folds"]]
     if not folded:
         return []
-    lines = ["| level | model | scored | folds | slides | " + " | ".join(heads) + " |",
-             "|---|---|---|---:|---:|" + "---:|" * len(METRICS)]
-    for r in folded:
-        cells = [f"{r[f'{m}_fold_mean']:.3f}" + (f" ± {r[f'{m}_fold_sd']:.3f}" if r["n_folds"] > 1 else "")
-                 for m in METRICS]
-        lines.append(f"| {_level(r)} | {r['model']} | {r['source']} | {r['n_folds']} | {r['n_slides']} | "
-                     + " | ".join(cells) + " |")
+    table = _table(["level", "model", "scored", "folds", "slides", *heads], "lllrr" + "r" * len(METRICS),
+                   [[_level(r), r["model"], r["source"], r["n_folds"], r["n_slides"],
+                     *(f"{r[f'{m}_fold_mean']:.3f}" + (f" ± {r[f'{m}_fold_sd']:.3f}" if r["n_folds"] > 1 else "")
+                       for m in METRICS)] for r in folded])
     legend = ("Cross-validation: mean ± sd over folds, a fold's value being the mean over its held-out slides, "
               "each scored by the model that did not train on it.")
-    return ["## Over folds", "\n".join(lines), legend]
+    return ["## Over folds", table, legend]
 
 
 def _csv(header: list[str], records: list[list]) -> str:
@@ -124,32 +122,27 @@ def analysis_markdown(replicates: list[dict], groups: list[dict], paired: list[d
     parts = []
     if replicates:
         heads = [HEADERS[m].format(k=top_k) for m in METRICS]
-        lines = ["| level | model | scored | replicates | " + " | ".join(heads) + " |",
-                 "|---|---|---|---:|" + "---:|" * len(METRICS)]
-        for r in replicates:
-            lines.append(f"| {_level(r)} | {r['model']} | {r['source']} | {r['n_replicates']} | "
-                         + " | ".join(f"{r[m]:.3f} ± {r[f'{m}_sd']:.3f}" for m in METRICS) + " |")
-        parts += ["## Over replicates", "\n".join(lines),
+        table = _table(["level", "model", "scored", "replicates", *heads], "lllr" + "r" * len(METRICS),
+                       [[_level(r), r["model"], r["source"], r["n_replicates"],
+                         *(f"{r[m]:.3f} ± {r[f'{m}_sd']:.3f}" for m in METRICS)] for r in replicates])
+        parts += ["## Over replicates", table,
                   "Mean ± sd over replicates (models trained alike but for the seed), a replicate's value being "
                   "its mean over slides."]
     if groups:
-        lines = ["| bin | model | group | genes | replicates | PCC per gene | sd over replicates | sd over slides |",
-                 "|---:|---|---|---:|---:|---:|---:|---:|"]
-        for r in groups:
-            lines.append(f"| {r['bin_um']} um | {r['model']} | {r['group']} | {r['n_genes']} | {r['n_replicates']} | "
-                         f"{r['pcc_gene']:.3f} | {_fmt(r['sd_replicates'])} | {_fmt(r['sd_slides'])} |")
-        parts += ["## Per gene group", "\n".join(lines),
+        table = _table(["bin", "model", "group", "genes", "replicates", "PCC per gene", "sd over replicates",
+                        "sd over slides"], "rllrrrrr",
+                       [[f"{r['bin_um']} um", r["model"], r["group"], r["n_genes"], r["n_replicates"],
+                         f"{r['pcc_gene']:.3f}", _fmt(r["sd_replicates"]), _fmt(r["sd_slides"])] for r in groups])
+        parts += ["## Per gene group", table,
                   "PCC per gene (across the bins of a slide) averaged over the group's genes and the slides; bin "
                   "level. The oracle minus the local oracle of a group is the gain context can bring there."]
     if paired:
-        lines = ["| bin | A | B | group | genes | PCC A | PCC B | A - B | 95% interval | resampled | Wilcoxon p | verdict |",
-                 "|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---|"]
-        for r in paired:
-            lines.append(f"| {r['bin_um']} um | {r['a']} | {r['b']} | {r['group']} | {r['n_genes']} | "
-                         f"{r['pcc_a']:.3f} | {r['pcc_b']:.3f} | {r['delta']:+.4f} | "
-                         f"{_interval(r)} | {r['bootstrap_over']} | "
-                         f"{r['wilcoxon_p']:.2g} | {r['verdict']} |")
-        parts += ["## Paired comparisons", "\n".join(lines),
+        table = _table(["bin", "A", "B", "group", "genes", "PCC A", "PCC B", "A - B", "95% interval", "resampled",
+                        "Wilcoxon p", "verdict"], "rlllrrrrllrl",
+                       [[f"{r['bin_um']} um", r["a"], r["b"], r["group"], r["n_genes"], f"{r['pcc_a']:.3f}",
+                         f"{r['pcc_b']:.3f}", f"{r['delta']:+.4f}", _interval(r), r["bootstrap_over"],
+                         f"{r['wilcoxon_p']:.2g}", r["verdict"]] for r in paired])
+        parts += ["## Paired comparisons", table,
                   "A - B: the mean over the group's genes of the per-gene PCC difference (means over replicates and "
                   "slides). Interval: 95% percentile bootstrap, resampling slides (3 or more) or else genes; "
                   "Wilcoxon: two-sided signed-rank test of the per-gene differences. An interval holding 0 is a tie. "
