@@ -27,6 +27,9 @@ def file_fingerprint(path: str | Path) -> str:
     return sha.hexdigest()
 
 
-def slide_fingerprint(image: str | Path, spaceranger: str | Path, bin_um: int) -> dict[str, str]:
-    """``{"image": ..., "matrix": ...}``: the H&E image file and the bin size's filtered count matrix."""
-    return {"image": file_fingerprint(image), "matrix": file_fingerprint(BinFiles.of(Path(spaceranger), bin_um).matrix)}
+def slide_fingerprints(image: str | Path, spaceranger: str | Path, bin_ums: list[int]) -> dict[int, dict[str, str]]:
+    """``{bin_um: {"image": ..., "matrix": ...}}``: the H&E image file (hashed once) and each bin size's filtered
+    count matrix."""
+    image_fp = file_fingerprint(image)
+    return {b: {"image": image_fp, "matrix": file_fingerprint(BinFiles.of(Path(spaceranger), b).matrix)}
+            for b in bin_ums}

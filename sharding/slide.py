@@ -24,7 +24,7 @@ from magnet.format.validate import Dims
 from magnet.io import atomic_path
 
 from .config import ShardConfig
-from .fingerprint import slide_fingerprint
+from .fingerprint import slide_fingerprints
 from .genes import GeneStats, normalise
 from .image import SlideImage
 from .reader import BinFiles, Bins, read_bins, read_mpp
@@ -41,9 +41,8 @@ def inspect_slide(entry: SlideEntry, bin_ums: list[int], n_genes: int, cfg: Shar
     fingerprint at each bin size."""
     with SlideImage(entry.image) as image:
         size = image.size
-    out = {"n_bins": {}, "stats": None, "fingerprint": {}}
+    out = {"n_bins": {}, "stats": None, "fingerprint": slide_fingerprints(entry.image, entry.spaceranger, bin_ums)}
     for b in bin_ums:
-        out["fingerprint"][b] = slide_fingerprint(entry.image, entry.spaceranger, b)
         stats = GeneStats(n_genes, cfg.genes) if b == stats_bin else None
         bins = read_bins(BinFiles.of(entry.spaceranger, b), size, None, stats, with_barcodes=False)
         out["n_bins"][b] = len(bins.libsize)

@@ -143,7 +143,7 @@ def test_samples_match_inputs(tiny_shards, tiny_cohort):
 
 def test_manifest_records_its_checksum_and_each_slides_fingerprint(tiny_shards, tiny_cohort):
     from magnet.format.manifest import content_sha256
-    from sharding.fingerprint import slide_fingerprint
+    from sharding.fingerprint import slide_fingerprints
 
     prints = {}
     for b in (8, 16):
@@ -151,8 +151,8 @@ def test_manifest_records_its_checksum_and_each_slides_fingerprint(tiny_shards, 
         assert manifest["checksum"] == content_sha256(manifest)
         for slide, rec in manifest["slides"].items():
             prints[(slide, b)] = rec["fingerprint"]
-            assert rec["fingerprint"] == slide_fingerprint(tiny_cohort / slide / f"{slide}_fullres.tif",
-                                                           tiny_cohort / slide / "outs", b)
+            assert rec["fingerprint"] == slide_fingerprints(tiny_cohort / slide / f"{slide}_fullres.tif",
+                                                            tiny_cohort / slide / "outs", [b])[b]
     assert len({p["image"] for p in prints.values()}) == 3  # one per slide, the same at every bin size
     assert len({p["matrix"] for p in prints.values()}) == 6  # one per slide and bin size
 

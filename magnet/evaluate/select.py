@@ -135,37 +135,29 @@ def _shard_manifest(model: LoadedModel):
     return Manifest.load(path) if path.is_file() else None
 
 
-def manifest_splits(model: LoadedModel) -> dict[str, str]:
-    """``slide -> split`` as the model saw it: for a fold model (``data.fold=k``), ``train`` for the slides
-    of the other folds and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's
-    splits ({} when it is not there; one that is there but unreadable is an error)."""
+def training_view(model: LoadedModel) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """``slide -> split`` as the model saw it, and ``training slide -> fingerprint`` (``sharding/fingerprint.py``),
+    from one read of its shard manifest. Splits: for a fold model (``data.fold=k``), ``train`` for the slides of
+    the other folds and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's splits.
+    Both {} when the manifest is not there; one that is there but unreadable is an error."""
     from magnet.data.manifest import fold_roles
 
     data = model.python_model.config.data
+    manifest = _shard_manifest(model)
     if data.fold is not None:
-        return fold_roles(data.folds or {}, data.fold, f"fold{data.fold}", "train")
-    manifest = _shard_manifest(model)
-    return dict(manifest.splits) if manifest is not None else {}
-
-
-def training_fingerprints(model: LoadedModel, splits: dict[str, str]) -> dict[str, dict[str, str]]:
-    """``training slide -> fingerprint`` (``sharding/fingerprint.py``) from the model's shard manifest
-    ({} when it is not reachable)."""
-    manifest = _shard_manifest(model)
+        splits = fold_roles(data.folds or {}, data.fold, f"fold{data.fold}", "train")
+    else:
+        splits = dict(manifest.splits) if manifest is not None else {}
     if manifest is None:
-        return {}
-    return {s: manifest.slides[s]["fingerprint"] for s, role in splits.items()
-            if role == "train" and s in manifest.slides}
+        return splits, {}
+    return splits, {s: manifest.slides[s]["fingerprint"] for s, role in splits.items()
+                    if role == "train" and s in manifest.slides}
 
 
-def _same_content(samplesheet: str, entry: SlideEntry, label: str, model: LoadedModel,
+def _same_content(samplesheet: str, entry: SlideEntry, label: str, mine: dict[str, str],
                   trained: dict[str, dict[str, str]]) -> None:
-    """Refuse ``entry`` when its image or count matrix is that of a training slide of another name."""
-    from sharding.fingerprint import slide_fingerprint
-
-    if not trained:
-        return
-    mine = slide_fingerprint(entry.image, entry.spaceranger, int(model.python_model.bin_um))
+    """Refuse ``entry`` (fingerprint ``mine``) when its image or count matrix is that of a training slide of
+    another name."""
     for other, theirs in sorted(trained.items()):
         same = [part for part in ("image", "matrix") if theirs[part] == mine[part]]
         if same and other != entry.slide:
@@ -178,9 +170,11 @@ def select_slides(samplesheet: str, split: str | None,
                   models: Models) -> list[tuple[SlideEntry, str, dict[str, int | None]]]:
     """(slide, its split, ``{label: fold of the model that scores it}``) for every slide to score; a
     training slide of a model (of every model of a fold entry) is a one-line error."""
-    known = {label: {fold: manifest_splits(m) for fold, m in group.items()} for label, group in models.items()}
-    trained = {label: {fold: training_fingerprints(m, known[label][fold]) for fold, m in group.items()}
-               for label, group in models.items()}
+    from sharding.fingerprint import slide_fingerprints
+
+    views = {label: {fold: training_view(m) for fold, m in group.items()} for label, group in models.items()}
+    known = {label: {fold: v[0] for fold, v in group.items()} for label, group in views.items()}
+    trained = {label: {fold: v[1] for fold, v in group.items()} for label, group in views.items()}
     out = []
     for entry in read_samplesheet(samplesheet):
         seen, scorer = {}, {}
@@ -201,8 +195,13 @@ def select_slides(samplesheet: str, split: str | None,
                 every = " (every fold's)" if None not in known[label] else ""
                 raise UserError(f"{samplesheet}: slide: '{entry.slide}' is a training slide of model '{label}'{every} "
                                 f"(its shard manifest); evaluate on held-out slides")
+        mine: dict[int, dict[str, str]] = {}  # bin size -> this slide's fingerprint, computed once
         for label, fold in scorer.items():
-            _same_content(samplesheet, entry, label, models[label][fold], trained[label][fold])
+            if trained[label][fold]:
+                bin_um = int(models[label][fold].python_model.bin_um)
+                if bin_um not in mine:
+                    mine[bin_um] = slide_fingerprints(entry.image, entry.spaceranger, [bin_um])[bin_um]
+                _same_content(samplesheet, entry, label, mine[bin_um], trained[label][fold])
         out.append((entry, slide_split, scorer))
     if not out:
         raise UserError(f"{samplesheet}: split: no slide {'of split ' + repr(split) + ' ' if split else ''}to evaluate")
