@@ -1,6 +1,7 @@
 """Sharding throughput against the naive layout, at 8 and 16 um, measured in one run.
 
     .venv/bin/python bench/bench_shard.py [--size-um 2500] [--mpp 0.2738] [--slides 4] [--bin-um 8 16] [--workdir DIR]
+                                          [--set KEY=VALUE ...]
 
 One synthetic slide (``magnet synth``, ``--size-um`` square at ``--mpp`` um/px full resolution) is
 written, for each bin size in turn (interleaved, so both sides see the same machine load):
@@ -9,7 +10,8 @@ written, for each bin size in turn (interleaved, so both sides see the same mach
   global (512 px) tile at the slide's own pixel size, the whole image in memory, labels pickled,
   no features; timed from after its imports;
 - ``magnet shard`` on that one slide, end to end as a user runs it (interpreter start, imports,
-  checks, encoder build, the slide, manifest), default config, one core (``ray.num_cpus=1``);
+  checks, encoder build, the slide, manifest), default config plus ``--set`` overrides (e.g.
+  ``encoder.precision=bf16``), one core (``ray.num_cpus=1``);
 - ``magnet shard`` on a cohort of ``--slides`` copies of the slide in one call: the fixed costs are
   paid once, so (cohort - one slide) / (slides - 1) is the steady-state cost of a slide.
 
@@ -66,9 +68,9 @@ def synth(out: Path, size_um: float, mpp: float, copies: int) -> tuple[Path, Pat
     return one, cohort
 
 
-def magnet_shard(sheet: Path, bins: list[int], out: Path) -> dict:
+def magnet_shard(sheet: Path, bins: list[int], out: Path, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "magnet", "shard", "--samplesheet", str(sheet), "--bin-um", *map(str, bins),
-           "--out", str(out), "ray.num_cpus=1", "ray.progress=false"]
+           "--out", str(out), *overrides, "ray.num_cpus=1", "ray.progress=false"]
     wall, cpu, log = timed(cmd)
     seconds = json.loads(log.split("shard: seconds: ", 1)[1].splitlines()[0])
     summaries = [json.loads(line) for line in log.splitlines() if line.startswith('{"bin_um"')]
@@ -163,6 +165,7 @@ def main() -> None:
     p.add_argument("--slides", type=int, default=4, help="copies of the slide in the cohort run (>= 2)")
     p.add_argument("--bin-um", type=int, nargs="+", default=[8, 16])
     p.add_argument("--workdir", default=None)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="magnet shard config overrides")
     p.add_argument("--_naive", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._naive:
@@ -173,14 +176,14 @@ def main() -> None:
         p.error("--slides must be >= 2 (the steady state is the cohort minus one slide)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_shard_"))
     one, cohort = synth(work / "slides", args.size_um, args.mpp, args.slides)
-    print(f"slide {args.size_um:.0f} um at {args.mpp} um/px, magnet shard default config, one core; "
-          f"cohort: {args.slides} copies of the slide")
-    refs, results = {}, {"size_um": args.size_um, "mpp": args.mpp, "slides": args.slides}
+    print(f"slide {args.size_um:.0f} um at {args.mpp} um/px, magnet shard default config "
+          f"{' '.join(args.set) or '(no overrides)'}, one core; cohort: {args.slides} copies of the slide")
+    refs, results = {}, {"size_um": args.size_um, "mpp": args.mpp, "slides": args.slides, "overrides": args.set}
 
     def compare(bin_ums: list[int], ref: dict, tag: str) -> tuple[dict, dict]:
         """One slide end to end and a slide's share of the cohort run, printed against ``ref``."""
-        single = magnet_shard(one, bin_ums, work / f"one{tag}")
-        many = magnet_shard(cohort, bin_ums, work / f"cohort{tag}")
+        single = magnet_shard(one, bin_ums, work / f"one{tag}", args.set)
+        many = magnet_shard(cohort, bin_ums, work / f"cohort{tag}", args.set)
         steady = {k: (many[k] - single[k]) / (args.slides - 1) for k in ("wall", "cpu")}
         steady["bins"] = single["bins"]
         print(row("naive writer (after imports)", ref, ref))

@@ -16,27 +16,38 @@ def spot_boxes(geom: Geometry) -> list[tuple[int, int]]:
 
 
 class FeatureExtractor:
-    """``(image_px, image_px, 3)`` uint8 tile images -> spot (S, F) and global (F,) float16 features."""
+    """``(image_px, image_px, 3)`` uint8 tile images -> spot (S, F) and global (F,) float16 features.
 
-    def __init__(self, cfg: EncoderConfig, geom: Geometry, seed: int, threads: int):
+    The encoder's batch norms are folded into its convolutions (same features up to fp32 rounding; see
+    :mod:`magnet.models.inference`); on the CPU it is called on ``cfg.batch_size`` images at a time."""
+
+    def __init__(self, cfg: EncoderConfig, geom: Geometry, seed: int, threads: int, device: str = "cpu"):
         import torch
 
         from magnet.models.encoder import Encoder
+        from magnet.models.inference import fold_batch_norms
 
         torch.set_num_threads(max(1, threads))
         self.torch = torch
         self.cfg, self.geom = cfg, geom
+        self.device = torch.device(device)
         self.encoder = Encoder(cfg.name, cfg.weights, seed=seed).eval()
+        example = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        self.encoder.backbone, _ = fold_batch_norms(self.encoder.backbone,
+                                                    (example - self.encoder.mean) / self.encoder.std)
+        self.encoder.to(self.device)
         self.dim = self.encoder.num_features
         self.boxes = spot_boxes(geom)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
+        step = self.cfg.batch_size if self.device.type == "cpu" else len(batch)
         out = []
-        with torch.inference_mode():
-            for i in range(0, len(batch), self.cfg.batch_size):
-                x = torch.from_numpy(batch[i:i + self.cfg.batch_size]).permute(0, 3, 1, 2).float().div_(255)
-                out.append(self.encoder(x).float().numpy())
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
+                                                    enabled=self.cfg.precision == "bf16"):
+            for i in range(0, len(batch), step):
+                x = torch.from_numpy(batch[i:i + step]).to(self.device).permute(0, 3, 1, 2)
+                out.append(self.encoder(x).float().cpu().numpy())
         return np.concatenate(out).astype(np.float16)
 
     def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

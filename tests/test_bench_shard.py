@@ -17,11 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_small_run_prints_consistent_figures(tmp_path):
     cmd = [sys.executable, "bench/bench_shard.py", "--size-um", "400", "--slides", "2", "--bin-um", "16",
-           "--workdir", str(tmp_path / "work")]
+           "--workdir", str(tmp_path / "work"), "--set", "encoder.batch_size=4"]
     proc = subprocess.run(cmd, cwd=REPO, env=train_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["overrides"] == ["encoder.batch_size=4"]  # reached magnet shard:
+    assert json.loads((tmp_path / "work/one16/16um/manifest.json").read_text())["config"]["encoder"]["batch_size"] == 4
     fig = res["16um"]
     assert fig["bins"] > 100 and fig["one_slide"]["bins"] == fig["bins"]  # both writers see the same tissue bins
     one = fig["one_slide"]

@@ -25,7 +25,7 @@ class LoadedModel:
     uri: str
     python_model: object  # magnet.registry.pyfunc.MagnetPyfunc: genes, normalisation, geometry, config, predict_batch
     k_neighbours: int
-    encoder: dict  # name, feat_dim, weights (id), input_px
+    encoder: dict  # name, feat_dim, weights (id), input_px, precision (fp32 when not recorded)
     source: dict  # what to record: uri, registered version / run id where known
 
     @property

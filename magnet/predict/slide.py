@@ -74,7 +74,8 @@ def shard_config(model: LoadedModel, cfg: PredictConfig):
     genes = GeneConfig(normalisation=norm["method"], target_sum=float(norm.get("target_sum", 10000.0)))
     sample = SampleConfig(mpp=g.mpp, global_px=g.global_px, spot_px=g.spot_px, bin_px=g.bin_px,
                           image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality, k_neighbours=model.k_neighbours)
-    encoder = EncoderConfig(name=enc["name"], weights=weights, input_px=int(enc.get("input_px", 224)))
+    encoder = EncoderConfig(name=enc["name"], weights=weights, input_px=int(enc.get("input_px", 224)),
+                            precision=enc.get("precision", "fp32"))
     return ShardConfig(seed=seed, shard=sample, genes=genes, encoder=encoder)
 
 
@@ -252,7 +253,8 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
 
         from tqdm import tqdm
 
-        extractor = FeatureExtractor(scfg.encoder, geom, scfg.seed, cfg.threads or torch.get_num_threads())
+        extractor = FeatureExtractor(scfg.encoder, geom, scfg.seed, cfg.threads or torch.get_num_threads(),
+                                     runner.device)
         spot_feat = np.zeros((T, S, extractor.dim), np.float16)
         global_feat = np.zeros((T, extractor.dim), np.float16)
         block = cfg.tiles_per_block
