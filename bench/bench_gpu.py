@@ -14,7 +14,9 @@ FLOPs are counted, not estimated from a formula: torch.utils.flop_counter over f
 batches, per bin (batches differ in bins; the bin encoder's FLOPs scale with them). Peak FLOPs come from a
 table by device name (dense bf16, no sparsity) or --peak-tflops. Then the model is saved in the folder
 ``magnet predict`` reads and one held-out slide is predicted through the real command (bins/s is the
-command's own rate, without imports and model load). The last line is every figure as JSON.
+command's own rate, without imports and model load). Last, the sharding stage's frozen encoder
+(configs/shard/paper.yaml: ResNet-50 at 224 px) on the device: global tiles per second in fp32 and bf16
+(``magnet shard`` runs it on a GPU with ``ray.device=auto``). The last line is every figure as JSON.
 """
 
 from __future__ import annotations
@@ -154,6 +156,38 @@ def predict_rate(work: Path, slides: Path, shards: Path, model_dir: Path, settin
             "settings": " ".join(settings)}
 
 
+def feature_rate(shard_config: str, device, n_tiles: int) -> list[dict]:
+    """The sharding stage's frozen encoder (``shard_config``'s, random weights) on ``device``: global tiles per
+    second, each its spot crops plus the resized global tile, in blocks as ``magnet shard`` reads them, fp32 and
+    bf16."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from magnet.config import load_config
+    from sharding.config import ShardConfig
+    from sharding.features import FeatureExtractor
+    from sharding.slide import TILES_PER_BATCH
+
+    cfg = load_config(ShardConfig, REPO / shard_config, [])
+    geom = cfg.shard.geometry()
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 256, (geom.image_px,) * 2 + (3,), dtype=np.uint8) for _ in range(n_tiles)]
+    rows = []
+    for precision in ("fp32", "bf16"):
+        ex = FeatureExtractor(dataclasses.replace(cfg.encoder, precision=precision), geom, 0,
+                              torch.get_num_threads(), device.type)
+        ex(tiles[:TILES_PER_BATCH])  # warm-up: kernels chosen, memory allocated
+        t0 = time.perf_counter()
+        for i in range(0, n_tiles, TILES_PER_BATCH):
+            ex(tiles[i:i + TILES_PER_BATCH])  # returns numpy: each block waits for the device
+        dt = time.perf_counter() - t0
+        rows.append({"encoder": cfg.encoder.name, "precision": precision, "tiles_per_s": round(n_tiles / dt, 1),
+                     "images_per_s": round(n_tiles * (geom.n_spots + 1) / dt, 1)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, few steps, fp32 (CPU smoke test)")
@@ -244,7 +278,11 @@ def main() -> None:
         torch.cuda.empty_cache()
     pred_row = predict_rate(work, slides, shards, model_dir, a.predict)
     print("predict " + " ".join(f"{k}={v}" for k, v in pred_row.items() if k != "seconds"), flush=True)
-    print(json.dumps({**head, "train": rows, "predict": pred_row}))
+    feat_rows = feature_rate("configs/shard/tiny.yaml" if a.smoke else "configs/shard/paper.yaml", device,
+                             16 if a.smoke else 256)
+    for r in feat_rows:
+        print("features " + " ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+    print(json.dumps({**head, "train": rows, "predict": pred_row, "features": feat_rows}))
     dist.release_shm()
 
 

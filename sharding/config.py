@@ -99,14 +99,22 @@ class SplitConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class RayConfig:
-    """Workers: one per ``cpus_per_task`` local cores (a single worker, for one slide or one core, runs in the
-    command's own process without Ray) and Ray's object store; ``num_cpus`` and the store are ignored on a
-    cluster."""
+    """Workers: one per ``cpus_per_task`` local cores, and per ``gpus_per_task`` GPUs when the frozen encoder
+    runs on GPUs (a single worker, for one slide or one core, runs in the command's own process without Ray),
+    and Ray's object store; ``num_cpus`` and the store are ignored on a cluster."""
 
     num_cpus: int = 0  # 0 = all cores of this machine
     cpus_per_task: int = 1  # cores of each worker, also its torch threads
+    # where the frozen encoder runs: auto = on a GPU when the worker has one (a Ray worker takes gpus_per_task of
+    # a GPU when the cluster has GPUs), else the CPU; features differ between the two at fp32 rounding only
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus_per_task: float = 1.0
     object_store_mb: int = 256
     progress: bool = True
+
+    def __post_init__(self):
+        if self.num_cpus < 0 or self.cpus_per_task < 1 or not self.gpus_per_task > 0:
+            raise ValueError("need num_cpus >= 0, cpus_per_task >= 1 and gpus_per_task > 0")
 
 
 @dataclasses.dataclass(kw_only=True)

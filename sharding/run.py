@@ -106,8 +106,8 @@ class Workers:
         if ray is None:
             self.local = SlideWorker(cfg)
             return
-        slots = int(ray.cluster_resources().get("CPU", 1) // cfg.ray.cpus_per_task)
-        actor = ray.remote(num_cpus=cfg.ray.cpus_per_task)(SlideWorker)
+        slots, opts = worker_slots(cfg, ray.cluster_resources())
+        actor = ray.remote(**opts)(SlideWorker)
         self.actors = [actor.remote(cfg, in_ray=True) for _ in range(max(1, min(n_slides, slots)))]
 
     def map(self, method: str, calls: dict[str, tuple], bar=None) -> dict:
@@ -150,11 +150,31 @@ class Workers:
         self.actors = []
 
 
+def worker_slots(cfg: ShardConfig, resources: dict) -> tuple[int, dict]:
+    """(how many workers fit, their Ray options) on a cluster with ``resources``: each takes ``cpus_per_task``
+    CPUs, and ``gpus_per_task`` of a GPU when the encoder may run on GPUs and the cluster has them."""
+    r = cfg.ray
+    cpu_slots = int(resources.get("CPU", 1) // r.cpus_per_task)
+    gpus = resources.get("GPU", 0) if r.device != "cpu" else 0
+    if gpus >= r.gpus_per_task:
+        return min(cpu_slots, int(gpus // r.gpus_per_task)), {"num_cpus": r.cpus_per_task, "num_gpus": r.gpus_per_task}
+    if r.device == "cuda":
+        raise UserError(f"config: ray.device: cuda, but the Ray cluster has {gpus:g} GPUs "
+                        f"(ray.gpus_per_task {r.gpus_per_task:g} each); use ray.device=auto or cpu")
+    return cpu_slots, {"num_cpus": r.cpus_per_task}
+
+
 @contextlib.contextmanager
 def workers(cfg: ShardConfig, address: str | None, n_slides: int):
     """:class:`Workers` for ``n_slides``: in this process when one local worker does (no Ray started)."""
     local_slots = (cfg.ray.num_cpus or os.cpu_count() or 1) // cfg.ray.cpus_per_task
     if address is None and not _ray_started() and min(n_slides, local_slots) <= 1:
+        if cfg.ray.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("config: ray.device: cuda, but this machine has no CUDA device; "
+                                "use ray.device=auto or cpu")
         yield Workers(cfg)
         return
     with ray_session(address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress) as ray:

@@ -137,9 +137,12 @@ class SlideWorker:
         if self._extractor is None:
             from .features import FeatureExtractor
 
+            import torch
+
             t0 = time.perf_counter()
+            device = "cuda" if self.cfg.ray.device != "cpu" and torch.cuda.is_available() else "cpu"
             self._extractor = FeatureExtractor(self.cfg.encoder, self.cfg.shard.geometry(), self.cfg.seed,
-                                               self.cfg.ray.cpus_per_task)
+                                               self.cfg.ray.cpus_per_task, device)
             built = time.perf_counter() - t0
         progress = self.cfg.ray.progress
         records = shard_slide(entry, split, bin_ums, work_dirs, genes, self.cfg, self._extractor,

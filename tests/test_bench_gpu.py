@@ -33,3 +33,6 @@ def test_smoke_mode_prints_every_figure(tiny_cohort, tiny_shards, tmp_path):
     assert any(line.startswith("train workers=1 samples_per_s=") and "mfu_pct=" in line for line in lines)
     assert any(line.startswith("predict slide=") for line in lines)
     assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert [f["precision"] for f in res["features"]] == ["fp32", "bf16"]
+    for f in res["features"]:  # a tile is 4 spot crops and its global tile
+        assert f["encoder"] == "test_resnet" and f["tiles_per_s"] > 0 and abs(f["images_per_s"] - 5 * f["tiles_per_s"]) < 1

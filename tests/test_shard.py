@@ -294,3 +294,29 @@ def test_2um_bins_with_capped_samples(tiny_cohort, ray_one_cpu, tmp_path, capsys
     assert all(len(np.unique(rc, axis=0)) == len(rc) for _, rc in per_tile)
     assert sum(s["bins_in_tiles"] for s in manifest["slides"].values()) > sum(s["bins"] for s in manifest["slides"].values())
     assert main(["shard", "validate", str(out / "2um")]) == 0
+
+
+def test_workers_take_a_share_of_a_gpu_when_the_cluster_has_gpus():
+    """No GPU here: the scheduling is checked on resource tables as ``ray.cluster_resources()`` gives them."""
+    from magnet.errors import UserError
+    from sharding.config import RayConfig, ShardConfig
+    from sharding.run import worker_slots
+
+    def cfg(**ray):
+        return ShardConfig(ray=RayConfig(**ray))
+
+    assert worker_slots(cfg(), {"CPU": 16.0, "GPU": 2.0}) == (2, {"num_cpus": 1, "num_gpus": 1.0})
+    assert worker_slots(cfg(gpus_per_task=0.25), {"CPU": 16.0, "GPU": 2.0})[0] == 8
+    assert worker_slots(cfg(device="cpu"), {"CPU": 16.0, "GPU": 2.0}) == (16, {"num_cpus": 1})
+    assert worker_slots(cfg(cpus_per_task=4), {"CPU": 16.0}) == (4, {"num_cpus": 4})
+    with pytest.raises(UserError, match="ray.device: cuda, but the Ray cluster has 0 GPUs"):
+        worker_slots(cfg(device="cuda"), {"CPU": 16.0})
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_encoder_on_cuda_without_a_gpu_is_refused_before_any_slide(tiny_cohort, tmp_path, capsys):
+    out = tmp_path / "cuda"
+    assert shard(tiny_cohort / "samplesheet.csv", out, "ray.num_cpus=1", "ray.device=cuda") == 2
+    err = capsys.readouterr().err
+    assert "config: ray.device: cuda, but this machine has no CUDA device" in err and "Traceback" not in err
+    assert not list(out.rglob("*.tar")) and not list(out.rglob("manifest.json"))
