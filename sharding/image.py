@@ -1,8 +1,9 @@
 """Lazy slide image access: square regions at the model pixel size, read on demand.
 
-TIFF (tiled, pyramidal, BigTIFF, or plain) is read through tifffile's zarr store, so only the
-tiles under a region are decoded, from the pyramid level nearest the model pixel size without
-being coarser than it; memory does not grow with the slide. PNG / JPEG are small images read
+TIFF (tiled, pyramidal, BigTIFF, or plain) is read from the pyramid level nearest the model pixel
+size without being coarser than it, decoding only the tiles under a region: a tiled level tile by
+tile through tifffile, keeping recently decoded tiles (at most ``TILE_CACHE_MB``), other layouts
+through tifffile's zarr store; memory does not grow with the slide. PNG / JPEG are small images read
 whole. Grayscale images are refused; RGBA is converted to RGB. Outside the image is white.
 """
 
@@ -51,7 +52,11 @@ class SlideImage:
         for i, level in enumerate(series.levels):
             h, w = (level.shape[1:] if self._planar else level.shape[:2])
             self.size = self.size or (w, h)
-            self._levels.append((self.size[0] / w, zarr.open(series.aszarr(level=i), mode="r")))
+            page = level.pages[0] if len(level.pages) == 1 else None
+            tiled = (isinstance(page, tifffile.TiffPage) and not self._planar and page.is_tiled
+                     and page.tiledepth == 1 and page.dtype == np.uint8)
+            reader = _Tiles(self._tif, page) if tiled else zarr.open(series.aszarr(level=i), mode="r")
+            self._levels.append((self.size[0] / w, reader))
 
     def _open_pil(self) -> None:
         try:
@@ -73,7 +78,9 @@ class SlideImage:
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
         if cx0 < cx1 and cy0 < cy1:
             try:
-                if self._planar:
+                if isinstance(arr, _Tiles):
+                    block = arr.read(cx0, cy0, cx1, cy1)
+                elif self._planar:
                     block = np.moveaxis(np.asarray(arr[:3, cy0:cy1, cx0:cx1]), 0, -1)
                 else:
                     block = np.asarray(arr[cy0:cy1, cx0:cx1, :3])
@@ -113,6 +120,10 @@ class SlideImage:
         import dask.array as da
 
         arr = self._levels[0][1]
+        if isinstance(arr, _Tiles):
+            import zarr
+
+            arr = zarr.open(self._tif.series[0].aszarr(level=0), mode="r")
         chunks = (3, 1024, 1024) if self._planar else (1024, 1024, 3)
         lazy = da.from_array(arr, chunks=chunks if not isinstance(arr, np.ndarray) else -1, lock=True)
         return lazy[:3] if self._planar else lazy[..., :3].transpose(2, 0, 1)
@@ -126,6 +137,54 @@ class SlideImage:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+TILE_CACHE_MB = 192  # decoded TIFF tiles kept per slide: rows of tiles shared by consecutive rows of regions
+
+
+class _Tiles:
+    """One tiled, chunky 8-bit TIFF level read tile by tile, decoded tiles kept in a least-recently-used cache of
+    ``TILE_CACHE_MB``: the regions of one row of global tiles share TIFF tiles with the next row's (their margins),
+    and tifffile's zarr store decodes every tile a slice touches each time it is sliced."""
+
+    def __init__(self, tif, page):
+        from collections import OrderedDict
+
+        self.fh, self.page = tif.filehandle, page
+        self.th, self.tw = page.tilelength, page.tilewidth
+        self.shape = page.shape  # (h, w, samples)
+        self.across = -(-self.shape[1] // self.tw)
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.max_tiles = max(1, TILE_CACHE_MB * 2**20 // (self.th * self.tw * 3))
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] (inside the level) as (h, w, 3)."""
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        for ty in range(y0 // self.th, (y1 - 1) // self.th + 1):
+            for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1):
+                tile = self._tile(ty * self.across + tx)
+                ty0, tx0 = ty * self.th, tx * self.tw
+                sy0, sy1, sx0, sx1 = max(y0, ty0), min(y1, ty0 + self.th), max(x0, tx0), min(x1, tx0 + self.tw)
+                out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = tile[sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0]
+        return out
+
+    def _tile(self, index: int) -> np.ndarray:
+        tile = self.cache.get(index)
+        if tile is not None:
+            self.cache.move_to_end(index)
+            return tile
+        page, size = self.page, self.page.databytecounts[index]
+        if size == 0:  # a tile the writer left out reads as the zarr store's fill value
+            tile = np.zeros((self.th, self.tw, 3), np.uint8)
+        else:
+            self.fh.seek(page.dataoffsets[index])
+            data = self.fh.read(size)  # before page.decode: building that function on first use reads the file
+            segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            tile = np.ascontiguousarray(segment.reshape(self.th, self.tw, -1)[..., :3])
+        self.cache[index] = tile
+        if len(self.cache) > self.max_tiles:
+            self.cache.popitem(last=False)
+        return tile
 
 
 ROW_READ_PX = 8192  # widest level block read at once for a run of regions on one row

@@ -100,6 +100,34 @@ def test_regions_read_each_row_once_and_equal_region(slide_files, kind, mpp, mpp
     assert len(reads) == 6
 
 
+def test_tiled_tiff_levels_are_read_tile_by_tile_as_the_zarr_store_reads_them(slide_files, monkeypatch):
+    """Decoded tiles are cached (a small cache here, so tiles are evicted and decoded again): every box, inside,
+    across and past the edges, equals tifffile's zarr store; other layouts keep the zarr store."""
+    import zarr
+
+    from sharding import image as image_mod
+
+    monkeypatch.setattr(image_mod, "TILE_CACHE_MB", 1)  # 5 tiles of 256 px
+    rng = np.random.default_rng(3)
+    with SlideImage(slide_files["jpeg"]) as im:
+        assert all(isinstance(level, image_mod._Tiles) for _, level in im._levels) and len(im._levels) == 2
+        for i, (_, level) in enumerate(im._levels):
+            ref = zarr.open(im._tif.series[0].aszarr(level=i), mode="r")
+            h, w = ref.shape[:2]
+            for _ in range(25):
+                x0, y0 = (int(v) for v in rng.integers(-50, (w, h)))
+                x1, y1 = x0 + int(rng.integers(1, 700)), y0 + int(rng.integers(1, 700))
+                got = im._read(level, x0, y0, x1, y1)
+                want = np.full_like(got, 255)
+                cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+                if cx0 < cx1 and cy0 < cy1:
+                    want[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = ref[cy0:cy1, cx0:cx1, :3]
+                assert np.array_equal(got, want), (i, x0, y0, x1, y1)
+                assert len(level.cache) <= level.max_tiles == 5
+    with SlideImage(slide_files["planar"]) as im:
+        assert not any(isinstance(level, image_mod._Tiles) for _, level in im._levels)
+
+
 def write_sheet(tmp_path: Path, rows: list[str], header="slide,spaceranger,image,patient,split") -> Path:
     for name in ("outs", "img.tif"):
         (tmp_path / name).mkdir(exist_ok=True) if name == "outs" else (tmp_path / name).write_bytes(b"")
