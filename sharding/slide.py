@@ -135,9 +135,9 @@ class SlideWorker:
         """:func:`shard_slide` with this worker's encoder; the first slide's records also count its build."""
         built = 0.0
         if self._extractor is None:
-            from .features import FeatureExtractor
-
             import torch
+
+            from .features import FeatureExtractor
 
             t0 = time.perf_counter()
             device = "cuda" if self.cfg.ray.device != "cpu" and torch.cuda.is_available() else "cpu"
