@@ -69,8 +69,8 @@ class EncoderConfig:
     name: str = "regnetx_002"  # 6.5 ms per 224 px crop on one CPU core (fp32), 368 features (resnet18: 53 ms, 512)
     weights: str | None = None  # local checkpoint, timm:NAME / hf-hub:ORG/NAME, or None = random (seed)
     input_px: int = 224  # the 512 px global tile is resized to this before the encoder (0 = native)
-    # fp32, or bf16 autocast: about 1.8x faster on CPUs with AVX512-BF16/AMX and on GPUs, much slower on CPUs
-    # without; the features differ from fp32 ones at bf16 rounding. Recorded in the manifest and used again by
+    # fp32, or bf16 autocast: features 1.5x faster on a CPU core with AVX512-BF16, slower on CPUs without it
+    # (GPUs: bench/bench_gpu.py); the features differ from fp32 ones at bf16 rounding. Recorded in the manifest and used again by
     # magnet predict, so a model meets the same features in training and prediction.
     precision: Literal["fp32", "bf16"] = "fp32"
     # images per encoder call on the CPU (a GPU takes a block of tiles at once); regnetx_002 at 224 px, one core,
