@@ -188,6 +188,34 @@ def test_training_slide_under_another_name_is_refused(registered, tiny_cohort, t
             "mlflow=false"], capsys, out, f"'renamed' has the image and matrix of '{train}', a training slide of model")
 
 
+def test_training_slides_are_refused_without_the_shards(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
+    """The model carries its slides' splits and fingerprints (model_meta.json): with its shard folder gone, as for
+    a registered model on another machine, a training slide is still refused by name and under another name."""
+    import yaml
+
+    _, run_dir = registered
+    model = tmp_path / "model"
+    shutil.copytree(run_dir / "model", model)
+    config = next(model.rglob("config.yaml"))
+    doc = yaml.safe_load(config.read_text())
+    doc["config"]["data"]["shards"] = str(tmp_path / "gone")
+    config.write_text(yaml.safe_dump(doc))
+    meta = json.loads(next(model.rglob("model_meta.json")).read_text())
+    splits = _splits(tiny_shards)
+    assert {s: r["split"] for s, r in meta["slides"].items()} == splits
+    train = next(s for s, split in splits.items() if split == "train")
+    out = tmp_path / "eval"
+    _fails(["evaluate", "--model", str(model), "--samplesheet", str(_sheet(tiny_cohort, tmp_path, [train])),
+            "--out", str(out), "mlflow=false"], capsys, out, f"'{train}' is a training slide of model")
+    copy = tmp_path / "renamed"
+    shutil.copytree(tiny_cohort / train / "outs", copy / "outs")
+    shutil.copy(tiny_cohort / train / f"{train}_fullres.tif", copy / "renamed_fullres.tif")
+    sheet = tmp_path / "copied.csv"
+    sheet.write_text(f"slide,spaceranger,image\nrenamed,{copy / 'outs'},{copy / 'renamed_fullres.tif'}\n")
+    _fails(["evaluate", "--model", str(model), "--samplesheet", str(sheet), "--out", str(out), "mlflow=false"],
+           capsys, out, f"'renamed' has the image and matrix of '{train}', a training slide of model")
+
+
 def test_existing_evaluation_is_refused_then_replaced_whole(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
     """An evaluation folder is refused in one line before any model is loaded; --overwrite replaces the folder whole
     (a file of the earlier run that this one does not write is gone) and only a folder magnet evaluate wrote."""
@@ -208,8 +236,8 @@ def test_existing_evaluation_is_refused_then_replaced_whole(registered, tiny_coh
 
 
 def test_unreadable_shard_manifest_of_a_model_is_one_line(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
-    """The manifest tells a model's training slides; one that is there but not JSON was ignored (and with it the
-    training-slide check): now one line naming it."""
+    """A model written before its slides were recorded with it learns its training slides from the manifest; one
+    that is there but not JSON was ignored (and with it the training-slide check): now one line naming it."""
     import yaml
 
     _, run_dir = registered
@@ -219,6 +247,8 @@ def test_unreadable_shard_manifest_of_a_model_is_one_line(registered, tiny_cohor
     doc = yaml.safe_load(config.read_text())
     doc["config"]["data"]["shards"] = str(tmp_path / "shards")
     config.write_text(yaml.safe_dump(doc))
+    meta = next(model.rglob("model_meta.json"))
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "slides"}))  # older model
     bad = tmp_path / "shards" / "16um" / "manifest.json"
     bad.parent.mkdir(parents=True)
     bad.write_text("not json {")

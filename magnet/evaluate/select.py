@@ -1,9 +1,10 @@
 """What ``magnet evaluate`` compares: the models (labelled), the genes, and the held-out slides.
 
-A slide's split comes from the samplesheet's ``split`` column, else from the shard manifest each model
-was trained from (``data.shards``, when that folder is reachable), else it is ``unseen``. A slide a
-model trained on is refused: scores on it say nothing about held-out slides. So is a slide under another
-name whose image or count matrix has a training slide's fingerprint in that manifest
+A slide's split comes from the samplesheet's ``split`` column, else from the slides recorded with each
+model (``model_meta.json``: split and fingerprint of every slide of its shard set; for models written
+before that record, the shard manifest of ``data.shards`` when that folder is reachable), else it is
+``unseen``. A slide a model trained on is refused: scores on it say nothing about held-out slides. So is
+a slide under another name whose image or count matrix has a training slide's fingerprint
 (``sharding/fingerprint.py``).
 
 Cross-validation: models sharing a label that were each trained with ``data.fold`` (one per fold) form
@@ -137,21 +138,23 @@ def _shard_manifest(model: LoadedModel):
 
 def training_view(model: LoadedModel) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """``slide -> split`` as the model saw it, and ``training slide -> fingerprint`` (``sharding/fingerprint.py``),
-    from one read of its shard manifest. Splits: for a fold model (``data.fold=k``), ``train`` for the slides of
-    the other folds and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's splits.
-    Both {} when the manifest is not there; one that is there but unreadable is an error."""
+    from the slides recorded with the model (``model_meta.json``), else (models written before that) from one read
+    of its shard manifest. Splits: for a fold model (``data.fold=k``), ``train`` for the slides of the other folds
+    and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's splits. Both {} for an older
+    model whose manifest is not there; one that is there but unreadable is an error."""
     from magnet.data.manifest import fold_roles
 
     data = model.python_model.config.data
-    manifest = _shard_manifest(model)
+    if model.slides:
+        splits = {s: r["split"] for s, r in model.slides.items()}
+        prints = {s: r["fingerprint"] for s, r in model.slides.items()}
+    else:
+        manifest = _shard_manifest(model)
+        splits = dict(manifest.splits) if manifest is not None else {}
+        prints = {s: r["fingerprint"] for s, r in manifest.slides.items()} if manifest is not None else {}
     if data.fold is not None:
         splits = fold_roles(data.folds or {}, data.fold, f"fold{data.fold}", "train")
-    else:
-        splits = dict(manifest.splits) if manifest is not None else {}
-    if manifest is None:
-        return splits, {}
-    return splits, {s: manifest.slides[s]["fingerprint"] for s, role in splits.items()
-                    if role == "train" and s in manifest.slides}
+    return splits, {s: prints[s] for s, role in splits.items() if role == "train" and s in prints}
 
 
 def _same_content(samplesheet: str, entry: SlideEntry, label: str, mine: dict[str, str],
@@ -162,7 +165,7 @@ def _same_content(samplesheet: str, entry: SlideEntry, label: str, mine: dict[st
         same = [part for part in ("image", "matrix") if theirs[part] == mine[part]]
         if same and other != entry.slide:
             raise UserError(f"{samplesheet}: slide: '{entry.slide}' has the {' and '.join(same)} of '{other}', a "
-                            f"training slide of model '{label}' (fingerprints in its shard manifest); evaluate on "
+                            f"training slide of model '{label}' (fingerprints recorded with it); evaluate on "
                             f"held-out slides")
 
 
@@ -194,7 +197,7 @@ def select_slides(samplesheet: str, split: str | None,
             if s == "train":
                 every = " (every fold's)" if None not in known[label] else ""
                 raise UserError(f"{samplesheet}: slide: '{entry.slide}' is a training slide of model '{label}'{every} "
-                                f"(its shard manifest); evaluate on held-out slides")
+                                f"(as recorded with it); evaluate on held-out slides")
         mine: dict[int, dict[str, str]] = {}  # bin size -> this slide's fingerprint, computed once
         for label, fold in scorer.items():
             if trained[label][fold]:

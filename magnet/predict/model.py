@@ -27,6 +27,7 @@ class LoadedModel:
     k_neighbours: int
     encoder: dict  # name, feat_dim, weights (id), input_px, precision (fp32 when not recorded)
     source: dict  # what to record: uri, registered version / run id where known
+    slides: dict = dataclasses.field(default_factory=dict)  # slide -> split, fingerprint as trained ({}: older models)
 
     @property
     def genes(self) -> list[str]:
@@ -93,7 +94,7 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
     with np.load(art / "example_input.npz") as ex:
         k = int(ex["nbr_mask"].shape[0]) - 1
     return LoadedModel(uri=uri, python_model=python_model, k_neighbours=k, encoder=dict(meta["encoder"]),
-                       source=source)
+                       source=source, slides=dict(meta.get("slides", {})))
 
 
 def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:

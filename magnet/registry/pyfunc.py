@@ -97,7 +97,11 @@ def write_model_files(folder: Path, state_dict: dict, cfg, shard_set, example: d
     man = shard_set.manifest
     meta = {"genes": shard_set.genes, "normalisation": shard_set.normalisation, "bin_um": man.bin_um,
             "geometry": shard_set.geometry.to_dict(), "feat_dim": man.feat_dim,
-            "format_version": man.format_version, "encoder": man.encoder}
+            "format_version": man.format_version, "encoder": man.encoder,
+            # the slides as the model saw them, so magnet evaluate can refuse its training slides (by name and by
+            # content) where the shard folder is not reachable, e.g. a registered model on another machine
+            "slides": {name: {"split": rec["split"], "fingerprint": rec["fingerprint"]}
+                       for name, rec in sorted(man.slides.items())}}
     (folder / "model_meta.json").write_text(json.dumps(meta, indent=1))
     save_config(cfg, folder / "config.yaml")
     np.savez(folder / "example_input.npz", **example)
