@@ -169,7 +169,7 @@ def test_training_slide_is_refused(registered, tiny_cohort, tiny_shards, tmp_pat
 
 def test_training_slide_under_another_name_is_refused(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
     """Slide identity by content: a training slide's image and matrix copied under a new name are refused (their
-    fingerprints are a training slide's in the model's shard manifest); the held-out slides still pass."""
+    fingerprints are a training slide's, recorded with the model); the held-out slides still pass."""
     from magnet.evaluate.select import load_models, select_slides
 
     _, run_dir = registered
