@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -25,6 +26,29 @@ def _sheet(tiny_cohort, tmp_path, slides: list[str]):
         f"{s},{tiny_cohort / s / 'outs'},{tiny_cohort / s / f'{s}_fullres.tif'}" for s in slides]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _model_copy(run_dir, tmp_path, shards) -> Path:
+    """A copy of the run's model folder whose ``data.shards`` is ``shards``."""
+    import yaml
+
+    model = tmp_path / "model"
+    shutil.copytree(run_dir / "model", model)
+    config = next(model.rglob("config.yaml"))
+    doc = yaml.safe_load(config.read_text())
+    doc["config"]["data"]["shards"] = str(shards)
+    config.write_text(yaml.safe_dump(doc))
+    return model
+
+
+def _renamed_copy(tiny_cohort, slide: str, tmp_path) -> Path:
+    """A samplesheet of ``slide``'s image and Space Ranger folder copied under the name ``renamed``."""
+    copy = tmp_path / "renamed"
+    shutil.copytree(tiny_cohort / slide / "outs", copy / "outs")
+    shutil.copy(tiny_cohort / slide / f"{slide}_fullres.tif", copy / "renamed_fullres.tif")
+    sheet = tmp_path / "copied.csv"
+    sheet.write_text(f"slide,spaceranger,image\nrenamed,{copy / 'outs'},{copy / 'renamed_fullres.tif'}\n")
+    return sheet
 
 
 def _rows(path) -> list[dict]:
@@ -178,11 +202,7 @@ def test_training_slide_under_another_name_is_refused(registered, tiny_cohort, t
     held = [s for s, split in splits.items() if split != "train"]
     models = load_models([str(run_dir / "model")], None, None)
     assert [e.slide for e, _, _ in select_slides(str(_sheet(tiny_cohort, tmp_path, held)), None, models)] == held
-    copy = tmp_path / "renamed"
-    shutil.copytree(tiny_cohort / train / "outs", copy / "outs")
-    shutil.copy(tiny_cohort / train / f"{train}_fullres.tif", copy / "renamed_fullres.tif")
-    sheet = tmp_path / "copied.csv"
-    sheet.write_text(f"slide,spaceranger,image\nrenamed,{copy / 'outs'},{copy / 'renamed_fullres.tif'}\n")
+    sheet = _renamed_copy(tiny_cohort, train, tmp_path)
     out = tmp_path / "eval"
     _fails(["evaluate", "--model", str(run_dir / "model"), "--samplesheet", str(sheet), "--out", str(out),
             "mlflow=false"], capsys, out, f"'renamed' has the image and matrix of '{train}', a training slide of model")
@@ -191,15 +211,7 @@ def test_training_slide_under_another_name_is_refused(registered, tiny_cohort, t
 def test_training_slides_are_refused_without_the_shards(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
     """The model carries its slides' splits and fingerprints (model_meta.json): with its shard folder gone, as for
     a registered model on another machine, a training slide is still refused by name and under another name."""
-    import yaml
-
-    _, run_dir = registered
-    model = tmp_path / "model"
-    shutil.copytree(run_dir / "model", model)
-    config = next(model.rglob("config.yaml"))
-    doc = yaml.safe_load(config.read_text())
-    doc["config"]["data"]["shards"] = str(tmp_path / "gone")
-    config.write_text(yaml.safe_dump(doc))
+    model = _model_copy(registered[1], tmp_path, tmp_path / "gone")
     meta = json.loads(next(model.rglob("model_meta.json")).read_text())
     splits = _splits(tiny_shards)
     assert {s: r["split"] for s, r in meta["slides"].items()} == splits
@@ -207,11 +219,7 @@ def test_training_slides_are_refused_without_the_shards(registered, tiny_cohort,
     out = tmp_path / "eval"
     _fails(["evaluate", "--model", str(model), "--samplesheet", str(_sheet(tiny_cohort, tmp_path, [train])),
             "--out", str(out), "mlflow=false"], capsys, out, f"'{train}' is a training slide of model")
-    copy = tmp_path / "renamed"
-    shutil.copytree(tiny_cohort / train / "outs", copy / "outs")
-    shutil.copy(tiny_cohort / train / f"{train}_fullres.tif", copy / "renamed_fullres.tif")
-    sheet = tmp_path / "copied.csv"
-    sheet.write_text(f"slide,spaceranger,image\nrenamed,{copy / 'outs'},{copy / 'renamed_fullres.tif'}\n")
+    sheet = _renamed_copy(tiny_cohort, train, tmp_path)
     _fails(["evaluate", "--model", str(model), "--samplesheet", str(sheet), "--out", str(out), "mlflow=false"],
            capsys, out, f"'renamed' has the image and matrix of '{train}', a training slide of model")
 
@@ -238,15 +246,7 @@ def test_existing_evaluation_is_refused_then_replaced_whole(registered, tiny_coh
 def test_unreadable_shard_manifest_of_a_model_is_one_line(registered, tiny_cohort, tiny_shards, tmp_path, capsys):
     """A model written before its slides were recorded with it learns its training slides from the manifest; one
     that is there but not JSON was ignored (and with it the training-slide check): now one line naming it."""
-    import yaml
-
-    _, run_dir = registered
-    model = tmp_path / "model"
-    shutil.copytree(run_dir / "model", model)
-    config = next(model.rglob("config.yaml"))
-    doc = yaml.safe_load(config.read_text())
-    doc["config"]["data"]["shards"] = str(tmp_path / "shards")
-    config.write_text(yaml.safe_dump(doc))
+    model = _model_copy(registered[1], tmp_path, tmp_path / "shards")
     meta = next(model.rglob("model_meta.json"))
     meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "slides"}))  # older model
     bad = tmp_path / "shards" / "16um" / "manifest.json"
