@@ -18,37 +18,32 @@ def spot_boxes(geom: Geometry) -> list[tuple[int, int]]:
 class FeatureExtractor:
     """``(image_px, image_px, 3)`` uint8 tile images -> spot (S, F) and global (F,) float16 features.
 
-    The encoder's batch norms are folded into its convolutions (same features up to fp32 rounding; see
-    :mod:`magnet.models.inference`); on the CPU it is called on ``cfg.batch_size`` images at a time."""
+    The encoder is prepared as for prediction (:func:`magnet.models.inference.prepare_encoder`): batch norms
+    folded into its convolutions (same features up to fp32 rounding), channels-last, and on the CPU called on
+    ``cfg.batch_size`` images at a time (a GPU takes a whole block)."""
 
     def __init__(self, cfg: EncoderConfig, geom: Geometry, seed: int, threads: int, device: str = "cpu"):
         import torch
 
         from magnet.models.encoder import Encoder
-        from magnet.models.inference import fold_batch_norms
+        from magnet.models.inference import prepare_encoder
 
         torch.set_num_threads(max(1, threads))
         self.torch = torch
         self.cfg, self.geom = cfg, geom
         self.device = torch.device(device)
         self.encoder = Encoder(cfg.name, cfg.weights, seed=seed).eval()
-        example = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-        self.encoder.backbone, _ = fold_batch_norms(self.encoder.backbone,
-                                                    (example - self.encoder.mean) / self.encoder.std)
+        prepare_encoder(self.encoder, encoder_batch=cfg.batch_size if self.device.type == "cpu" else 0)
         self.encoder.to(self.device)
         self.dim = self.encoder.num_features
         self.boxes = spot_boxes(geom)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
-        step = self.cfg.batch_size if self.device.type == "cpu" else len(batch)
-        out = []
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
                                                     enabled=self.cfg.precision == "bf16"):
-            for i in range(0, len(batch), step):
-                x = torch.from_numpy(batch[i:i + step]).to(self.device).permute(0, 3, 1, 2)
-                out.append(self.encoder(x).float().cpu().numpy())
-        return np.concatenate(out).astype(np.float16)
+            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+            return self.encoder(x).float().cpu().numpy().astype(np.float16)
 
     def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Features of a list of tile images: spot (N, S, F) and global (N, F)."""

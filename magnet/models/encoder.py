@@ -45,9 +45,10 @@ def weights_id(weights: str | None, seed: int) -> str:
 
 class Encoder(nn.Module):
     """timm backbone -> pooled embedding ``(N, num_features)``; input (N, 3, H, W) uint8 in [0, 255] or float in
-    [0, 1]. ``max_batch`` (0: all at once) splits the input into calls of at most that many images (prediction,
-    :func:`magnet.models.inference.for_inference`): small calls keep a conv's activations in the CPU's cache, and
-    each image's embedding is its own, so the split changes nothing beyond fp32 rounding."""
+    [0, 1]. ``max_batch`` (0: all at once) splits the input into calls of at most that many images (prediction and
+    the sharding stage's frozen features, :func:`magnet.models.inference.prepare_encoder`): small calls keep a
+    conv's activations in the CPU's cache, and each image's embedding is its own, so the split changes nothing
+    beyond fp32 rounding."""
 
     def __init__(self, name: str, weights: str | None = None, seed: int = 0, channels_last: bool = True):
         super().__init__()

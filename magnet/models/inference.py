@@ -74,18 +74,28 @@ def fold_batch_norms(encoder: nn.Module, example: torch.Tensor) -> tuple[nn.Modu
 def for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True, compile: bool = False,
                   encoder_batch: int = 0, input_px: int = 64) -> dict:
     """Ready ``model`` (eval mode) for prediction in place: its image encoder (``model.encoder``, a
-    :class:`magnet.models.encoder.Encoder`) folded and channels-last, optionally compiled, and called on at most
-    ``encoder_batch`` images at a time (0: a whole batch). Returns what was done."""
+    :class:`magnet.models.encoder.Encoder`) through :func:`prepare_encoder`. Returns what was done."""
     from magnet.models.encoder import Encoder
 
     model.eval()
     if hasattr(model, "inference_ready"):  # a cohort worker predicts slide after slide with one model
         return model.inference_ready
-    done = {"folded_batch_norms": 0, "channels_last": False, "compiled": False, "encoder_batch": 0}
-    model.inference_ready = done
     enc = getattr(model, "encoder", None)
     if not isinstance(enc, Encoder):
-        return done
+        model.inference_ready = {"folded_batch_norms": 0, "channels_last": False, "compiled": False,
+                                 "encoder_batch": 0}
+    else:
+        model.inference_ready = prepare_encoder(enc, fold_bn=fold_bn, channels_last=channels_last, compile=compile,
+                                                encoder_batch=encoder_batch, input_px=input_px)
+    return model.inference_ready
+
+
+def prepare_encoder(enc, *, fold_bn: bool = True, channels_last: bool = True, compile: bool = False,
+                    encoder_batch: int = 0, input_px: int = 64) -> dict:
+    """An eval-mode :class:`magnet.models.encoder.Encoder` (a model's bin encoder, or the sharding stage's frozen
+    one) folded and channels-last, optionally compiled, and called on at most ``encoder_batch`` images at a time
+    (0: a whole batch), in place. Returns what was done."""
+    done = {"folded_batch_norms": 0, "channels_last": False, "compiled": False, "encoder_batch": 0}
     if fold_bn:
         example = torch.rand(2, 3, input_px, input_px, generator=torch.Generator().manual_seed(0))
         example = example.to(next(enc.parameters()).device)
