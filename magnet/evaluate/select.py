@@ -145,16 +145,14 @@ def training_view(model: LoadedModel) -> tuple[dict[str, str], dict[str, dict[st
     from magnet.data.manifest import fold_roles
 
     data = model.python_model.config.data
-    if model.slides:
-        splits = {s: r["split"] for s, r in model.slides.items()}
-        prints = {s: r["fingerprint"] for s, r in model.slides.items()}
-    else:
+    slides = model.slides  # slide -> split, fingerprint
+    if not slides:
         manifest = _shard_manifest(model)
-        splits = dict(manifest.splits) if manifest is not None else {}
-        prints = {s: r["fingerprint"] for s, r in manifest.slides.items()} if manifest is not None else {}
+        slides = manifest.slides if manifest is not None else {}
+    splits = {s: r["split"] for s, r in slides.items()}
     if data.fold is not None:
         splits = fold_roles(data.folds or {}, data.fold, f"fold{data.fold}", "train")
-    return splits, {s: prints[s] for s, role in splits.items() if role == "train" and s in prints}
+    return splits, {s: slides[s]["fingerprint"] for s, role in splits.items() if role == "train" and s in slides}
 
 
 def _same_content(samplesheet: str, entry: SlideEntry, label: str, mine: dict[str, str],
