@@ -92,28 +92,17 @@ class SlideImage:
 
     def region(self, x0: float, y0: float, size: int, mpp: float, mpp_full: float) -> np.ndarray:
         """The ``size`` px square whose top-left is model pixel (x0, y0); model px = full-res px * mpp_full / mpp."""
-        return self.regions([(x0, y0)], size, mpp, mpp_full)[0]
-
-    def regions(self, origins: list[tuple[float, float]], size: int, mpp: float, mpp_full: float) -> list[np.ndarray]:
-        """:meth:`region` of each (x0, y0) in ``origins``, in order; consecutive origins on one row (same y0)
-        whose pixels overlap or touch are read from the level in one piece, so pixels they share are decoded once."""
         # coarsest level that is not coarser than the model pixel size (never upsample a coarse level)
         down, arr = next(((d, a) for d, a in reversed(self._levels) if mpp_full * d <= mpp * 1.001), self._levels[0])
         scale = mpp / (mpp_full * down)  # level px per model px
-        boxes = [_level_box(x0, y0, size, scale) for x0, y0 in origins]
-        out: list[np.ndarray] = []
-        for run, (ux0, uy0, ux1, uy1) in _row_runs(origins, boxes):
-            union = self._read(arr, ux0, uy0, ux1, uy1)
-            for i in run:
-                (ix0, iy0, ix1, iy1), box = boxes[i]
-                block = union[iy0 - uy0:iy1 - uy0, ix0 - ux0:ix1 - ux0]
-                x0, y0 = origins[i]
-                if abs(scale - 1) < 1e-9 and float(x0).is_integer() and float(y0).is_integer():
-                    out.append(block[1:1 + size, 1:1 + size].copy())
-                else:
-                    out.append(np.asarray(Image.fromarray(block).resize((size, size), Image.Resampling.BILINEAR,
-                                                                         box=box)))
-        return out
+        bx0, by0 = x0 * scale, y0 * scale
+        bx1, by1 = (x0 + size) * scale, (y0 + size) * scale
+        ix0, iy0, ix1, iy1 = math.floor(bx0) - 1, math.floor(by0) - 1, math.ceil(bx1) + 1, math.ceil(by1) + 1
+        block = self._read(arr, ix0, iy0, ix1, iy1)
+        if abs(scale - 1) < 1e-9 and float(x0).is_integer() and float(y0).is_integer():
+            return block[1:1 + size, 1:1 + size].copy()
+        box = (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
+        return np.asarray(Image.fromarray(block).resize((size, size), Image.Resampling.BILINEAR, box=box))
 
     def full_resolution(self):
         """Level 0 as (c, y, x) RGB, a dask array whose chunks read only their own tiles (while open)."""
@@ -139,13 +128,13 @@ class SlideImage:
         self.close()
 
 
-TILE_CACHE_MB = 192  # decoded TIFF tiles kept per slide: rows of tiles shared by consecutive rows of regions
+TILE_CACHE_MB = 192  # decoded TIFF tiles kept per level: about one row of regions' tiles plus the next's
 
 
 class _Tiles:
     """One tiled, chunky 8-bit TIFF level read tile by tile, decoded tiles kept in a least-recently-used cache of
-    ``TILE_CACHE_MB``: the regions of one row of global tiles share TIFF tiles with the next row's (their margins),
-    and tifffile's zarr store decodes every tile a slice touches each time it is sliced."""
+    ``TILE_CACHE_MB``: neighbouring regions share TIFF tiles (their margins, and tile borders that do not align
+    with theirs), and tifffile's zarr store decodes every tile a slice touches each time it is sliced."""
 
     def __init__(self, tif, page):
         from collections import OrderedDict
@@ -185,33 +174,6 @@ class _Tiles:
         if len(self.cache) > self.max_tiles:
             self.cache.popitem(last=False)
         return tile
-
-
-ROW_READ_PX = 8192  # widest level block read at once for a run of regions on one row
-
-
-def _level_box(x0: float, y0: float, size: int, scale: float) -> tuple[tuple[int, int, int, int],
-                                                                       tuple[float, float, float, float]]:
-    """Level px box (ix0, iy0, ix1, iy1) read for a region, and the region's exact box within it."""
-    bx0, by0 = x0 * scale, y0 * scale
-    bx1, by1 = (x0 + size) * scale, (y0 + size) * scale
-    ix0, iy0, ix1, iy1 = math.floor(bx0) - 1, math.floor(by0) - 1, math.ceil(bx1) + 1, math.ceil(by1) + 1
-    return (ix0, iy0, ix1, iy1), (bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
-
-
-def _row_runs(origins: list[tuple[float, float]], boxes: list) -> list[tuple[list[int], tuple[int, int, int, int]]]:
-    """Consecutive indices of ``origins`` in runs on one row (same y0) whose level boxes overlap or touch,
-    each with its union box, at most ``ROW_READ_PX`` wide (a single region may be wider)."""
-    runs: list[tuple[list[int], tuple[int, int, int, int]]] = []
-    for i, ((ix0, iy0, ix1, iy1), _) in enumerate(boxes):
-        if runs:
-            run, (ux0, uy0, ux1, uy1) = runs[-1]
-            vx0, vx1 = min(ux0, ix0), max(ux1, ix1)
-            if origins[i][1] == origins[run[0]][1] and ix0 <= ux1 and ux0 <= ix1 and vx1 - vx0 <= ROW_READ_PX:
-                runs[-1] = (run + [i], (vx0, uy0, vx1, uy1))
-                continue
-        runs.append(([i], (ix0, iy0, ix1, iy1)))
-    return runs
 
 
 FULLRES_BLOCK_PX = 4096  # at most this many full-res px per side are decoded at a time

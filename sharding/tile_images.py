@@ -35,8 +35,8 @@ class EncodedTiles:
         """Decoded images of the tiles ``(gx, gy)`` in ``block``, in order; their encoded bytes are kept."""
         g = self.geom
         t0 = time.perf_counter()
-        imgs = self.image.regions([g.tile_origin_px(int(gx), int(gy)) for gx, gy in block], g.image_px, g.mpp,
-                                  self.mpp_full)
+        imgs = [self.image.region(*g.tile_origin_px(int(gx), int(gy)), g.image_px, g.mpp, self.mpp_full)
+                for gx, gy in block]
         t1 = time.perf_counter()
         self.spill.seek(0, 2)
         for img in imgs:

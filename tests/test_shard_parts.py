@@ -70,34 +70,16 @@ def test_rgba_png_is_read_as_rgb(tmp_path):
 
 @pytest.fixture(scope="module")
 def slide_files(tmp_path_factory) -> dict[str, Path]:
-    """One 900 x 1000 px image as a tiled pyramidal JPEG TIFF, a tiled planar TIFF and a PNG."""
+    """One 900 x 1000 px image as a tiled pyramidal JPEG TIFF and a tiled planar TIFF."""
     rgb = np.ascontiguousarray(smooth_rgb(1024, seed=5)[:1000, :900])
-    folder = tmp_path_factory.mktemp("rows")
-    paths = {"jpeg": folder / "slide.tif", "planar": folder / "planar.tif", "png": folder / "slide.png"}
+    folder = tmp_path_factory.mktemp("tiffs")
+    paths = {"jpeg": folder / "slide.tif", "planar": folder / "planar.tif"}
     with tifffile.TiffWriter(paths["jpeg"], bigtiff=True) as tif:
         tif.write(rgb, tile=(256, 256), subifds=1, photometric="rgb", compression="jpeg")
         tif.write(halve(rgb), tile=(256, 256), subfiletype=1, photometric="rgb", compression="jpeg")
     tifffile.imwrite(paths["planar"], np.moveaxis(rgb, -1, 0), tile=(256, 256), photometric="rgb",
                      planarconfig="separate")
-    Image.fromarray(rgb).save(paths["png"])
     return paths
-
-
-# rows of overlapping neighbours with a gap, partly or wholly outside the image: 6 runs of 16 regions
-ROW_ORIGINS = ([(x, -20) for x in (-30, 34, 98, 162, 400, 464)] + [(x, 300) for x in (-30, 34, 98, 162, 400, 464)]
-               + [(470, 480), (534, 480), (850, 960), (914, 960)])
-
-
-@pytest.mark.parametrize("kind", ["jpeg", "planar", "png"])
-@pytest.mark.parametrize("mpp, mpp_full", [(0.5, 0.2738), (0.2738, 0.2738), (0.5, 0.25)])
-def test_regions_read_each_row_once_and_equal_region(slide_files, kind, mpp, mpp_full, monkeypatch):
-    with SlideImage(slide_files[kind]) as im:
-        want = [im.region(x, y, 96, mpp, mpp_full) for x, y in ROW_ORIGINS]
-        reads, read = [], im._read
-        monkeypatch.setattr(im, "_read", lambda *box: reads.append(box[1:]) or read(*box))
-        got = im.regions(ROW_ORIGINS, 96, mpp, mpp_full)
-    assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
-    assert len(reads) == 6
 
 
 def test_tiled_tiff_levels_are_read_tile_by_tile_as_the_zarr_store_reads_them(slide_files, monkeypatch):
