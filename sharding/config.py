@@ -70,8 +70,8 @@ class EncoderConfig:
     weights: str | None = None  # local checkpoint, timm:NAME / hf-hub:ORG/NAME, or None = random (seed)
     input_px: int = 224  # the 512 px global tile is resized to this before the encoder (0 = native)
     # fp32, or bf16 autocast: features 1.5x faster on a CPU core with AVX512-BF16, slower on CPUs without it
-    # (GPUs: bench/bench_gpu.py); the features differ from fp32 ones at bf16 rounding. Recorded in the manifest and used again by
-    # magnet predict, so a model meets the same features in training and prediction.
+    # (GPUs: bench/bench_gpu.py); the features differ from fp32 ones at bf16 rounding. Recorded in the manifest
+    # and used again by magnet predict, so a model meets the same features in training and prediction.
     precision: Literal["fp32", "bf16"] = "fp32"
     # images per encoder call on the CPU (a GPU takes a block of tiles at once); regnetx_002 at 224 px, one core,
     # ms per image: 7.0 / 6.7 / 8.3 / 10.6 in calls of 4 / 8 / 16 / 32 (small calls keep activations in cache)

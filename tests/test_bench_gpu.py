@@ -35,4 +35,5 @@ def test_smoke_mode_prints_every_figure(tiny_cohort, tiny_shards, tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert [f["precision"] for f in res["features"]] == ["fp32", "bf16"]
     for f in res["features"]:  # a tile is 4 spot crops and its global tile
-        assert f["encoder"] == "test_resnet" and f["tiles_per_s"] > 0 and abs(f["images_per_s"] - 5 * f["tiles_per_s"]) < 1
+        assert f["encoder"] == "test_resnet" and f["tiles_per_s"] > 0
+        assert abs(f["images_per_s"] - 5 * f["tiles_per_s"]) < 1
