@@ -168,7 +168,7 @@ def feature_rate(shard_config: str, device, n_tiles: int) -> list[dict]:
     from magnet.config import load_config
     from sharding.config import ShardConfig
     from sharding.features import FeatureExtractor
-    from sharding.slide import TILES_PER_BATCH
+    from sharding.samples import TILES_PER_BATCH
 
     cfg = load_config(ShardConfig, REPO / shard_config, [])
     geom = cfg.shard.geometry()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from magnet.errors import UserError
+from magnet.spaceranger_layout import Outs
 from sharding.image import SlideImage, thumbnail
 
 SIZE_TOLERANCE = 0.02  # relative; Space Ranger rounds the hires size
@@ -32,12 +33,12 @@ def _reference(spatial: Path):
     from PIL import Image
 
     try:
-        factors = json.loads((spatial / "scalefactors_json.json").read_text())
+        factors = json.loads((spatial / Outs.SCALEFACTORS).read_text())
     except (OSError, ValueError):
         return None  # read and reported by the bin reader, which needs it
     found = []
     for kind in ("lowres", "hires"):
-        path, scale = spatial / f"tissue_{kind}_image.png", factors.get(f"tissue_{kind}_scalef")
+        path, scale = Outs.image(spatial, kind), factors.get(f"tissue_{kind}_scalef")
         if path.is_file() and isinstance(scale, (int, float)) and scale > 0:
             found.append((path, scale))
             try:

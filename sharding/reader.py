@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from magnet.errors import UserError
+from magnet.spaceranger_layout import Outs
 
 POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 MPP_TOLERANCE = 0.05  # relative: spot_diameter_fullres * microns_per_pixel vs bin_size_um
@@ -32,11 +33,11 @@ class BinFiles:
 
     @classmethod
     def of(cls, outs: Path, bin_um: int) -> "BinFiles":
-        folder = outs / "binned_outputs" / f"square_{bin_um:03d}um"
-        if not folder.is_dir():
-            raise UserError(f"{outs}: binned_outputs/square_{bin_um:03d}um: folder missing (needed for bin size {bin_um} um)")
-        files = cls(folder / "filtered_feature_bc_matrix.h5", folder / "spatial" / "tissue_positions.parquet",
-                     folder / "spatial" / "scalefactors_json.json")
+        layout = Outs(outs)
+        if not layout.binned(bin_um).is_dir():
+            raise UserError(f"{outs}: {Outs.BINNED}/{Outs.square(bin_um)}: folder missing "
+                            f"(needed for bin size {bin_um} um)")
+        files = cls(layout.bin_matrix(bin_um), layout.bin_positions(bin_um), layout.bin_scalefactors(bin_um))
         for f in dataclasses.astuple(files):
             if not f.is_file():
                 raise UserError(f"{f}: file missing")

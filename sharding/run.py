@@ -41,6 +41,7 @@ from .config import ShardConfig
 from .genes import GeneStats, genes_from_file, normalisation_record, select_genes
 from .image import SlideImage
 from .pairing import check_pairing
+from .ray_cluster import ray_session
 from .reader import BinFiles, check_positions_columns, read_genes, read_mpp
 from .samplesheet import SPLITS, SlideEntry, read_samplesheet
 from .slide import DONE, Clock, SlideWorker
@@ -74,26 +75,6 @@ def check_inputs(entries: list[SlideEntry], bin_ums: list[int]) -> tuple[list[st
                 raise UserError(f"{BinFiles.of(e.spaceranger, b).scalefactors}: microns_per_pixel: {mpp} differs from "
                                 f"{first} at {bin_ums[0]} um for the same image")
     return reference[1]
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int = 0, object_store_mb: int = 256, log_to_driver: bool = True):
-    """Connect to a cluster (``address``), or start Ray locally (``num_cpus`` 0: all cores); reuse a session
-    already started."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 object_store_memory=object_store_mb * 2**20, log_to_driver=log_to_driver)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 class Workers:

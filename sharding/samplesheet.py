@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from magnet.errors import UserError
+from magnet.spaceranger_layout import Outs
 
 REQUIRED = ("slide", "spaceranger", "image")
 SPLITS = ("train", "val", "test")
@@ -26,10 +27,6 @@ class SlideEntry:
     split: str | None = None
     fold: int | None = None
     patient: str | None = None
-
-
-def _outs(path: Path) -> Path:
-    return path / "outs" if not (path / "binned_outputs").is_dir() and (path / "outs").is_dir() else path
 
 
 def read_samplesheet(path: str | Path, check_paths: bool = True) -> list[SlideEntry]:
@@ -70,7 +67,7 @@ def read_samplesheet(path: str | Path, check_paths: bool = True) -> list[SlideEn
         if fold_text and not fold_text.isdigit():
             raise UserError(f"{where} (slide {slide}): fold: '{fold_text}' is not a non-negative integer")
         entries.append(SlideEntry(
-            slide=slide, spaceranger=_outs(paths["spaceranger"]), image=paths["image"], split=split,
+            slide=slide, spaceranger=Outs.find(paths["spaceranger"]).path, image=paths["image"], split=split,
             fold=int(fold_text) if fold_text else None, patient=(row.get("patient") or "").strip() or None,
         ))
     return entries

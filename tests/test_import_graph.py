@@ -129,3 +129,13 @@ def test_layers_point_one_way(importer, forbidden):
     graph = import_graph()
     bad = {(m, w) for m in graph if _under(m, importer) for w in _reach(graph, m) if _under(w, forbidden)}
     assert not bad, f"{importer} reaches {forbidden}: {sorted(bad)[:5]}"
+
+
+def test_predict_reaches_sharding_through_one_module():
+    """``magnet.predict`` imports ``sharding`` only through ``sharding.samples`` (the slide-to-samples iterator
+    and the names prediction uses), every import counted, also those inside functions."""
+    graph = import_graph()
+    direct = {(m, w) for m in graph if _under(m, "magnet.predict") for w in graph[m] if _under(w, "sharding")}
+    assert {w for _, w in direct} == {"sharding.samples"}, sorted(direct)
+    assert "sharding.samples" in graph["magnet.predict.slide"] and "sharding.samples" in graph["sharding.slide"]
+    assert not _reach(graph, "sharding.samples") & {"sharding.slide", "sharding.run"}  # the writer builds on it

@@ -23,6 +23,7 @@ from magnet.evaluate.config import EvaluateConfig
 from magnet.evaluate.select import Models, each_model
 from magnet.metrics import METRICS, ExpressionMetrics
 from magnet.predict.model import LoadedModel
+from magnet.spaceranger_layout import Outs
 from sharding.genes import normalise
 from sharding.samplesheet import SlideEntry
 
@@ -125,7 +126,7 @@ class Table:
 
         pred = predict_slide(model, entry.image, bin_um, pcfg, spaceranger=entry.spaceranger, slide=entry.slide)
         if pred.measured is None:
-            raise UserError(f"{entry.spaceranger}: filtered_feature_bc_matrix.h5: genes: the matrix lacks genes "
+            raise UserError(f"{entry.spaceranger}: {Outs.MATRIX}: genes: the matrix lacks genes "
                             f"of model '{label}' (slide {entry.slide})")
         bins = pred.bins
         counts = bins.counts[:, cols].toarray().astype(np.float64)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from magnet.predict.slide import SlidePrediction
-from sharding.image import SlideImage
+from magnet.spaceranger_layout import Outs
+from sharding.samples import SlideImage, thumbnail
 
 
 def spatial_images(image_path: Path, mpp_full: float, spatial_dir: Path | None, hires_px: int, lowres_px: int) -> dict:
@@ -25,8 +26,8 @@ def spatial_images(image_path: Path, mpp_full: float, spatial_dir: Path | None, 
     from PIL import Image
 
     if spatial_dir is not None:
-        sf = json.loads((spatial_dir / "scalefactors_json.json").read_text())
-        paths = {k: spatial_dir / f"tissue_{k}_image.png" for k in ("hires", "lowres")}
+        sf = json.loads((spatial_dir / Outs.SCALEFACTORS).read_text())
+        paths = {k: Outs.image(spatial_dir, k) for k in Outs.IMAGES}
         if all(p.is_file() for p in paths.values()) and all(f"tissue_{k}_scalef" in sf for k in paths):
             images = {}
             for k, p in paths.items():
@@ -34,8 +35,6 @@ def spatial_images(image_path: Path, mpp_full: float, spatial_dir: Path | None, 
                     images[k] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
             return {"images": images, "scalefactors": {f"tissue_{k}_scalef": float(sf[f"tissue_{k}_scalef"])
                                                        for k in paths}}
-    from sharding.image import thumbnail
-
     images, scalefactors = {}, {}
     with SlideImage(image_path) as image:
         longest = max(image.size)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from magnet.errors import UserError
 from magnet.predict.config import PredictConfig
-from sharding.samplesheet import SlideEntry
+from sharding.samples import SlideEntry
 
 SUMMARY_COLUMNS = ("slide", "bins", "seconds", "status", "error")
 
@@ -107,8 +107,7 @@ def predict_cohort(samplesheet: Path, model_spec: str, tracking_uri: str | None,
     """Predict every slide of ``samplesheet`` not yet in ``out_dir`` (``overwrite``: every slide, each file replaced
     when its new one is complete); return the summary rows (samplesheet order)."""
     from magnet.io import remove_stale
-    from sharding.run import ray_session
-    from sharding.samplesheet import read_samplesheet
+    from sharding.samples import ray_session, read_samplesheet
 
     entries = read_samplesheet(samplesheet, check_paths=False)
     out_dir.mkdir(parents=True, exist_ok=True)

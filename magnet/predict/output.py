@@ -7,6 +7,7 @@ from pathlib import Path
 
 from magnet.predict.config import PredictConfig
 from magnet.predict.model import LoadedModel
+from magnet.spaceranger_layout import Outs
 
 
 def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictConfig, out: Path, *,
@@ -21,16 +22,17 @@ def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictCo
     from magnet.config import save_config
     from magnet.io import atomic_path
     from magnet.predict.anndata_out import H5adWriter, spatial_images
-    from magnet.predict.slide import spaceranger_outs, stream_slide
+    from magnet.predict.slide import stream_slide
 
     genes = model.genes
-    outs = spaceranger_outs(Path(spaceranger)) if spaceranger else None
-    spatial_dir = outs / "binned_outputs" / f"square_{bin_um:03d}um" / "spatial" if outs else None
+    layout = Outs.find(spaceranger) if spaceranger else None
+    outs = layout.path if layout else None
+    spatial_dir = layout.bin_spatial(bin_um) if layout else None
     gene_ids = genes
-    if outs is not None:
-        from sharding.reader import read_genes
+    if layout is not None:
+        from sharding.samples import read_genes
 
-        ids, names = read_genes(outs / "binned_outputs" / f"square_{bin_um:03d}um" / "filtered_feature_bc_matrix.h5")
+        ids, names = read_genes(layout.bin_matrix(bin_um))
         id_of = dict(zip(names, ids))
         gene_ids = [id_of.get(g, g) for g in genes]
     info = {"model": model.source, "image": str(Path(image).resolve()),

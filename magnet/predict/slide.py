@@ -1,13 +1,11 @@
-"""Predict one slide tile by tile, with the sharding stage's own reader, tiler, feature extractor and
-sample builder (``sharding.slide.Level`` / ``make_sample``), so the model sees samples built exactly as
-its training shards were.
+"""Predict one slide tile by tile on the samples the sharding stage writes to its shards
+(:func:`sharding.samples.slide_samples`), so the model sees samples built exactly as its training shards were.
 
-Two passes over the global tiles: read each tile once, compute its frozen-encoder features and keep its
-encoded image (as in the shards) in an unlinked temporary file (a tile's neighbourhood needs its
-neighbours' features); then per tile: build the sample, cut it into chunks of ``max_bins`` bins, collate
-``batch_size`` chunks, run the model and hand the bin outputs to a sink as they come (``magnet predict``:
-straight into the .h5ad; ``magnet evaluate``: RAM). Memory holds one block of tile images, the slide's
-features (float16, T x (S+1) x F), spot/global outputs (T x (S+1) x G) and O(n) bin index arrays.
+The iterator reads each tile once, computes its frozen-encoder features and keeps its encoded image (a tile's
+neighbourhood needs its neighbours' features); then per tile: its sample is cut into chunks of ``max_bins`` bins,
+``batch_size`` chunks are collated, run through the model, and the bin outputs handed to a sink as they come
+(``magnet predict``: straight into the .h5ad; ``magnet evaluate``: RAM). Memory holds one block of tile images,
+the slide's features (float16, T x (S+1) x F), spot/global outputs (T x (S+1) x G) and O(n) bin index arrays.
 """
 
 from __future__ import annotations
@@ -19,13 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from magnet.data.transforms import chunk_bins
 from magnet.errors import UserError
+from magnet.format.codec import decode_image
+from magnet.format.sample import Sample
 from magnet.predict.config import PredictConfig
 from magnet.predict.model import LoadedModel
-from sharding.image import SlideImage
-from sharding.pairing import check_pairing
-from sharding.reader import Bins
-
+from magnet.spaceranger_layout import Outs
+from sharding.samples import (BinFiles, Bins, EncoderConfig, FeatureExtractor, GeneConfig, Level, SampleConfig,
+                              ShardConfig, SlideImage, TileSample, check_pairing, read_bins, read_genes, read_mpp,
+                              slide_samples)
 
 
 @dataclasses.dataclass
@@ -54,8 +55,6 @@ class SlidePrediction:
 
 def shard_config(model: LoadedModel, cfg: PredictConfig):
     """The sharding config that rebuilds the model's training samples (geometry, K, normalisation, encoder)."""
-    from sharding.config import EncoderConfig, GeneConfig, SampleConfig, ShardConfig
-
     g = model.python_model.geometry
     norm = model.python_model.normalisation
     enc = model.encoder
@@ -79,10 +78,6 @@ def shard_config(model: LoadedModel, cfg: PredictConfig):
     return ShardConfig(seed=seed, shard=sample, genes=genes, encoder=encoder)
 
 
-def spaceranger_outs(path: Path) -> Path:
-    return path / "outs" if not (path / "binned_outputs").is_dir() and (path / "outs").is_dir() else path
-
-
 MAX_UPSAMPLE = 2.0  # an image coarser than this many model pixels per image pixel holds too little detail to predict from
 MAX_SIDE_MM = 80.0  # a glass slide is 75 x 25 mm: a longer side means the pixel size is wrong
 
@@ -103,8 +98,6 @@ def check_extent(image: SlideImage, mpp_full: float, model_mpp: float, where: st
 
 def _gene_index(matrix: Path, genes: list[str]) -> np.ndarray | None:
     """Matrix indices of the model's genes (by name, else id); None when any is absent."""
-    from sharding.reader import read_genes
-
     ids, names = read_genes(matrix)
     by_id = {g: i for i, g in enumerate(ids)}
     by_name: dict[str, int] = {}
@@ -200,15 +193,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
     (``bin_pred``/``measured`` left None). ``samples_out``, when a list, receives the collated batches and
     their outputs (for checks)."""
     import torch
-
-    from magnet.batch import collate
-    from magnet.data.transforms import chunk_bins
-    from magnet.format.codec import decode_image
-    from sharding.features import FeatureExtractor, centre_on_slide
-    from sharding.reader import BinFiles, read_bins, read_mpp
-    from sharding.samplesheet import SlideEntry
-    from sharding.slide import Level, make_sample
-    from sharding.tile_images import EncodedTiles
+    from tqdm import tqdm
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -216,138 +201,151 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
     t0, cpu0 = time.perf_counter(), time.process_time()
     scfg = shard_config(model, cfg)
     geom = scfg.shard.geometry()
-    pm = model.python_model
-    genes = model.genes
     slide = slide or Path(image_path).name.split(".")[0]
-    entry = SlideEntry(slide=slide, spaceranger=spaceranger or Path("."), image=Path(image_path))
     runner = _Runner(model, cfg)
-    mcfg = pm.config.model
-    max_bins = cfg.max_bins or pm.config.data.max_bins
-    batch_size = cfg.batch_size or max(pm.config.data.eval_batch, cfg.batch_bins // max_bins)
     with SlideImage(image_path) as image:
-        measured_ok = False
-        if spaceranger is not None:
-            files = BinFiles.of(spaceranger_outs(Path(spaceranger)), bin_um)
-            mpp_full = read_mpp(files.scalefactors, bin_um)
-            check_extent(image, mpp_full, geom.mpp, f"{files.scalefactors}: microns_per_pixel")
-            check_pairing(image, files.scalefactors.parent)
-            index = _gene_index(files.matrix, genes)
-            measured_ok = index is not None
-            bins = read_bins(files, image.size, index if measured_ok else None)
-            if not measured_ok:
-                import scipy.sparse as sp
-
-                bins.counts = sp.csr_matrix((len(bins.libsize), len(genes)), dtype=np.float32)
-        else:
-            from magnet.predict.grid import tissue_bins
-
-            mpp_full = float(mpp)
-            check_extent(image, mpp_full, geom.mpp, f"{image_path}: --mpp")
-            bins, _ = tissue_bins(image, mpp_full, bin_um, cfg.tissue_level_um, cfg.tissue_min_fraction, len(genes))
-            if not len(bins.libsize):
-                raise UserError(f"{image_path}: image: no tissue detected (saturation threshold found no H&E)")
-        lv = Level(bins, mpp_full, scfg)
-        tiles = lv.tiles
-        T, S = len(tiles.grid), geom.n_spots
+        lv, measured = _level(image, Path(image_path), bin_um, model.genes, scfg, cfg, spaceranger, mpp)
         t_read = time.perf_counter()
-
-        from tqdm import tqdm
-
         extractor = FeatureExtractor(scfg.encoder, geom, scfg.seed, cfg.threads or torch.get_num_threads(),
                                      runner.device)
-        spot_feat = np.zeros((T, S, extractor.dim), np.float16)
-        global_feat = np.zeros((T, extractor.dim), np.float16)
-        block = cfg.tiles_per_block
+        T = len(lv.tiles.grid)
         with (tqdm(total=2 * T, unit="tile", desc=f"predict {slide}", disable=not cfg.progress, file=sys.stderr,
                    dynamic_ncols=True) as bar,
-              EncodedTiles(image, geom, mpp_full, cfg.image_format, cfg.jpeg_quality) as tile_images):
-            for i in range(0, T, block):
-                r = range(i, min(i + block, T))
-                imgs = tile_images.read(tiles.grid[r.start:r.stop])
-                spot_feat[r.start:r.stop], global_feat[r.start:r.stop] = extractor(imgs)
-                bar.update(len(r))
+              slide_samples(slide, image, {bin_um: lv}, scfg, extractor, block=cfg.tiles_per_block,
+                            progress=bar.update) as samples):
             t_feat = time.perf_counter()
-
-            n, G = len(bins.libsize), len(genes)
-            sink.open(n, G, measured_ok)
-            written = 0
-            spot_sum = np.zeros((T, S, G), np.float32)  # sums over a tile's chunks (a few), then means
-            glob_sum = np.zeros((T, G), np.float32)
-            n_chunks = np.zeros(T, np.int64)
-            has = {"spot": False, "global": False}
-            pending: list[tuple[dict, np.ndarray, int]] = []
-
-            def flush() -> None:
-                nonlocal written
-                chunks = [c for c, _, _ in pending]
-                batch = collate(chunks, geom, k_bin=mcfg.k_bin, k_spot=mcfg.k_spot, k_global=mcfg.k_global)
-                if control is not None:
-                    batch = control(batch)
-                out = runner(batch)
-                if samples_out is not None:
-                    samples_out.append((batch, out))
-                start = 0
-                for c, idx, t in pending:
-                    sink.write(idx, out["bin"][start:start + len(idx)],
-                               c["bin_expr"].astype(np.float32) if measured_ok else None)
-                    start += len(idx)
-                    written += len(idx)
-                    n_chunks[t] += 1
-                if "spot" in out:
-                    has["spot"] = True
-                    centre_s = batch.spot_centre.numpy().reshape(len(chunks), -1)
-                    sp_ = out["spot"].reshape(len(chunks), -1, G)
-                    for j, (_, _, t) in enumerate(pending):
-                        spot_sum[t] += sp_[j][centre_s[j]]
-                if "global" in out:
-                    has["global"] = True
-                    gl = out["global"].reshape(len(chunks), -1, G)
-                    for j, (_, _, t) in enumerate(pending):
-                        glob_sum[t] += gl[j, 0]
-                pending.clear()
-
-            feats = centre_on_slide(spot_feat, global_feat, lv.spot_mask)
             control = None
             if cfg.context != "keep":
                 from magnet.predict.context import ContextControl
 
-                control = ContextControl(cfg.context, tiles.grid, *feats, geom, cfg.context_seed)
-            for t in range(T):
-                sample, _ = make_sample(entry, "predict", bin_um, lv, t, feats, scfg)
-                sample = sample.replace(image=decode_image(tile_images.encoded(t)))
-                idx = tiles.bins_of(t)
-                start = 0
-                for chunk in chunk_bins(sample, max_bins):
-                    pending.append((chunk, idx[start:start + chunk.n_bins], t))
-                    start += chunk.n_bins
-                    if len(pending) >= batch_size:
-                        flush()
+                control = ContextControl(cfg.context, lv.tiles.grid, *samples.features(bin_um), geom,
+                                         cfg.context_seed)
+            batches = _Batches(model, cfg, runner, geom, lv, sink, measured, control, samples_out)
+            for item in samples.samples(bin_um, "predict"):
+                batches.add(item)
                 bar.update(1)
-            if pending:
-                flush()
+            batches.flush()
     t_pred = time.perf_counter()
-    if written != n:
-        raise RuntimeError(f"{n - written} bins were not predicted (a bin outside every tile)")
-    chunks = np.maximum(n_chunks, 1).astype(np.float32)
-    spot_pred, global_pred = spot_sum, glob_sum  # in place: no second T x S x G array
-    spot_pred /= chunks[:, None, None]
-    global_pred /= chunks[:, None]
-    if not has["spot"]:
-        spot_pred[:] = np.nan
-    if not has["global"]:
-        global_pred[:] = np.nan
-    scale = geom.mpp / mpp_full  # full-res px per model px
-    origin = tiles.grid * geom.global_px - geom.margin
-    spot_xy = ((origin[:, None, :] + geom.spot_centres()[None]) * scale).reshape(T * S, 2)
-    tile_of = np.full(n, -1, np.int64)
-    tile_of[tiles.bin_order] = np.repeat(np.arange(T), np.diff(tiles.bin_start))
-    return SlidePrediction(
-        slide=slide, bin_um=bin_um, mpp_full=mpp_full, bins=bins, from_spaceranger=spaceranger is not None,
-        has_measured=measured_ok, order=tiles.bin_order, bin_tile=tile_of,
-        bin_spot=tile_of * S + tiles.spot.astype(np.int64),
-        spot_pred=spot_pred.reshape(T * S, G), spot_xy=spot_xy, spot_tissue=lv.spot_mask.reshape(-1),
-        global_pred=global_pred, global_xy=(tiles.grid + 0.5) * geom.global_px * scale, tile_grid=tiles.grid,
-        seconds={"read": round(t_read - t0, 3), "features": round(t_feat - t_read, 3),
-                 "predict": round(t_pred - t_feat, 3), "total": round(t_pred - t0, 3),
-                 "cpu": round(time.process_time() - cpu0, 3)},  # CPU seconds of the process, all threads
-    )
+    seconds = {"read": round(t_read - t0, 3), "features": round(t_feat - t_read, 3),
+               "predict": round(t_pred - t_feat, 3), "total": round(t_pred - t0, 3),
+               "cpu": round(time.process_time() - cpu0, 3)}  # CPU seconds of the process, all threads
+    return batches.prediction(slide, bin_um, spaceranger is not None, seconds)
+
+
+def _level(image: SlideImage, image_path: Path, bin_um: int, genes: list[str], scfg, cfg: PredictConfig,
+           spaceranger: Path | None, mpp: float | None) -> tuple[Level, bool]:
+    """The slide's bins of ``bin_um`` and whether their measured expression holds every model gene: Space
+    Ranger's (``spaceranger``), else laid over the tissue of the image of ``mpp`` um/px."""
+    geom = scfg.shard.geometry()
+    if spaceranger is None:
+        from magnet.predict.grid import tissue_bins
+
+        mpp_full = float(mpp)
+        check_extent(image, mpp_full, geom.mpp, f"{image_path}: --mpp")
+        bins, _ = tissue_bins(image, mpp_full, bin_um, cfg.tissue_level_um, cfg.tissue_min_fraction, len(genes))
+        if not len(bins.libsize):
+            raise UserError(f"{image_path}: image: no tissue detected (saturation threshold found no H&E)")
+        return Level(bins, mpp_full, scfg), False
+    files = BinFiles.of(Outs.find(spaceranger).path, bin_um)
+    mpp_full = read_mpp(files.scalefactors, bin_um)
+    check_extent(image, mpp_full, geom.mpp, f"{files.scalefactors}: microns_per_pixel")
+    check_pairing(image, files.scalefactors.parent)
+    index = _gene_index(files.matrix, genes)
+    bins = read_bins(files, image.size, index)
+    if index is None:
+        import scipy.sparse as sp
+
+        bins.counts = sp.csr_matrix((len(bins.libsize), len(genes)), dtype=np.float32)
+    return Level(bins, mpp_full, scfg), index is not None
+
+
+class _Batches:
+    """A slide's samples through the model: each cut into chunks of ``max_bins`` bins, ``batch_size`` chunks
+    collated per forward pass; bin outputs go to the sink, spot and global outputs are summed per tile (a tile's
+    few chunks) and averaged by :meth:`prediction`."""
+
+    def __init__(self, model: LoadedModel, cfg: PredictConfig, runner: _Runner, geom, lv: Level, sink,
+                 measured: bool, control, samples_out: list | None):
+        from magnet.batch import collate  # imports torch: not at the CLI's start-up
+
+        self.collate = collate
+        pm = model.python_model
+        self.runner, self.geom, self.lv, self.sink, self.measured = runner, geom, lv, sink, measured
+        self.control, self.samples_out, self.k = control, samples_out, pm.config.model
+        self.max_bins = cfg.max_bins or pm.config.data.max_bins
+        self.batch_size = cfg.batch_size or max(pm.config.data.eval_batch, cfg.batch_bins // self.max_bins)
+        T, S, G = len(lv.tiles.grid), geom.n_spots, len(model.genes)
+        self.n, self.written = len(lv.bins.libsize), 0
+        sink.open(self.n, G, measured)
+        self.spot_sum = np.zeros((T, S, G), np.float32)
+        self.glob_sum = np.zeros((T, G), np.float32)
+        self.n_chunks = np.zeros(T, np.int64)
+        self.has = {"spot": False, "global": False}
+        self.pending: list[tuple[Sample, np.ndarray, int]] = []
+
+    def add(self, item: TileSample) -> None:
+        sample = item.sample.replace(image=decode_image(item.image))
+        start = 0
+        for chunk in chunk_bins(sample, self.max_bins):
+            self.pending.append((chunk, item.bins[start:start + chunk.n_bins], item.tile))
+            start += chunk.n_bins
+            if len(self.pending) >= self.batch_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        chunks = [c for c, _, _ in self.pending]
+        k = self.k
+        batch = self.collate(chunks, self.geom, k_bin=k.k_bin, k_spot=k.k_spot, k_global=k.k_global)
+        if self.control is not None:
+            batch = self.control(batch)
+        out = self.runner(batch)
+        if self.samples_out is not None:
+            self.samples_out.append((batch, out))
+        start = 0
+        for c, idx, t in self.pending:
+            self.sink.write(idx, out["bin"][start:start + len(idx)],
+                            c["bin_expr"].astype(np.float32) if self.measured else None)
+            start += len(idx)
+            self.written += len(idx)
+            self.n_chunks[t] += 1
+        G = self.glob_sum.shape[1]
+        if "spot" in out:
+            self.has["spot"] = True
+            centre = batch.spot_centre.numpy().reshape(len(chunks), -1)
+            spot = out["spot"].reshape(len(chunks), -1, G)
+            for j, (_, _, t) in enumerate(self.pending):
+                self.spot_sum[t] += spot[j][centre[j]]
+        if "global" in out:
+            self.has["global"] = True
+            glob = out["global"].reshape(len(chunks), -1, G)
+            for j, (_, _, t) in enumerate(self.pending):
+                self.glob_sum[t] += glob[j, 0]
+        self.pending.clear()
+
+    def prediction(self, slide: str, bin_um: int, from_spaceranger: bool, seconds: dict) -> SlidePrediction:
+        if self.written != self.n:
+            raise RuntimeError(f"{self.n - self.written} bins were not predicted (a bin outside every tile)")
+        geom, lv, tiles, n = self.geom, self.lv, self.lv.tiles, self.n
+        T, S, G = self.spot_sum.shape
+        chunks = np.maximum(self.n_chunks, 1).astype(np.float32)
+        spot_pred, global_pred = self.spot_sum, self.glob_sum  # in place: no second T x S x G array
+        spot_pred /= chunks[:, None, None]
+        global_pred /= chunks[:, None]
+        if not self.has["spot"]:
+            spot_pred[:] = np.nan
+        if not self.has["global"]:
+            global_pred[:] = np.nan
+        scale = geom.mpp / lv.mpp_full  # full-res px per model px
+        origin = tiles.grid * geom.global_px - geom.margin
+        spot_xy = ((origin[:, None, :] + geom.spot_centres()[None]) * scale).reshape(T * S, 2)
+        tile_of = np.full(n, -1, np.int64)
+        tile_of[tiles.bin_order] = np.repeat(np.arange(T), np.diff(tiles.bin_start))
+        return SlidePrediction(
+            slide=slide, bin_um=bin_um, mpp_full=lv.mpp_full, bins=lv.bins, from_spaceranger=from_spaceranger,
+            has_measured=self.measured, order=tiles.bin_order, bin_tile=tile_of,
+            bin_spot=tile_of * S + tiles.spot.astype(np.int64),
+            spot_pred=spot_pred.reshape(T * S, G), spot_xy=spot_xy, spot_tissue=lv.spot_mask.reshape(-1),
+            global_pred=global_pred, global_xy=(tiles.grid + 0.5) * geom.global_px * scale, tile_grid=tiles.grid,
+            seconds=seconds)

@@ -34,7 +34,8 @@ from magnet.errors import UserError
 from magnet.geometry import Geometry
 from magnet.predict.anndata_out import ARRAY, H5adWriter, bin_obs
 from magnet.predict.slide import SlidePrediction
-from sharding.image import SlideImage
+from magnet.spaceranger_layout import Outs
+from sharding.samples import SlideImage
 
 CHUNK_BYTES = 1 << 20  # target size of a chunk of the bin table's X
 SHAPE_BATCH = 16384  # bin squares made and written at a time (~0.8 kB each while made)
@@ -44,13 +45,13 @@ SMALLEST_LEVEL = 1024  # px: halve the image (at least once) until its longest s
 
 def names(slide: str, bin_um: int) -> dict[str, str]:
     """Element names of a prediction store."""
-    return {"image": f"{slide}_full_image", "bins": f"{slide}_magnet_square_{bin_um:03d}um",
+    return {"image": f"{slide}_full_image", "bins": f"{slide}_{bin_table(bin_um)}",
             "bin_table": bin_table(bin_um), "spots": f"{slide}_magnet_spots",
             "spot_table": "magnet_spots", "tiles": f"{slide}_magnet_tiles", "tile_table": "magnet_tiles"}
 
 
 def bin_table(bin_um: int) -> str:
-    return f"magnet_square_{bin_um:03d}um"
+    return f"magnet_{Outs.square(bin_um)}"
 
 
 def check_out(out: Path) -> None:

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from magnet.config import save_config
 from magnet.errors import UserError
 from magnet.io import atomic_path, check_writable
+from magnet.spaceranger_layout import Outs
 from magnet.synth import expression, feature_slice, spaceranger, tissue, wsi
 from magnet.synth.config import SynthConfig
 from magnet.synth.grid import BIN_SIZES_UM, BinGrid, random_grid
@@ -74,17 +75,17 @@ def _bin_level(outs: Path, bin_um: int, grid: BinGrid, fields: tissue.Fields, co
     rows, cols, x, y = grid.centres_um(bin_um)
     in_tissue = tissue.sample_bilinear(fields.tissue_score, fields.res_um, x, y) > 0
     codes = spaceranger.barcodes(bin_um, rows, cols)
-    folder = outs / "binned_outputs" / f"square_{bin_um:03d}um"
-    spatial = folder / "spatial"
+    layout = Outs(outs)
+    spatial = layout.bin_spatial(bin_um)
     spatial.mkdir(parents=True)
-    spaceranger.write_matrix_h5(folder / "raw_feature_bc_matrix.h5", codes, programs.gene_ids,
+    spaceranger.write_matrix_h5(layout.bin_raw_matrix(bin_um), codes, programs.gene_ids,
                                 programs.gene_names, col_bin, gene, cnt)
     keep = in_tissue[col_bin]
     filtered_index = np.cumsum(in_tissue) - 1
-    spaceranger.write_matrix_h5(folder / "filtered_feature_bc_matrix.h5", codes[in_tissue], programs.gene_ids,
+    spaceranger.write_matrix_h5(layout.bin_matrix(bin_um), codes[in_tissue], programs.gene_ids,
                                 programs.gene_names, filtered_index[col_bin[keep]], gene[keep], cnt[keep])
-    spaceranger.write_positions(spatial / "tissue_positions.parquet", codes, in_tissue, rows, cols, y / mpp, x / mpp)
-    spaceranger.write_json(spatial / "scalefactors_json.json", spaceranger.scalefactors(bin_um, mpp, png_scales))
+    spaceranger.write_positions(layout.bin_positions(bin_um), codes, in_tissue, rows, cols, y / mpp, x / mpp)
+    spaceranger.write_json(layout.bin_scalefactors(bin_um), spaceranger.scalefactors(bin_um, mpp, png_scales))
     for name, data in png_bytes.items():
         (spatial / name).write_bytes(data)
     return in_tissue
@@ -155,7 +156,7 @@ def generate_slide(cfg: SynthConfig, programs: expression.Programs, index: int, 
     expr = expression.slide_expression(cfg.expression, programs, cells, fields, cfg.size_um, rng_expr)
     counts = expression.sample_counts(expr, grid, rng_expr)
     stage("counts")
-    outs = slide_dir / "outs"
+    outs = slide_dir / Outs.OUTS
     in_tissue = {b: _bin_level(outs, b, grid, fields, counts, programs, cfg.mpp, png_bytes, png_scales)
                  for b in BIN_SIZES_UM}
     feature_slice.write_slide_outputs(outs, name, grid, cfg.mpp, counts, programs.gene_ids, programs.gene_names,
@@ -195,7 +196,7 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, overwrite: bool = Fal
             for i in range(cfg.slides):
                 name = slide_name(i)
                 info = generate_slide(cfg, programs, i, tmp / name)
-                rows.append([name, f"{name}/outs", f"{name}/{name}_fullres.tif"])
+                rows.append([name, f"{name}/{Outs.OUTS}", f"{name}/{name}_fullres.tif"])
                 if log:
                     log(f"{name}: {info['image_px']} px, {info['cells']} cells, {info['umis']} UMIs, "
                         f"{info['in_tissue'][8]} of {info['bins'][8]} 8 um bins in tissue, "

@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from magnet.spaceranger_layout import Outs
 from magnet.synth import spaceranger
 from magnet.synth.grid import BinGrid
 from magnet.synth.spaceranger import _dataset, _group
@@ -86,16 +87,16 @@ def write_feature_slice(path: Path, slide: str, grid: BinGrid, mpp: float, count
         masks = _group(f, "masks")
         for bin_um, flags in sorted(in_tissue.items()):
             row, col = np.divmod(np.flatnonzero(flags), grid.n_side(bin_um))
-            _coo(masks, f"square_{bin_um:03d}um", row, col, np.ones(len(row), np.uint8))
+            _coo(masks, Outs.square(bin_um), row, col, np.ones(len(row), np.uint8))
 
 
 def write_slide_outputs(outs: Path, slide: str, grid: BinGrid, mpp: float, counts, gene_ids: list[str],
                         gene_names: list[str], in_tissue: dict[int, np.ndarray], png_bytes: dict,
                         png_scales: dict) -> None:
     """``outs/feature_slice.h5`` and ``outs/spatial/`` (see the module docstring)."""
-    spatial = outs / "spatial"
-    spatial.mkdir()
+    layout = Outs(outs)
+    layout.spatial.mkdir()
     for name, data in png_bytes.items():
-        (spatial / name).write_bytes(data)
-    spaceranger.write_json(spatial / "scalefactors_json.json", spaceranger.scalefactors(2, mpp, png_scales))
-    write_feature_slice(outs / "feature_slice.h5", slide, grid, mpp, counts, gene_ids, gene_names, in_tissue)
+        (layout.spatial / name).write_bytes(data)
+    spaceranger.write_json(layout.spatial / Outs.SCALEFACTORS, spaceranger.scalefactors(2, mpp, png_scales))
+    write_feature_slice(layout.feature_slice, slide, grid, mpp, counts, gene_ids, gene_names, in_tissue)

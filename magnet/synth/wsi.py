@@ -16,6 +16,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from magnet.spaceranger_layout import Outs
+
 HIRES_MAX_PX = 6000
 LOWRES_PX = 600
 
@@ -77,9 +79,9 @@ def write_spatial_pngs(spatial: Path, source: np.ndarray, source_scale: float, f
     hires, scale = source, source_scale
     while max(hires.shape[:2]) > HIRES_MAX_PX:
         hires, scale = half(hires), scale / 2
-    Image.fromarray(hires).save(spatial / "tissue_hires_image.png", compress_level=1)
+    Image.fromarray(hires).save(Outs.image(spatial, "hires"), compress_level=1)
     low_scale = min(1.0, LOWRES_PX / full_side)
     size = (max(1, round(hires.shape[1] * low_scale / scale)), max(1, round(hires.shape[0] * low_scale / scale)))
     low = Image.fromarray(hires).resize(size, Image.Resampling.BOX)
-    low.save(spatial / "tissue_lowres_image.png", compress_level=1)
+    low.save(Outs.image(spatial, "lowres"), compress_level=1)
     return {"tissue_hires_scalef": scale, "tissue_lowres_scalef": low_scale}

@@ -1,0 +1,26 @@
+"""The Ray session of a run (``magnet shard``, ``magnet predict --samplesheet``): a cluster's, or a local one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int = 0, object_store_mb: int = 256, log_to_driver: bool = True):
+    """Connect to a cluster (``address``), or start Ray locally (``num_cpus`` 0: all cores); reuse a session
+    already started."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 object_store_memory=object_store_mb * 2**20, log_to_driver=log_to_driver)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
