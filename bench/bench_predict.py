@@ -102,6 +102,7 @@ def _run(name: str, cmd: list[str], out: Path, env: dict) -> dict:
                own_cpu_s=own["cpu"])
     row["bins"], row["mb"] = _output(out)
     shutil.rmtree(out) if out.is_dir() else out.unlink()
+    (out.parent / f"{out.stem}.config.yaml").unlink()  # written beside it; the next run would refuse to replace it
     return row
 
 

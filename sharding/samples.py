@@ -8,7 +8,7 @@ with its encoded image, features centred on the slide. ``sharding/slide.py`` wri
 ``magnet/predict/slide.py`` runs the model on them.
 
 This module is also the one entry of ``magnet.predict`` into ``sharding`` (tests/test_import_graph.py):
-the names below the iterator are what prediction uses of the sharding stage.
+``__all__`` names what prediction uses of the sharding stage, the iterator's parts and a few re-exported names.
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from .tiles import TileSet, make_tiles
 
 TILES_PER_BATCH = 8  # tiles per encoder call when sharding: fixed, so features do not depend on scheduling
 
-# what magnet.predict uses of the sharding stage besides the iterator (re-exported: one entry point)
-__all__ = ["TILES_PER_BATCH", "Clock", "Level", "TileSample", "SlideSamples", "slide_samples", "make_sample",
-           "EncoderConfig", "GeneConfig", "SampleConfig", "ShardConfig", "FeatureExtractor", "SlideImage", "thumbnail",
-           "check_pairing", "ray_session", "BinFiles", "Bins", "read_bins", "read_genes", "read_mpp", "SlideEntry",
-           "read_samplesheet"]
+__all__ = [
+    "TILES_PER_BATCH", "Clock", "Level", "TileSample", "SlideSamples", "slide_samples", "make_sample", "tile_grid",
+    "EncoderConfig", "GeneConfig", "SampleConfig", "ShardConfig", "FeatureExtractor", "SlideImage", "thumbnail",
+    "check_pairing", "ray_session", "BinFiles", "Bins", "read_bins", "read_genes", "read_mpp", "SlideEntry",
+    "read_samplesheet",
+]
 
 
 class Clock:
@@ -147,6 +148,12 @@ def make_sample(slide: str, split: str, bin_um: int, lv: Level, t: int, feats: t
     return Sample(meta=meta, arrays=arrays), idx
 
 
+def tile_grid(levels: dict[int, Level]) -> np.ndarray:
+    """(gx, gy) of every tile of any of the levels, row-major (gy, then gx): the tiles whose features are computed."""
+    union = sorted({(int(gy), int(gx)) for lv in levels.values() for gx, gy in lv.tiles.grid})
+    return np.array([(gx, gy) for gy, gx in union], np.int64).reshape(-1, 2)
+
+
 class SlideSamples:
     """The samples of one slide at each of its levels' bin sizes; made by :func:`slide_samples`. The frozen
     features of every tile of any level (``grid``, row-major) are computed once, for all bin sizes."""
@@ -155,9 +162,8 @@ class SlideSamples:
                  clock: Clock):
         self.slide, self.levels, self.cfg, self.clock = slide, levels, cfg, clock
         self.tile_images = tile_images
-        union = sorted({(int(gy), int(gx)) for lv in levels.values() for gx, gy in lv.tiles.grid})
-        self.row = {yx: i for i, yx in enumerate(union)}
-        self.grid = np.array([(gx, gy) for gy, gx in union], np.int64).reshape(-1, 2)  # (gx, gy)
+        self.grid = tile_grid(levels)
+        self.row = {(int(gx), int(gy)): i for i, (gx, gy) in enumerate(self.grid)}
         self._feats: tuple[int, tuple] | None = None
 
     def encode(self, extractor: FeatureExtractor, block: int, progress: Callable[[int], None]) -> None:
@@ -175,7 +181,7 @@ class SlideSamples:
 
     def rows(self, bin_um: int) -> np.ndarray:
         """Rows in ``grid`` of the level's tiles."""
-        return np.array([self.row[(int(gy), int(gx))] for gx, gy in self.levels[bin_um].tiles.grid], np.int64)
+        return np.array([self.row[(int(gx), int(gy))] for gx, gy in self.levels[bin_um].tiles.grid], np.int64)
 
     def features(self, bin_um: int) -> tuple[np.ndarray, np.ndarray]:
         """Spot (T, S, F) and global (T, F) features of the level's tiles, centred on the slide (kept for the

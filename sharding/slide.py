@@ -25,7 +25,7 @@ from .fingerprint import slide_fingerprints
 from .genes import GeneStats
 from .image import SlideImage
 from .reader import BinFiles, read_bins
-from .samples import Clock, Level, slide_samples
+from .samples import Clock, Level, slide_samples, tile_grid
 from .samplesheet import SlideEntry
 
 DONE = "done.json"
@@ -92,8 +92,7 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
     with SlideImage(entry.image) as image:
         with clock("bins"):
             levels = {b: Level.read(entry.spaceranger, b, image, genes, cfg) for b in bin_ums}
-        n_union = len({(int(gx), int(gy)) for lv in levels.values() for gx, gy in lv.tiles.grid})
-        bar = make_bar(n_union + sum(len(lv.tiles.grid) for lv in levels.values()))
+        bar = make_bar(len(tile_grid(levels)) + sum(len(lv.tiles.grid) for lv in levels.values()))
         with slide_samples(entry.slide, image, levels, cfg, extractor, spill_dir=Path(work_dirs[bin_ums[0]]).parent,
                            clock=clock, progress=bar.update) as slide:
             for b, lv in levels.items():
