@@ -6,7 +6,8 @@
 The slide is `--slide` (a `magnet synth` slide folder: outs/ and {name}_fullres.tif) or a synthetic one of
 `--size-um`. The baseline is the settings before issue 15 (`--baseline`, default: batch norms unfolded, the
 encoder's memory format as trained, the model's eval_batch chunks per pass, a whole batch per encoder call, the
-256 KB glibc mmap threshold); `--default-only` skips it. Baseline and default (`--settings` adds overrides)
+256 KB glibc mmap threshold); `--default-only` skips it; `--baseline-code DIR --baseline ''` runs another
+checkout (the code before a change) at its own defaults instead. Baseline and default (`--settings` adds overrides)
 run `--repeats` times each, interleaved (A B A B ...), each a fresh `magnet predict` process; the medians and
 their ratios are printed. Rates: bins per CPU second of the process (user + sys from getrusage, imports and
 model load included), per CPU second of the prediction itself (magnet predict's `seconds.cpu`), per wall
@@ -120,6 +121,9 @@ def main() -> None:
     ap.add_argument("--baseline", default=BASELINE,
                     help="predict config overrides of the baseline run (the settings before issue 15)")
     ap.add_argument("--settings", default="", help="predict config overrides of the run compared with it")
+    ap.add_argument("--baseline-code", default=None,
+                    help="a checkout whose magnet the baseline runs import (PYTHONPATH), e.g. the code before a "
+                         "change; with --baseline '' it runs at that code's defaults")
     ap.add_argument("--repeats", type=int, default=2, help="baseline and default runs, interleaved (A B A B ...)")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the predict process")
     ap.add_argument("--no-spatialdata", action="store_true", help="skip the --format spatialdata run")
@@ -144,12 +148,16 @@ def main() -> None:
                                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
                               capture_output=True, text=True, check=True)
         print(f"slide {slide}, {a.bin_um} um bins; RSS after imports {float(idle.stdout):.0f} MB", flush=True)
-        after = ("default" + (f" {a.settings}" if a.settings else ""), a.settings.split())
-        variants = [after] if a.default_only else [(f"baseline {a.baseline}", a.baseline.split()), after]
-        runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+        after = ("default" + (f" {a.settings}" if a.settings else ""), base + a.settings.split(), env)
+        before = (f"baseline {a.baseline}".rstrip(), base + a.baseline.split(), env)
+        if a.baseline_code:  # -P: the runs start in this repository, whose magnet would come first on sys.path
+            before = (f"baseline code {a.baseline}".rstrip(), [sys.executable, "-P", *base[1:], *a.baseline.split()],
+                      {**env, "PYTHONPATH": str(Path(a.baseline_code).resolve())})
+        variants = [after] if a.default_only else [before, after]
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
         for r in range(a.repeats):
-            for name, extra in variants:
-                row = _run(name, base + extra, Path(tmp) / "out.h5ad", env)
+            for name, cmd, run_env in variants:
+                row = _run(name, cmd, Path(tmp) / "out.h5ad", run_env)
                 runs[name].append(row)
                 print(f"  run {r}: {name:40s} bins {row['bins']:7d} "
                       + " ".join(f"{k} {row['bins'] / row[v]:7.1f}" for k, v in RATES.items())
@@ -162,7 +170,7 @@ def main() -> None:
             print(f"{name:48s} " + " ".join(f"{k} {med[name][k]:7.1f} (x{med[name][k] / ref[k]:.2f})" for k in RATES)
                   + f" peak RSS {max(x['peak_rss_mb'] for x in rows):5.0f} MB output {rows[-1]['mb']:6.0f} MB")
         if not a.no_spatialdata:  # the same prediction as a SpatialData store
-            sdata = _run("default, spatialdata", base + after[1] + ["--format", "spatialdata"],
+            sdata = _run("default, spatialdata", after[1] + ["--format", "spatialdata"],
                          Path(tmp) / "out.zarr", env)
             h5ad = max(x["peak_rss_mb"] for x in runs[after[0]])
             print(f"peak RSS spatialdata / h5ad: {sdata['peak_rss_mb']:.0f} / {h5ad:.0f} MB = "

@@ -195,6 +195,8 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
     import torch
     from tqdm import tqdm
 
+    from magnet.batch import collate  # torch and PyG: when a slide is predicted, not at the CLI's start-up
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     fixed_mmap_threshold(int(cfg.mmap_threshold_mb * 2**20))
@@ -220,7 +222,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
 
                 control = ContextControl(cfg.context, lv.tiles.grid, *samples.features(bin_um), geom,
                                          cfg.context_seed)
-            batches = _Batches(model, cfg, runner, geom, lv, sink, measured, control, samples_out)
+            batches = _Batches(model, cfg, runner, collate, geom, lv, sink, measured, control, samples_out)
             for item in samples.samples(bin_um, "predict"):
                 batches.add(item)
                 bar.update(1)
@@ -264,13 +266,11 @@ class _Batches:
     collated per forward pass; bin outputs go to the sink, spot and global outputs are summed per tile (a tile's
     few chunks) and averaged by :meth:`prediction`."""
 
-    def __init__(self, model: LoadedModel, cfg: PredictConfig, runner: _Runner, geom, lv: Level, sink,
+    def __init__(self, model: LoadedModel, cfg: PredictConfig, runner: _Runner, collate, geom, lv: Level, sink,
                  measured: bool, control, samples_out: list | None):
-        from magnet.batch import collate  # imports torch: not at the CLI's start-up
-
-        self.collate = collate
         pm = model.python_model
-        self.runner, self.geom, self.lv, self.sink, self.measured = runner, geom, lv, sink, measured
+        self.runner, self.collate, self.geom, self.lv = runner, collate, geom, lv
+        self.sink, self.measured = sink, measured
         self.control, self.samples_out, self.k = control, samples_out, pm.config.model
         self.max_bins = cfg.max_bins or pm.config.data.max_bins
         self.batch_size = cfg.batch_size or max(pm.config.data.eval_batch, cfg.batch_bins // self.max_bins)
