@@ -4,7 +4,7 @@
     python launch/experiment.py --config FILE --resume      # an interrupted experiment (training or evaluation)
 
 The table (per gene group, over replicates, paired statistics, context controls) and the scatter plots
-land in OUT_DIR/NAME/evaluation/ and on the MLflow parent run of the trials (magnet/sweep/experiment.py).
+land in OUT_DIR/NAME/evaluation/ and on the MLflow parent run of the trials (magnet/sweep/replicates.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from magnet.sweep.cli import run_cli
-    from magnet.sweep.experiment import ReplicatesConfig, run_experiment
+    from magnet.sweep.replicates import ReplicatesConfig, run_experiment
 
     done = run_cli("launch/experiment.py", __doc__, "experiment",
                    "continue the interrupted experiment of this name", ReplicatesConfig, run_experiment, argv)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from magnet.config import load_config
     from magnet.errors import UserError
-    from magnet.experiment import ExperimentConfig
+    from magnet.train_config import ExperimentConfig
     from magnet.train.loop import train
 
     try:

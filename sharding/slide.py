@@ -20,7 +20,7 @@ import numpy as np
 
 from magnet.format.sample import Meta, Sample
 from magnet.format.tar import PartWriter
-from magnet.format.validate import Dims
+from magnet.format.check import Dims
 from magnet.io import atomic_path
 
 from .config import ShardConfig

@@ -47,7 +47,7 @@ def _run_folder(args: argparse.Namespace):
     from pathlib import Path
 
     from magnet.config import load_yaml, parse_override
-    from magnet.experiment import TrainConfig
+    from magnet.train_config import TrainConfig
 
     if args.resume not in (None, "latest"):
         p = Path(args.resume)
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from magnet.config import load_config
     from magnet.errors import UserError
-    from magnet.experiment import ExperimentConfig, zero_file
+    from magnet.train_config import ExperimentConfig, zero_file
     from magnet.format.manifest import Manifest, manifest_path
     from magnet.train.checkpoint import read_pointer
     from magnet.train.rundir import refuse_if_owned

@@ -28,7 +28,7 @@ def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictCo
     spatial_dir = outs / "binned_outputs" / f"square_{bin_um:03d}um" / "spatial" if outs else None
     gene_ids = genes
     if outs is not None:
-        from sharding.reader import read_genes
+        from sharding.binned_outputs import read_genes
 
         ids, names = read_genes(outs / "binned_outputs" / f"square_{bin_um:03d}um" / "filtered_feature_bc_matrix.h5")
         id_of = dict(zip(names, ids))

@@ -24,7 +24,7 @@ from magnet.predict.config import PredictConfig
 from magnet.predict.model import LoadedModel
 from sharding.image import SlideImage
 from sharding.pairing import check_pairing
-from sharding.reader import Bins
+from sharding.binned_outputs import Bins
 
 
 
@@ -103,7 +103,7 @@ def check_extent(image: SlideImage, mpp_full: float, model_mpp: float, where: st
 
 def _gene_index(matrix: Path, genes: list[str]) -> np.ndarray | None:
     """Matrix indices of the model's genes (by name, else id); None when any is absent."""
-    from sharding.reader import read_genes
+    from sharding.binned_outputs import read_genes
 
     ids, names = read_genes(matrix)
     by_id = {g: i for i, g in enumerate(ids)}
@@ -205,7 +205,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
     from magnet.data.transforms import chunk_bins
     from magnet.format.codec import decode_image
     from sharding.features import FeatureExtractor, centre_on_slide
-    from sharding.reader import BinFiles, read_bins, read_mpp
+    from sharding.binned_outputs import BinFiles, read_bins, read_mpp
     from sharding.samplesheet import SlideEntry
     from sharding.slide import Level, make_sample
     from sharding.tile_images import EncodedTiles
@@ -239,7 +239,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
 
                 bins.counts = sp.csr_matrix((len(bins.libsize), len(genes)), dtype=np.float32)
         else:
-            from magnet.predict.grid import tissue_bins
+            from magnet.predict.image_only import tissue_bins
 
             mpp_full = float(mpp)
             check_extent(image, mpp_full, geom.mpp, f"{image_path}: --mpp")

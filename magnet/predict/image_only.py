@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from sharding.image import SlideImage, thumbnail
-from sharding.reader import Bins
+from sharding.binned_outputs import Bins
 
 def otsu(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of values in [0, 1]: maximises the between-class variance."""
