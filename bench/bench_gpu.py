@@ -222,7 +222,7 @@ def main() -> None:
     from magnet.config import load_config
     from magnet.data.pipeline import ShardSet, TrainStream
     from magnet.models.factory import create_model
-    from magnet.experiment import ExperimentConfig
+    from magnet.train_config import ExperimentConfig
     from magnet.train.ds_config import deepspeed_config, resolve_precision
     from magnet.train.schedule import make_scheduler
 

@@ -51,7 +51,7 @@ def decode_only(shards: Path, bin_um: int, n_samples: int) -> float:
 def stream_rate(shards: Path, bin_um: int, workers: int, batches: int) -> tuple[float, float]:
     """(bins/s of the full training stream, mean bins per tile delivered)."""
     from magnet.data.pipeline import ShardSet, TrainStream
-    from magnet.experiment import DataConfig
+    from magnet.train_config import DataConfig
 
     cfg = DataConfig(shards=str(shards), bin_um=bin_um, micro_batch=8, max_bins=256, shuffle_buffer=64,
                      shuffle_initial=16, workers=workers, prefetch=4, epoch_samples=10**6)

@@ -84,7 +84,7 @@ def naive(sheet: Path, bin_um: int, out: Path) -> dict:
     from PIL import Image
 
     from magnet.geometry import Geometry
-    from sharding.reader import BinFiles, read_bins, read_mpp
+    from sharding.binned_outputs import BinFiles, read_bins, read_mpp
     from sharding.samplesheet import read_samplesheet
     from sharding.tiles import make_tiles
 

@@ -14,15 +14,22 @@ import argparse
 import os
 import sys
 
+from magnet.commands import ArgumentParser
+from magnet.commands.train import add_arguments
+from magnet.config import load_config
+from magnet.errors import UserError
+from magnet.registry.tracking import check_tracking_uri
+from magnet.train.loop import train
+from magnet.train.rundir import release_all
+from magnet.train_config import ExperimentConfig
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from magnet.cli import ArgumentParser
-
+    """The arguments of ``magnet train`` that it passes on (magnet/commands/train.py), plus the launcher's."""
     p = ArgumentParser(prog="launch/train.py", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="experiment YAML (configs/train/*.yaml)")
-    p.add_argument("--resume", default=None, help="'latest' (this run name's newest checkpoint) or a run directory")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    add_arguments(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
@@ -30,16 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from magnet.config import load_config
-    from magnet.errors import UserError
-    from magnet.experiment import ExperimentConfig
-    from magnet.train.loop import train
-
     try:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
         if cfg.mlflow.enabled and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone talks to MLflow
-            from magnet.registry.tracking import check_tracking_uri
-
             check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
         train(cfg, resume=args.resume)
     except UserError as e:
@@ -54,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     rc = main()
-    from magnet.train.rundir import release_all
-
     release_all()  # os._exit skips atexit: a failed run must not leave its run folder locked
     sys.stdout.flush()
     sys.stderr.flush()

@@ -33,7 +33,7 @@ import torch
 
 from magnet.errors import UserError
 from magnet.format.sample import Sample
-from magnet.format.validate import Dims, check_sample
+from magnet.format.check import Dims, check_sample
 from magnet.geometry import Geometry
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from magnet import __version__
 from magnet.errors import UserError
 from magnet.io import atomic_write_text
 
@@ -186,8 +187,6 @@ def git_revision() -> str:
 
 def save_config(cfg: Any, path: str | Path, **extra: Any) -> Path:
     """Write the resolved config (plus ``git_revision`` and ``extra``) as YAML, atomically."""
-    from magnet import __version__
-
     doc = {"config": to_dict(cfg), "git_revision": git_revision(), "magnet_version": __version__, **extra}
     p = Path(path)
     atomic_write_text(p, yaml.safe_dump(doc, sort_keys=False))

@@ -8,7 +8,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .reader import BinFiles
+from .binned_outputs import BinFiles
 
 BLOCK, BLOCKS = 1 << 20, 64
 

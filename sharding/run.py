@@ -42,7 +42,7 @@ from .genes import GeneStats, genes_from_file, normalisation_record, select_gene
 from .image import SlideImage
 from .pairing import check_pairing
 from .ray_cluster import ray_session
-from .reader import BinFiles, check_positions_columns, read_genes, read_mpp
+from .binned_outputs import BinFiles, check_positions_columns, read_genes, read_mpp
 from .samplesheet import SPLITS, SlideEntry, read_samplesheet
 from .slide import DONE, Clock, SlideWorker
 from .splits import assign_splits

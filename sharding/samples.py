@@ -30,7 +30,7 @@ from .genes import normalise
 from .image import SlideImage, thumbnail
 from .pairing import check_pairing
 from .ray_cluster import ray_session
-from .reader import BinFiles, Bins, read_bins, read_genes, read_mpp
+from .binned_outputs import BinFiles, Bins, read_bins, read_genes, read_mpp
 from .samplesheet import SlideEntry, read_samplesheet
 from .tile_images import EncodedTiles
 from .tiles import TileSet, make_tiles

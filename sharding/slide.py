@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from magnet.format.tar import PartWriter
-from magnet.format.validate import Dims
+from magnet.format.check import Dims
 from magnet.io import atomic_path
 
 from .config import ShardConfig
 from .fingerprint import slide_fingerprints
 from .genes import GeneStats
 from .image import SlideImage
-from .reader import BinFiles, read_bins
+from .binned_outputs import BinFiles, read_bins
 from .samples import Clock, Level, slide_samples, tile_grid
 from .samplesheet import SlideEntry
 

@@ -15,7 +15,7 @@ from magnet.cli import main
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
-from magnet.experiment import DataConfig
+from magnet.train_config import DataConfig
 from shard_damage import corrupt, rehash
 
 KNN = {"k_bin": 4, "k_spot": 3, "k_global": 3}
@@ -124,7 +124,7 @@ def test_all_shards_corrupt_is_an_error_not_a_hang(shards):
 
 def test_unknown_policy_is_refused(tmp_path):
     from magnet.config import load_config
-    from magnet.experiment import ExperimentConfig
+    from magnet.train_config import ExperimentConfig
 
     with pytest.raises(UserError, match="data.on_corrupt"):
         load_config(ExperimentConfig, None, ["data.on_corrupt=ignore"])

@@ -15,7 +15,7 @@ from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
-from magnet.experiment import DataConfig
+from magnet.train_config import DataConfig
 from magnet.format.manifest import write_manifest
 
 KNN = {"k_bin": 4, "k_spot": 3, "k_global": 3}

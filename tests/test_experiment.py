@@ -114,7 +114,7 @@ def test_tie_names_a_swept_key():
 def test_a_resumed_experiment_replaces_its_evaluation():
     """magnet evaluate refuses an existing --out: --resume (re-evaluating an experiment) passes --overwrite, a new
     experiment does not (its folder is new; the sweep refuses a name in use)."""
-    from magnet.sweep.experiment import ReplicatesConfig, evaluate_argv
+    from magnet.sweep.replicates import ReplicatesConfig, evaluate_argv
 
     cfg = ReplicatesConfig(models=["magnet"], seeds=[0])
     models = {"magnet": [Path("runs/t0/model")]}

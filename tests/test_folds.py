@@ -20,7 +20,7 @@ from magnet.cli import main
 from magnet.config import config_from_saved
 from magnet.data.pipeline import EvalStream, Pipeline, ShardSet, TrainStream
 from magnet.dist import WorldInfo
-from magnet.experiment import ExperimentConfig
+from magnet.train_config import ExperimentConfig
 from magnet.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from magnet.format.codec import decode_sample, encode_image
 from magnet.format.sample import Sample
 from magnet.format.schema import FORMAT_VERSION, MEMBERS
 from magnet.format.tar import PartWriter, TarSamples, sha256_file
-from magnet.format.validate import Dims, check_sample
+from magnet.format.check import Dims, check_sample
 
 G, F, K = 16, 32, 8
 DIMS = Dims(G=G, K1=K + 1, S=TINY_GEOMETRY.n_spots, F=F, P=TINY_GEOMETRY.image_px)

@@ -67,7 +67,7 @@ def test_a_larger_slide_is_predicted_in_bounded_memory(tmp_path):
     assert measured.attrs["encoding-type"] == "csr_matrix" and measured["indptr"][-1] > 0
 
     # Memory: image-only input (bins over detected tissue) of the small and the large slide, so the Space Ranger
-    # matrix reader (sharding.reader.read_bins, whose peak grows with the matrix's non-zeros) is not in the way.
+    # matrix reader (sharding.binned_outputs.read_bins, whose peak grows with the matrix's non-zeros) is not in the way.
     peak, bins = {}, {}
     for name in ("small", "large"):
         image = tmp_path / name / "synth_000/synth_000_fullres.tif"

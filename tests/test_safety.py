@@ -11,7 +11,7 @@ import pytest
 
 from magnet.config import load_config
 from magnet.errors import UserError
-from magnet.experiment import ExperimentConfig
+from magnet.train_config import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [p for d in ("magnet", "sharding", "launch", "bench") for p in (REPO / d).rglob("*.py")]

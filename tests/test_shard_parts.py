@@ -183,7 +183,7 @@ def _rewrite_in_other_order(src: Path, dst: Path, seed: int) -> None:
     import pyarrow.parquet as pq
 
     from magnet.synth.spaceranger import write_matrix_h5
-    from sharding.reader import read_genes
+    from sharding.binned_outputs import read_genes
 
     rng = np.random.default_rng(seed)
     (dst / "spatial").mkdir(parents=True)
@@ -207,7 +207,7 @@ def test_bins_do_not_depend_on_row_order_or_batches(tiny_cohort, tmp_path, monke
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import sharding.reader as reader
+    import sharding.binned_outputs as reader
 
     slide = tiny_cohort / "synth_000"
     with SlideImage(slide / "synth_000_fullres.tif") as im:

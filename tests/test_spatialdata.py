@@ -38,7 +38,7 @@ def scverse(tiny_cohort):
 @pytest.mark.parametrize("bin_um", [8, 16])
 def test_visium_hd_reader_agrees_with_the_project_reader(scverse, tiny_cohort, bin_um):
     from sharding.image import SlideImage
-    from sharding.reader import BinFiles, read_bins, read_genes
+    from sharding.binned_outputs import BinFiles, read_bins, read_genes
 
     files = BinFiles.of(_outs(tiny_cohort), bin_um)
     with SlideImage(_image(tiny_cohort)) as image:

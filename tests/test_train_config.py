@@ -10,7 +10,7 @@ import pytest
 
 from magnet.config import load_config
 from magnet.errors import UserError
-from magnet.experiment import ExperimentConfig
+from magnet.train_config import ExperimentConfig
 from magnet.registry.tracking import Tracker, artifact_root, flatten, mask_credentials
 from magnet.train.ds_config import deepspeed_config
 from magnet.train.schedule import lr_factor

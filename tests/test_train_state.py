@@ -12,7 +12,7 @@ from torch import nn
 from fake_samples import TINY_GEOMETRY
 from magnet.data.pipeline import ShardSet, TrainStream
 from magnet.dist import WorldInfo
-from magnet.experiment import DataConfig
+from magnet.train_config import DataConfig
 from magnet.models.config import ModelConfig
 from magnet.models.factory import create_model, model_names
 from magnet.train.state import LossMeter, TrainState, param_groups

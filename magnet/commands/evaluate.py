@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from pathlib import Path
+
+from magnet.config import load_config, save_config, to_dict
+from magnet.errors import UserError
+from magnet.evaluate import paired
+from magnet.evaluate.config import EvaluateConfig
+from magnet.evaluate.select import each_model, load_models, parse_genes, select_slides
+from magnet.evaluate.truth import gene_groups_file, read_gene_groups
+from magnet.io import atomic_path, check_output
+from magnet.registry.tracking import resolve_tracking_uri
 
 USAGE = """examples:
   magnet evaluate --model models:/magnet-hd@champion --model stnet=models:/magnet-hd-stnet@champion \\
@@ -61,9 +73,6 @@ CONFIG_NAME = "evaluate.config.yaml"
 
 def check_out(out, overwrite: bool) -> None:
     """Before any work: ``out`` is absent, empty, or (with ``overwrite``) a folder that magnet evaluate wrote."""
-    from magnet.errors import UserError
-    from magnet.io import check_output
-
     check_output(out, "--out", overwrite, folder=True)
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
         raise UserError(f"{out}: --out: --overwrite replaces only a folder written by magnet evaluate (no "
@@ -71,16 +80,6 @@ def check_out(out, overwrite: bool) -> None:
 
 
 def run(args) -> int:
-    import json
-    import time
-    from pathlib import Path
-
-    from magnet.config import load_config, save_config
-    from magnet.evaluate.config import EvaluateConfig
-    from magnet.evaluate.select import each_model, load_models, parse_genes, select_slides
-    from magnet.io import atomic_path
-    from magnet.registry.tracking import resolve_tracking_uri
-
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
     out = Path(args.out)
     check_out(out, args.overwrite)
@@ -89,12 +88,8 @@ def run(args) -> int:
     models = load_models(args.model, args.tracking_uri, args.bin_um)
     genes = genes or next(each_model(models))[2].genes
     slides = select_slides(args.samplesheet, args.split, models)
-
-    from magnet.evaluate import report
+    from magnet.evaluate import report  # start-up time: these load torch; the other commands and --help do not
     from magnet.evaluate.table import Table
-
-    from magnet.evaluate import paired
-    from magnet.evaluate.truth import gene_groups_file, read_gene_groups
 
     groups_path = args.gene_groups or next((str(gene_groups_file(e.spaceranger)) for e, _, _ in slides
                                             if gene_groups_file(e.spaceranger).is_file()), None)
@@ -132,8 +127,6 @@ def run(args) -> int:
     paths = {k: out / p.name for k, p in paths.items()}
     run_id = None
     if cfg.mlflow:
-        from magnet.config import to_dict
-
         params = {"models": {paired.mlflow_key(k): v["uri"] for k, v in sources.items()}, "samplesheet": args.samplesheet,
                   "slides": ",".join(e.slide for e, _, _ in slides), "n_genes": len(genes), "config": to_dict(cfg)}
         run_id = report.log_mlflow(tracking_uri, cfg.experiment, cfg.run_name or time.strftime("evaluate-%Y%m%d-%H%M%S"),

@@ -4,6 +4,21 @@ of predicted HD expression, or to a SpatialData zarr store (``--format spatialda
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from magnet.config import load_config
+from magnet.errors import UserError
+from magnet.io import check_output
+from magnet.predict.cohort import predict_cohort
+from magnet.predict.config import PredictConfig
+from magnet.predict.model import load_model
+from magnet.predict.output import predict_to_file
+from magnet.predict.spatialdata_out import check_out
 
 USAGE = """examples:
   magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --bin-um 8 --out pred.h5ad
@@ -44,10 +59,6 @@ def add_parser(subparsers) -> None:
 
 
 def _check_args(args) -> list[str]:
-    from pathlib import Path
-
-    from magnet.errors import UserError
-
     if args.samplesheet is not None:
         given = [f for f in ("image", "spaceranger", "mpp", "slide") if getattr(args, f) is not None]
         if given:
@@ -72,8 +83,6 @@ def _check_args(args) -> list[str]:
     if args.spaceranger is not None and not Path(args.spaceranger).is_dir():
         raise UserError(f"{args.spaceranger}: --spaceranger: folder not found")
     if args.format == "spatialdata":
-        import importlib.util
-
         if importlib.util.find_spec("spatialdata") is None:
             raise UserError("--format: spatialdata needs the [spatialdata] extra "
                             "(pip install 'magnet-hd[spatialdata]')")
@@ -87,10 +96,6 @@ def _check_args(args) -> list[str]:
 def _check_outputs(args, chosen: list[str]) -> None:
     """Every path the command will write, before any work: nothing replaced without --overwrite (a cohort's
     existing folder is its resume), no folder where a file goes, no path under a file or an unwritable folder."""
-    from pathlib import Path
-
-    from magnet.io import check_output
-
     out, maps = Path(args.out), Path(args.maps) if args.maps else None
     if maps is not None:
         check_output(maps, "--maps", overwrite=True, folder=True)
@@ -99,8 +104,6 @@ def _check_outputs(args, chosen: list[str]) -> None:
         return
     check_output(out, "--out", args.overwrite, folder=args.format == "spatialdata")
     if args.format == "spatialdata":
-        from magnet.predict.spatialdata_out import check_out
-
         check_out(out)
     check_output(out.parent / f"{out.stem}.config.yaml", "--out", args.overwrite)
     for gene in chosen:
@@ -113,9 +116,6 @@ def _terminated(signum, frame):
 
 def run(args) -> int:
     """A scheduler's SIGTERM exits 143 without half-written output (the handler is restored after)."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return _run(args)
     previous = signal.signal(signal.SIGTERM, _terminated)
@@ -126,17 +126,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    import json
-    from pathlib import Path
-
-    from magnet.config import load_config
-    from magnet.errors import UserError
-    from magnet.predict.config import PredictConfig
-
     chosen = _check_args(args)
     cfg = load_config(PredictConfig, args.config, args.overrides)
-    from magnet.predict.model import load_model
-
     model = load_model(args.model, args.tracking_uri)
     genes = model.genes
     unknown = [g for g in chosen if g not in genes]
@@ -150,7 +141,6 @@ def _run(args) -> int:
 
     if args.samplesheet is not None:
         return _run_cohort(args, model, bin_um, cfg, chosen)
-    from magnet.predict.output import predict_to_file
 
     summary = predict_to_file(model, Path(args.image), bin_um, cfg, Path(args.out), spaceranger=args.spaceranger,
                               mpp=args.mpp, chosen=chosen, maps_dir=args.maps, slide=args.slide, fmt=args.format)
@@ -162,13 +152,6 @@ def _run(args) -> int:
 def _run_cohort(args, model, bin_um: int, cfg, chosen: list[str]) -> int:
     """Every slide goes on when one fails; the failed ones are listed at the end (exit 2 when all failed on
     bad input such as a missing or unreadable file, else 1)."""
-    import json
-    import sys
-    from pathlib import Path
-
-    from magnet.errors import UserError
-    from magnet.predict.cohort import predict_cohort
-
     rows = predict_cohort(Path(args.samplesheet), args.model, args.tracking_uri, model, bin_um, cfg, Path(args.out),
                           args.address, chosen, Path(args.maps) if args.maps else None, args.overwrite)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("predicted", "skipped", "failed")}

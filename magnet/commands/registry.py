@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from magnet.errors import UserError
+from magnet.registry.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri, set_alias
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("registry", help="MLflow model registry: set aliases",
@@ -19,11 +22,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import mlflow
+    import mlflow  # start-up time: MLflow takes seconds to load; the other commands and --help do not need it
     from mlflow.exceptions import MlflowException
-
-    from magnet.errors import UserError
-    from magnet.registry.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri, set_alias
 
     uri = check_tracking_uri(resolve_tracking_uri(args.tracking_uri), "--tracking-uri", existing=True)
     mlflow.set_tracking_uri(uri)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from magnet.config import load_config
+from magnet.errors import UserError
+from sharding.config import ShardConfig
+
 USAGE = """examples:
   magnet shard --samplesheet slides.csv --bin-um 8 16 --out shards [--address auto] [--config FILE] [key=value ...]
   magnet shard validate shards/16um"""
@@ -26,21 +30,17 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from magnet.errors import UserError
-
     if args.args and args.args[0] == "validate":
         if len(args.args) != 2:
             raise UserError("shard validate: expects exactly one folder, e.g. magnet shard validate shards/16um")
-        from sharding.validate import validate
+        from sharding.validate import validate  # start-up time: torch and webdataset load with the shard reader
 
         print(json.dumps(validate(args.args[1]), indent=1))
         return 0
     for flag in ("samplesheet", "bin_um", "out"):
         if getattr(args, flag) is None:
             raise UserError(f"shard: --{flag.replace('_', '-')} is required")
-    from magnet.config import load_config
-    from sharding.config import ShardConfig
-    from sharding.run import shard_cohort, summary
+    from sharding.run import shard_cohort, summary  # start-up time: torch and webdataset load with the writer
 
     cfg = load_config(ShardConfig, args.config, args.args)
     manifests = shard_cohort(args.samplesheet, args.bin_um, args.out, cfg, address=args.address)

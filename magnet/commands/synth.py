@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from magnet.config import load_config
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,8 +23,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from magnet.config import load_config
-    from magnet.synth import SynthConfig, generate_cohort
+    from magnet.synth import SynthConfig, generate_cohort  # start-up time: scipy, about a second
 
     flags = {k: v for k, v in (("slides", args.slides), ("size_um", args.size_um), ("mpp", args.mpp),
                                ("seed", args.seed)) if v is not None}

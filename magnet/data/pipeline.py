@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import webdataset as wds
 
-from magnet.data.manifest import check_manifest, fold_view
+from magnet.data.manifest_view import check_manifest, fold_view
 from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
@@ -196,7 +196,7 @@ class ShardSet:
 
     @classmethod
     def for_training(cls, data) -> ShardSet:
-        """The shards a training run with ``data`` (:class:`magnet.experiment.DataConfig`) reads: with
+        """The shards a training run with ``data`` (:class:`magnet.train_config.DataConfig`) reads: with
         ``data.fold`` set, the manifest's splits are replaced by that fold's (:func:`fold_view`)."""
         s = cls(data.shards, data.bin_um, data.genes, data.normalisation)
         if data.fold is not None:

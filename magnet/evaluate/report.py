@@ -214,7 +214,7 @@ def log_mlflow(tracking_uri: str, experiment: str, run_name: str, rows: list[dic
     """One MLflow run (with ``run_id``: that existing run, its params untouched) holding the metrics (means;
     sds as ``..._sd``; over folds ``..._fold_mean`` and ``..._fold_sd``; ``extra_metrics``) and the files
     (artifact folder ``evaluation``); returns its id."""
-    from magnet.experiment import MlflowConfig
+    from magnet.train_config import MlflowConfig
     from magnet.registry.tracking import Tracker
 
     tracker = Tracker(MlflowConfig(tracking_uri=tracking_uri, experiment=experiment), active=True)

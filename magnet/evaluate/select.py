@@ -142,7 +142,7 @@ def training_view(model: LoadedModel) -> tuple[dict[str, str], dict[str, dict[st
     of its shard manifest. Splits: for a fold model (``data.fold=k``), ``train`` for the slides of the other folds
     and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's splits. Both {} for an older
     model whose manifest is not there; one that is there but unreadable is an error."""
-    from magnet.data.manifest import fold_roles
+    from magnet.data.manifest_view import fold_roles
 
     data = model.python_model.config.data
     slides = model.slides  # slide -> split, fingerprint

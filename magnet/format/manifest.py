@@ -15,7 +15,7 @@ from typing import Any
 
 from magnet.errors import UserError
 from magnet.format.schema import FORMAT_VERSION
-from magnet.format.validate import Dims
+from magnet.format.check import Dims
 from magnet.geometry import Geometry
 from magnet.io import atomic_write_text
 

@@ -8,7 +8,7 @@ everywhere. Three checks, so nothing corrupted is ever read silently:
 * every tar member must be named ``{slide}__{gx}_{gy}.{member}`` with a member of the format
   (:class:`magnet.format.tar.TarSamples`, whose webdataset handler is :meth:`ShardReader.handle`);
 * every sample must decode (zstd frames carry checksums, ``np.load(allow_pickle=False)``) and pass
-  the schema check (:func:`magnet.format.validate.check_sample`) with the manifest's sizes.
+  the schema check (:func:`magnet.format.check.check_sample`) with the manifest's sizes.
 
 ``fail`` raises a one-line UserError naming the shard and member. ``skip`` drops the sample (a shard
 that fails its checksum: all of its samples), prints a warning and counts the samples in
@@ -27,7 +27,7 @@ from magnet.format.codec import decode_sample
 from magnet.format.manifest import Manifest
 from magnet.format.sample import Sample
 from magnet.format.tar import TarSamples, sha256_file
-from magnet.format.validate import check_sample
+from magnet.format.check import check_sample
 
 POLICIES = ("fail", "skip")
 

@@ -13,7 +13,7 @@ FORMAT_VERSION = 3  # 2: spot/global features centred on the slide (sharding/fea
 
 
 class Axis(enum.Enum):
-    """What an array axis runs over; its size comes from :class:`magnet.format.validate.Dims`."""
+    """What an array axis runs over; its size comes from :class:`magnet.format.check.Dims`."""
 
     BIN = "n"  # the sample's bins (variable; windowing and chunking cut along it)
     NBR = "K1"  # the centre tile then its K neighbour tiles

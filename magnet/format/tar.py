@@ -16,7 +16,7 @@ from magnet.errors import UserError
 from magnet.format.codec import encode_sample
 from magnet.format.sample import Sample
 from magnet.format.schema import KEY, member_of
-from magnet.format.validate import Dims, check_sample
+from magnet.format.check import Dims, check_sample
 
 
 def sha256_file(path: str | Path) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from magnet.models.register import MODEL_NAMES
+
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
@@ -14,7 +16,7 @@ class ModelConfig:
     level) and fix the number of cross-attention context tokens (``1 + k`` per level).
     """
 
-    name: str = "magnet"  # a registered model (magnet.models.factory.model_names)
+    name: str = "magnet"  # a registered model (magnet.models.register.MODEL_NAMES)
     encoder: str = "resnet50"  # any timm model name
     encoder_weights: str | None = None  # None (random, seeded), a local checkpoint path, or hub name
     seed: int = 0  # init seed of the encoder when encoder_weights is None
@@ -33,10 +35,8 @@ class ModelConfig:
     init_from_data: bool = True  # outputs start at the training mean, frozen features standardised (models/init.py)
 
     def __post_init__(self):
-        from magnet.models.factory import model_names
-
-        if self.name not in model_names():
-            raise ValueError(f"name must be one of {list(model_names())}, got {self.name!r}")
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"name must be one of {list(MODEL_NAMES)}, got {self.name!r}")
         if self.width <= 0 or self.heads <= 0 or self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be a positive multiple of heads ({self.heads})")
         for key in ("gat_layers", "transformer_layers", "k_bin", "k_spot", "k_global"):

@@ -5,21 +5,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from magnet.models.register import MODELS
+from magnet.geometry import Geometry
+from magnet.models.config import ModelConfig
+from magnet.models.register import MODEL_NAMES, MODELS
 
-if TYPE_CHECKING:  # ModelConfig checks its name here: a run-time import would be a cycle
+if TYPE_CHECKING:  # torch loads with the model's module, not with this one
     from torch import nn
-
-    from magnet.geometry import Geometry
-    from magnet.models.config import ModelConfig
-
-MODEL_MODULES = ("magnet.models.magnet", "magnet.models.baselines")  # where models register themselves
 
 
 def model_names() -> tuple[str, ...]:
-    for module in MODEL_MODULES:
-        importlib.import_module(module)
-    return tuple(MODELS)
+    return tuple(MODEL_NAMES)
 
 
 def create_model(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geometry) -> nn.Module:
@@ -28,7 +23,7 @@ def create_model(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry: Geomet
     ``n_genes`` and ``feat_dim`` (frozen feature size) come from the shard manifest; ``geometry``
     (pixel size and tile sides) scales positions. Names: :func:`model_names`.
     """
-    names = model_names()
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model name {cfg.name!r}; known: {', '.join(names)}")
+    if cfg.name not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {cfg.name!r}; known: {', '.join(MODEL_NAMES)}")
+    importlib.import_module(MODEL_NAMES[cfg.name])  # the module registers its builders as it loads
     return MODELS[cfg.name](cfg, n_genes, feat_dim, geometry)

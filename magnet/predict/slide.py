@@ -240,7 +240,7 @@ def _level(image: SlideImage, image_path: Path, bin_um: int, genes: list[str], s
     Ranger's (``spaceranger``), else laid over the tissue of the image of ``mpp`` um/px."""
     geom = scfg.shard.geometry()
     if spaceranger is None:
-        from magnet.predict.grid import tissue_bins
+        from magnet.predict.image_only import tissue_bins
 
         mpp_full = float(mpp)
         check_extent(image, mpp_full, geom.mpp, f"{image_path}: --mpp")

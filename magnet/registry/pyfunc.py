@@ -31,7 +31,7 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         from safetensors.torch import load_file
 
         from magnet.config import config_from_saved
-        from magnet.experiment import ExperimentConfig
+        from magnet.train_config import ExperimentConfig
         from magnet.geometry import Geometry
         from magnet.models.factory import create_model
 

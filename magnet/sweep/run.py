@@ -104,7 +104,7 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
 
     from ray import tune
 
-    from magnet.experiment import MlflowConfig
+    from magnet.train_config import MlflowConfig
     from magnet.registry.tracking import Tracker
     from magnet.sweep.results import close_interrupted, finish_sweep
     from magnet.sweep.trial import run_trial

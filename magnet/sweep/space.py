@@ -11,7 +11,7 @@ from typing import Any
 
 from magnet.config import load_config
 from magnet.errors import UserError
-from magnet.experiment import ExperimentConfig
+from magnet.train_config import ExperimentConfig
 from magnet.format.manifest import Manifest, manifest_path
 from magnet.sweep.config import DISTRIBUTIONS, SweepConfig
 

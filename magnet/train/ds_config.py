@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from magnet.errors import UserError
-from magnet.experiment import ExperimentConfig, zero_file
+from magnet.train_config import ExperimentConfig, zero_file
 
 FILLED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
           "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "torch_autocast")

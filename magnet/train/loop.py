@@ -26,7 +26,7 @@ from magnet import dist
 from magnet.config import config_from_saved, git_revision, save_config, to_dict
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.errors import UserError
-from magnet.experiment import ExperimentConfig
+from magnet.train_config import ExperimentConfig
 from magnet.io import atomic_write_text
 from magnet.registry.tracking import Tracker, mask_credentials
 from magnet.train import checkpoint, rundir
@@ -174,7 +174,7 @@ def step_row(sums: dict[str, float], state: TrainState, engine, epoch: int) -> d
 def evaluate_step(engine, evaluator, cfg: ExperimentConfig, step: int, spare_batch, zero3: bool, log: MetricsLog,
                   tracker: Tracker, genes: list[str]) -> dict:
     """Evaluate on the evaluation split; metrics logged, table and gene maps to MLflow."""
-    from magnet.train.evaluate import evaluate
+    from magnet.train.validation import evaluate
 
     metrics, table, maps = evaluate(engine, evaluator, cfg, spare_batch, zero3, cfg.mlflow.figure_genes)
     log.write(cfg.data.eval_split, step, metrics)

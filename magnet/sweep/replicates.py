@@ -111,7 +111,7 @@ def evaluate_argv(cfg: ReplicatesConfig, models: dict[str, list[Path]], out: Pat
 
 def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> dict:
     """Train the grid (or continue it), then evaluate; returns the sweep summary plus ``evaluation`` (folder)."""
-    from magnet.cli import main
+    from magnet.commands import evaluate, main
     from magnet.config import save_config
     from magnet.sweep.run import absolute_paths
 
@@ -139,7 +139,7 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
     save_config(cfg, sweep_dir / "experiment.yaml")
     models = trained_models(summary, sweep_dir, cfg)
     out = sweep_dir / "evaluation"
-    code = main(evaluate_argv(cfg, models, out, summary["parent_run_id"], overwrite=resume))
+    code = main(evaluate_argv(cfg, models, out, summary["parent_run_id"], overwrite=resume), [evaluate])
     if code != 0:
         raise UserError(f"{origin}: evaluate: magnet evaluate failed (exit status {code}, its error above); the "
                         f"trained models are kept: rerun with --resume")
