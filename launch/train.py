@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -26,8 +27,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _terminated(signum, frame):
+    """SIGTERM (the launcher stopping the ranks after one failed) unwinds like an error, so the run is
+    recorded FAILED in MLflow and its run folder unlocked; Python's default would end the process on the spot."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from magnet.config import load_config
@@ -43,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
         train(cfg, resume=args.resume)
     except UserError as e:
-        print(f"magnet: error: {e}", file=sys.stderr)
+        if not e.collective or int(os.environ.get("RANK", "0")) == 0:  # every rank raised it: one line
+            print(f"magnet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C reaches every rank: one line, from rank 0
         if int(os.environ.get("RANK", "0")) == 0:
