@@ -58,14 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print("magnet: error: interrupted; the checkpoints written so far are kept (--resume latest)", file=sys.stderr)
         return 130
+    except SystemExit as e:  # SIGTERM (_terminated), after the loop recorded the run FAILED
+        return int(e.code or 0)
     return 0
 
 
 if __name__ == "__main__":
     rc = main()
+    from magnet.dist import release_shm
     from magnet.train.rundir import release_all
 
     release_all()  # os._exit skips atexit: a failed run must not leave its run folder locked
+    release_shm()  # nor its 69 MB DeepSpeed buffer in /dev/shm (a finished run has released it already)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)

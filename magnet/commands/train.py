@@ -1,7 +1,8 @@
 """``magnet train``: start ``launch/train.py`` with the launcher that fits this machine.
 
 One process per GPU on a CUDA machine, else ``--nproc`` CPU processes (default 2), through the
-``deepspeed`` launcher (or ``torchrun`` with ``--launcher torchrun``) on a free local port.
+``deepspeed`` launcher (or ``torchrun`` with ``--launcher torchrun``) on a free local port, under
+:mod:`magnet.train.guard`, so that killing ``magnet train`` (even with SIGKILL) ends the launcher and every rank.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def command(args: argparse.Namespace) -> list[str]:
     return head + [script] + tail
 
 
+def guarded(cmd: list[str]) -> list[str]:
+    """``cmd`` under :mod:`magnet.train.guard`, which ends its whole process tree when this process dies."""
+    import os
+    import sys
+
+    return [sys.executable, "-m", "magnet.train.guard", str(os.getpid()), *cmd]
+
+
 def _run_folder(args: argparse.Namespace):
     """The run folder that the YAML and the overrides name, read before the config is built: building it imports
     the models (and torch) to check model.name, seconds on a busy machine. None: no name, so a new folder."""
@@ -61,13 +70,14 @@ def _run_folder(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import subprocess
+    from pathlib import Path
 
     from magnet.config import load_config
     from magnet.errors import UserError
     from magnet.experiment import ExperimentConfig, zero_file
     from magnet.format.manifest import Manifest, manifest_path
     from magnet.train.checkpoint import read_pointer
-    from magnet.train.rundir import refuse_if_owned
+    from magnet.train.rundir import check_writable, refuse_if_owned
 
     if args.nproc is not None and args.nproc < 1:  # 0 is not "the default"
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
@@ -77,10 +87,20 @@ def run(args: argparse.Namespace) -> int:
         if args.resume is not None and read_pointer(folder / "checkpoints") is None:  # not once per rank
             raise UserError(f"--resume {args.resume}: no checkpoint found under {folder}")
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
+    check_writable(Path(cfg.train.out_dir), "train.out_dir")
     zero_file(cfg.train.deepspeed)
     if cfg.mlflow.enabled:
         from magnet.registry.tracking import check_tracking_uri
 
         check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
     Manifest.load(manifest_path(cfg.data.shards, cfg.data.bin_um))  # once here, not once per rank after the launch
-    return subprocess.call(command(args))
+    proc = subprocess.Popen(guarded(command(args)))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the whole foreground group got SIGINT: the ranks stop by themselves, give them time
+        try:
+            proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.terminate()  # the guard ends the tree
+            proc.wait()
+        raise

@@ -100,13 +100,14 @@ def setup_run(cfg: ExperimentConfig, resume: str | None, world) -> tuple[Path, s
     decided = None
     if dist.is_primary():
         try:
+            rundir.check_writable(Path(cfg.train.out_dir), "train.out_dir")
             decided = _run_dir(cfg, resume)
             rundir.acquire(decided[0])  # before anything is written there
         except UserError as e:  # every rank must learn of it, or the others wait in the broadcast
             decided = str(e)
     decided = dist.broadcast_object(decided)
     if isinstance(decided, str):
-        raise UserError(decided)
+        raise UserError(decided, collective=True)
     run_dir, tag = decided
     if tag is not None:  # expectations recorded by the run being resumed
         saved = config_from_saved(ExperimentConfig, run_dir / "config.yaml")
