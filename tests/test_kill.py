@@ -68,7 +68,7 @@ def _cleanup(proc: subprocess.Popen, port: int) -> None:
 def test_sigkill_of_magnet_train_ends_the_launcher_and_ranks(tiny_shards, tmp_path):
     port = free_port()
     proc = _start(tmp_path, tiny_shards, port, "train.steps=500")
-    watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))  # a hang fails, never blocks
+    watchdog = threading.Timer(600, os.killpg, (proc.pid, signal.SIGKILL))  # a hang fails, never blocks
     watchdog.start()
     try:
         _wait_for(proc, "magnet train: run")  # both ranks are up
@@ -89,7 +89,7 @@ def test_crashed_rank_fails_the_mlflow_run_and_resume_needs_the_same_world_size(
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     proc = _start(tmp_path, tiny_shards, port, "train.steps=50", "train.ckpt_every=1", "mlflow.enabled=true",
                   f"mlflow.tracking_uri={uri}")
-    watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))
+    watchdog = threading.Timer(600, os.killpg, (proc.pid, signal.SIGKILL))
     watchdog.start()
     try:
         _wait_for(proc, "checkpoint saved step 1")

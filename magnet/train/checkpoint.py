@@ -35,9 +35,10 @@ def _save(engine, ckpt_dir: Path, tag: str, client_state: dict, pointer: str, ke
     except (OSError, RuntimeError) as e:
         if not _write_failed(e):
             raise
+        free_kib = shutil.disk_usage(ckpt_dir).free // 1024
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # a partial tag; the pointer still names the last whole one
         kept = read_pointer(ckpt_dir, pointer)
-        reason = getattr(e, "strerror", None) or "a file could not be written in full: is the disk full?"
+        reason = getattr(e, "strerror", None) or f"a file was not written in full, {free_kib} KiB free on its disk"
         raise UserError(f"{ckpt_dir / tag}: train.out_dir: the checkpoint could not be written ({reason}); "
                         f"{'the checkpoint ' + kept + ' is kept' if kept else 'no checkpoint was kept'}") from None
     dist.barrier()
