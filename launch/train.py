@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from magnet.commands import ArgumentParser
 from magnet.commands.train import add_arguments
 from magnet.config import load_config
+from magnet.dist import release_shm
 from magnet.errors import UserError
 from magnet.registry.tracking import check_tracking_uri
 from magnet.train.loop import train
@@ -33,8 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _terminated(signum, frame):
+    """SIGTERM (the launcher stopping the ranks after one failed) unwinds like an error, so the run is
+    recorded FAILED in MLflow and its run folder unlocked; Python's default would end the process on the spot."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
@@ -43,18 +52,22 @@ def main(argv: list[str] | None = None) -> int:
             check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
         train(cfg, resume=args.resume)
     except UserError as e:
-        print(f"magnet: error: {e}", file=sys.stderr)
+        if not e.collective or int(os.environ.get("RANK", "0")) == 0:  # every rank raised it: one line
+            print(f"magnet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C reaches every rank: one line, from rank 0
         if int(os.environ.get("RANK", "0")) == 0:
             print("magnet: error: interrupted; the checkpoints written so far are kept (--resume latest)", file=sys.stderr)
         return 130
+    except SystemExit as e:  # SIGTERM (_terminated), after the loop recorded the run FAILED
+        return int(e.code or 0)
     return 0
 
 
 if __name__ == "__main__":
     rc = main()
     release_all()  # os._exit skips atexit: a failed run must not leave its run folder locked
+    release_shm()  # nor its 69 MB DeepSpeed buffer in /dev/shm (a finished run has released it already)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)

@@ -100,10 +100,15 @@ class TrainConfig:
     best_metric: str = "loss"  # evaluation metric that picks the best checkpoint (e.g. pcc_bin)
     best_mode: Literal["min", "max"] = "min"
     progress: bool = True  # tqdm bar on rank 0
+    # micro-batches with a non-finite loss (or steps with a non-finite gradient norm) skipped, nothing applied,
+    # before training stops with an error at the next one; 0 = stop at the first (docs/reliability.md)
+    nonfinite_skips: int = 0
 
     def __post_init__(self):
         if self.steps < 1 or self.grad_accum < 1 or self.keep_last < 1 or self.log_every < 1:
             raise ValueError("train.steps, train.grad_accum, train.keep_last and train.log_every must be >= 1")
+        if self.nonfinite_skips < 0:
+            raise ValueError("train.nonfinite_skips must be >= 0")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -58,3 +58,19 @@ def rehash(folder: Path, name: str) -> None:
     entry = next(s for s in man["shards"] if s["name"] == name)
     entry.update(bytes=(folder / name).stat().st_size, sha256=sha256_file(folder / name))
     write_manifest(man_path, man)
+
+
+def nan_features(path: Path) -> int:
+    """Set the frozen features (``spot_feat``, ``global_feat``) of every sample in the shard to NaN, the
+    members still well-formed; returns the members changed (then :func:`rehash` the manifest)."""
+    from magnet.format.codec import decode_npy, encode_npy
+
+    members, changed = _members(path), 0
+    for i, (info, data) in enumerate(members):
+        if info.name.endswith((".spot_feat.npy.zst", ".global_feat.npy.zst")):
+            arr = decode_npy(data)
+            arr[...] = float("nan")
+            members[i] = (info, encode_npy(arr))
+            changed += 1
+    _rewrite(path, members)
+    return changed

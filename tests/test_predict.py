@@ -199,6 +199,8 @@ def test_weights_that_do_not_fit_the_config_are_refused(registered, tiny_cohort,
     import torch
     from safetensors.torch import load_file, save_file
 
+    from magnet.format.tar import sha256_file
+
     _, run_dir = registered
     model = tmp_path / "model"
     shutil.copytree(run_dir / "model", model)
@@ -209,6 +211,9 @@ def test_weights_that_do_not_fit_the_config_are_refused(registered, tiny_cohort,
     else:
         del state[name]
     save_file(state, model / "model.safetensors")
+    meta = json.loads((model / "model_meta.json").read_text())  # written so, not damaged: its checksum agrees
+    meta["weights_sha256"] = sha256_file(model / "model.safetensors")
+    (model / "model_meta.json").write_text(json.dumps(meta))
     outs, image = _slide(tiny_cohort)
     out = tmp_path / "p.h5ad"
     err = _fails(["predict", "--model", str(model), "--spaceranger", str(outs), "--image", str(image),

@@ -1,12 +1,14 @@
 """``magnet train``: start ``launch/train.py`` with the launcher that fits this machine.
 
 One process per GPU on a CUDA machine, else ``--nproc`` CPU processes (default 2), through the
-``deepspeed`` launcher (or ``torchrun`` with ``--launcher torchrun``) on a free local port.
+``deepspeed`` launcher (or ``torchrun`` with ``--launcher torchrun``) on a free local port, under
+:mod:`magnet.train.guard`, so that killing ``magnet train`` (even with SIGKILL) ends the launcher and every rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from magnet.errors import UserError
 from magnet.format.manifest import Manifest, manifest_path
 from magnet.registry.tracking import check_tracking_uri
 from magnet.train.checkpoint import read_pointer
-from magnet.train.rundir import refuse_if_owned
+from magnet.train.rundir import check_writable, refuse_if_owned
 from magnet.train_config import ExperimentConfig, zero_file
 
 
@@ -61,6 +63,11 @@ def run_folder(cfg: ExperimentConfig, resume: str | None) -> Path | None:
     return Path(cfg.train.out_dir) / cfg.train.run_name if cfg.train.run_name else None
 
 
+def guarded(cmd: list[str]) -> list[str]:
+    """``cmd`` under :mod:`magnet.train.guard`, which ends its whole process tree when this process dies."""
+    return [sys.executable, "-m", "magnet.train.guard", str(os.getpid()), *cmd]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:  # 0 is not "the default"
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
@@ -70,8 +77,18 @@ def run(args: argparse.Namespace) -> int:
         refuse_if_owned(folder)
         if args.resume is not None and read_pointer(folder / "checkpoints") is None:  # not once per rank
             raise UserError(f"--resume {args.resume}: no checkpoint found under {folder}")
+    check_writable(Path(cfg.train.out_dir), "train.out_dir")
     zero_file(cfg.train.deepspeed)
     if cfg.mlflow.enabled:
         check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
     Manifest.load(manifest_path(cfg.data.shards, cfg.data.bin_um))  # once here, not once per rank after the launch
-    return subprocess.call(command(args))
+    proc = subprocess.Popen(guarded(command(args)))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the whole foreground group got SIGINT: the ranks stop by themselves, give them time
+        try:
+            proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.terminate()  # the guard ends the tree
+            proc.wait()
+        raise

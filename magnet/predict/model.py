@@ -76,6 +76,8 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
 
         try:
             python_model = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model()
+        except UserError:  # e.g. weights that do not match their sha256: already one line
+            raise
         except Exception as e:  # mlflow raises several types for a broken model folder
             raise (_weights_error(uri, e) or _mlflow_error(uri, e)) from None
     else:

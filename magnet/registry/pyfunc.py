@@ -4,8 +4,10 @@ Input: one decoded shard sample (docs/shard_format.md) as a dict of numpy arrays
 members, plus ``tile`` int64 (2,) = (gx, gy); ``meta`` is rebuilt from the model's own geometry.
 Output: ``{"bin": (n, G), "spot": (Ns, G), "global": (Ng, G)}`` float32, genes in ``genes`` order
 (levels the model lacks are left out).
-Weights are a safetensors file; ``unwrap_python_model()`` exposes ``genes``, ``normalisation``,
-``geometry``, ``config`` and ``predict_batch(Batch)`` for callers that build batches themselves.
+Weights are a safetensors file whose sha256 ``model_meta.json`` records (a damaged file is refused at load);
+``unwrap_python_model()`` exposes ``genes``, ``normalisation``, ``geometry``, ``config`` and
+``predict_batch(Batch)`` for callers that build batches themselves. Inputs with non-finite values or bin
+positions outside the tile's image, and non-finite outputs, are refused in one line (a :class:`UserError`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
+from magnet.errors import UserError
 from magnet.format.sample import Meta, Sample
 from magnet.format.schema import MEMBERS, Axis
+from magnet.format.tar import sha256_file
+from magnet.format.validate import Dims, check_sample
 
 INPUT_MEMBERS = tuple(m.name for m in MEMBERS if not m.optional)  # members fed to the model
 VARIABLE_AXES = {m.name: tuple(i for i, a in enumerate(m.axes) if a in (Axis.BIN, Axis.PIXEL)) for m in MEMBERS}
@@ -36,24 +41,33 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         from magnet.models.factory import create_model
 
         info = json.loads(Path(meta).read_text())
+        check_weights(weights, info)
         self.config = config_from_saved(ExperimentConfig, config)
         self.genes = list(info["genes"])
         self.normalisation = info["normalisation"]
         self.bin_um = info["bin_um"]
         self.geometry = Geometry(**{k: info["geometry"][k] for k in ("mpp", "global_px", "spot_px", "bin_px")})
-        self.model = create_model(self.config.model, len(self.genes), info["feat_dim"], self.geometry)
+        self.feat_dim = info["feat_dim"]
+        self.model = create_model(self.config.model, len(self.genes), self.feat_dim, self.geometry)
         self.model.load_state_dict(load_file(weights))
         self.model.eval()
 
     def predict_batch(self, batch, bf16: bool = False) -> dict[str, np.ndarray]:
-        """Forward on the model's device (bf16 autocast when asked); float32 numpy out."""
+        """Forward on the model's device (bf16 autocast when asked); float32 numpy out, all finite (else a
+        :class:`UserError`: a model that gives NaN must not pass for a prediction)."""
         import torch
 
         device = next(self.model.parameters()).device
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             pred = self.model(batch.to(device))
         out = {"bin": pred.bin, "spot": pred.spot, "global": pred.glob}
-        return {k: v.float().cpu().numpy() for k, v in out.items() if v is not None}
+        out = {k: v.float().cpu().numpy() for k, v in out.items() if v is not None}
+        for level, values in out.items():
+            bad = int(values.size - np.isfinite(values).sum())
+            if bad:
+                raise UserError(f"model: output: {bad} of {values.size} predicted {level} values are not finite "
+                                "(the model's weights are damaged or diverged); nothing predicted")
+        return out
 
     def predict(self, context, model_input, params=None):
         from magnet.batch import collate
@@ -61,8 +75,30 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         gx, gy = (int(v) for v in np.asarray(model_input["tile"]).ravel()[:2])
         meta = Meta(slide="input", gx=gx, gy=gy, mpp=self.geometry.mpp, bin_um=self.bin_um)
         sample = Sample(meta=meta, arrays={k: np.asarray(model_input[k]) for k in INPUT_MEMBERS})
+        self.check_input(sample)
         m = self.config.model
         return self.predict_batch(collate([sample], self.geometry, k_bin=m.k_bin, k_spot=m.k_spot, k_global=m.k_global))
+
+
+    def check_input(self, sample: Sample) -> None:
+        """The schema, finite values, and bin positions inside the tile's image ``[0, image_px)``."""
+        dims = Dims(G=len(self.genes), K1=int(np.shape(sample["nbr_mask"])[0]), S=self.geometry.n_spots,
+                    F=self.feat_dim, P=self.geometry.image_px)
+        check_sample(sample, dims, "input", finite=True)
+        xy, size = sample["bin_xy"], self.geometry.image_px
+        outside = int(((xy < 0) | (xy >= size)).any(axis=1).sum())
+        if outside:
+            raise UserError(f"input.bin_xy: {outside} of {len(xy)} bin positions lie outside the tile's image "
+                            f"[0, {size}) px")
+
+
+def check_weights(weights: str | Path, info: dict) -> None:
+    """``weights`` must hash to the sha256 that ``model_meta.json`` records (models written before it was
+    recorded carry none and are not checked)."""
+    want = info.get("weights_sha256")
+    if want is not None and sha256_file(weights) != want:
+        raise UserError(f"{weights}: weights: sha256 does not match model_meta.json's weights_sha256 "
+                        "(the file is damaged or was replaced); refused")
 
 
 def model_input(sample: Sample) -> dict[str, np.ndarray]:
@@ -98,6 +134,7 @@ def write_model_files(folder: Path, state_dict: dict, cfg, shard_set, example: d
     meta = {"genes": shard_set.genes, "normalisation": shard_set.normalisation, "bin_um": man.bin_um,
             "geometry": shard_set.geometry.to_dict(), "feat_dim": man.feat_dim,
             "format_version": man.format_version, "encoder": man.encoder,
+            "weights_sha256": sha256_file(folder / "model.safetensors"),
             # the slides as the model saw them, so magnet evaluate can refuse its training slides (by name and by
             # content) where the shard folder is not reachable, e.g. a registered model on another machine
             "slides": {name: {"split": rec["split"], "fingerprint": rec["fingerprint"]}

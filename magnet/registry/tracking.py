@@ -165,7 +165,7 @@ class Tracker:
         return info.model_uri, version
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.active and self._mlflow.active_run() is not None:
+        if self.active and self._mlflow is not None and self._mlflow.active_run() is not None:
             self._mlflow.end_run(status=status)
 
 

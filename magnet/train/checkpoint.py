@@ -24,8 +24,23 @@ def step_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
+def _write_failed(e: BaseException) -> bool:
+    """An OSError (disk full, quota, file size limit), or torch's zip writer failing to write its file."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "inline_container" in str(e))
+
+
 def _save(engine, ckpt_dir: Path, tag: str, client_state: dict, pointer: str, keep: int, pattern) -> None:
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        if not _write_failed(e):
+            raise
+        free_kib = shutil.disk_usage(ckpt_dir).free // 1024
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # a partial tag; the pointer still names the last whole one
+        kept = read_pointer(ckpt_dir, pointer)
+        reason = getattr(e, "strerror", None) or f"a file was not written in full, {free_kib} KiB free on its disk"
+        raise UserError(f"{ckpt_dir / tag}: train.out_dir: the checkpoint could not be written ({reason}); "
+                        f"{'the checkpoint ' + kept + ' is kept' if kept else 'no checkpoint was kept'}") from None
     dist.barrier()
     if dist.is_primary():
         atomic_write_text(ckpt_dir / pointer, tag)

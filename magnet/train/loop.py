@@ -23,13 +23,13 @@ import numpy as np
 import torch
 
 from magnet import dist
-from magnet.config import config_from_saved, git_revision, save_config, to_dict
+from magnet.config import config_from_saved, git_revision, load_yaml, save_config, to_dict
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.errors import UserError
 from magnet.train_config import ExperimentConfig
 from magnet.io import atomic_write_text
 from magnet.registry.tracking import Tracker, mask_credentials
-from magnet.train import checkpoint, rundir
+from magnet.train import checkpoint, finite, rundir
 from magnet.train.ds_config import deepspeed_config
 from magnet.train.schedule import make_scheduler
 from magnet.train.state import LossMeter, TrainState, param_groups
@@ -100,21 +100,32 @@ def setup_run(cfg: ExperimentConfig, resume: str | None, world) -> tuple[Path, s
     decided = None
     if dist.is_primary():
         try:
+            rundir.check_writable(Path(cfg.train.out_dir), "train.out_dir")
             decided = _run_dir(cfg, resume)
             rundir.acquire(decided[0])  # before anything is written there
         except UserError as e:  # every rank must learn of it, or the others wait in the broadcast
             decided = str(e)
     decided = dist.broadcast_object(decided)
     if isinstance(decided, str):
-        raise UserError(decided)
+        raise UserError(decided, collective=True)
     run_dir, tag = decided
     if tag is not None:  # expectations recorded by the run being resumed
         saved = config_from_saved(ExperimentConfig, run_dir / "config.yaml")
+        _check_world_size(run_dir / "config.yaml", world.world_size)
         cfg.data.genes = cfg.data.genes if cfg.data.genes is not None else saved.data.genes
         cfg.data.normalisation = cfg.data.normalisation if cfg.data.normalisation is not None else saved.data.normalisation
         cfg.data.folds = cfg.data.folds if cfg.data.folds is not None else saved.data.folds
         rundir.check_resume(to_dict(saved), to_dict(cfg), run_dir / "config.yaml")  # e.g. another data.fold
     return run_dir, tag
+
+
+def _check_world_size(path: Path, world_size: int) -> None:
+    """A ZeRO checkpoint is partitioned over the ranks that wrote it, and each rank's data position is its own."""
+    saved = load_yaml(path).get("world_size")
+    if saved is not None and int(saved) != world_size:
+        raise UserError(f"{path}: world_size: the run was trained by {saved} processes; resuming with {world_size} "
+                        f"would not match its checkpoint (resume with {saved} processes, e.g. --nproc {saved})",
+                        collective=True)
 
 
 def write_run_config(cfg: ExperimentConfig, run_dir: Path, world) -> None:
@@ -145,15 +156,18 @@ def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
     return engine, ds_cfg.get("zero_optimization", {}).get("stage", 0)
 
 
-def train_step(engine, batch, cfg: ExperimentConfig, meter: LossMeter) -> bool:
+def train_step(engine, batch, cfg: ExperimentConfig, meter: LossMeter) -> bool | None:
     """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch; its loss
-    parts go to ``meter``. True at the boundary."""
+    parts go to ``meter``. True at the boundary; None: its loss is not finite on some rank, so every rank
+    skipped its backward and step (:mod:`magnet.train.finite`)."""
     from magnet.losses import compute_loss
 
     n_bins, skipped = batch.num_bins, batch.corrupt_samples
     batch = batch.to(engine.device)
     engine.train()
     total, parts = compute_loss(engine(batch), batch, cfg.loss)
+    if not finite.finite_everywhere(total):
+        return None
     boundary = engine.is_gradient_accumulation_boundary()
     engine.backward(total)
     engine.step()
@@ -168,7 +182,8 @@ def step_row(sums: dict[str, float], state: TrainState, engine, epoch: int) -> d
     sums.pop("bins")
     state.corrupt_samples += int(sums.pop("corrupt_samples"))
     return {"loss": sums.pop("loss") / n, "lr": engine.get_lr()[0], "epoch": epoch,
-            "data/corrupt_samples": state.corrupt_samples, **{k: v / n for k, v in sums.items()}}
+            "data/corrupt_samples": state.corrupt_samples, "nonfinite_skips": state.nonfinite_skips,
+            **{k: v / n for k, v in sums.items()}}
 
 
 def evaluate_step(engine, evaluator, cfg: ExperimentConfig, step: int, spare_batch, zero3: bool, log: MetricsLog,
@@ -218,12 +233,22 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
         stream.load_state_dict(client["data"])
 
     tracker = Tracker(cfg.mlflow, primary)
+    try:
+        return _train(cfg, world, run_dir, tag is None, engine, zero_stage, shard_set, stream, state, tracker, report)
+    except BaseException as e:  # a crash, a stop or a kill is not a finished run in MLflow
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _train(cfg, world, run_dir, fresh, engine, zero_stage, shard_set, stream, state, tracker, report) -> dict:
+    primary, ckpt_dir = dist.is_primary(), run_dir / "checkpoints"
+    knn = {"k_bin": cfg.model.k_bin, "k_spot": cfg.model.k_spot, "k_global": cfg.model.k_global}
     state.mlflow_run_id = tracker.start(
         run_dir.name, to_dict(cfg), run_id=state.mlflow_run_id,
         tags={"run_dir": str(run_dir.resolve()), "checkpoints": str(ckpt_dir.resolve()), "git_revision": git_revision(),
               "world_size": world.world_size, "zero_stage": zero_stage, "tracking_uri": mask_credentials(cfg.mlflow.tracking_uri)},
     )
-    if tag is None:
+    if fresh:
         tracker.log_text("\n".join(shard_set.genes) + "\n", "genes.txt")
     log = MetricsLog(run_dir / "metrics.jsonl", tracker, primary)
     log.truncate_after(state.step)
@@ -250,11 +275,20 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
         torch.manual_seed(_micro_seed(cfg.train.seed, world.rank, state.step, micro))
         last_batch = batch
         micro += 1
-        if not train_step(engine, batch, cfg, meter):
+        boundary = train_step(engine, batch, cfg, meter)
+        if boundary is None:
+            finite.skip_or_stop(state, cfg.train.nonfinite_skips, state.step + 1, "the training loss")
+            continue
+        if not boundary:
             continue
         state.step += 1
         micro = 0
         step = state.step
+        problem = finite.grad_norm_problem(engine)
+        if problem == "applied":
+            finite.stop_applied(step)
+        if problem == "skipped":
+            finite.skip_or_stop(state, cfg.train.nonfinite_skips, step, "the gradient norm")
         sums = meter.reduce()
         now = time.time()
         bins_log += sums["bins"]
@@ -291,7 +325,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
             report(step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     bar.close()
     summary = {"run_dir": str(run_dir), "step": state.step, "metrics": metrics, "checkpoint_step": ckpt_step}
-    summary.update(_finish(engine, cfg, shard_set, tracker, log, run_dir, primary))
+    summary.update(_finish(engine, cfg, shard_set, tracker, log, run_dir, primary, state.step, metrics))
     tracker.finish()
     dist.barrier()
     dist.release_shm()
@@ -339,9 +373,11 @@ def full_state_dict(engine) -> dict:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: Path, primary: bool) -> dict:
-    """Figures and the registry model (rank 0). The weight gather and the reference forward on the
-    example input run on every rank (collectives under ZeRO-3)."""
+def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: Path, primary: bool, step: int,
+            metrics: dict) -> dict:
+    """Figures and the registry model (rank 0), only if its weights, reference output and last evaluation's
+    predictions are finite. The weight gather and the reference forward on the example input run on every rank
+    (collectives under ZeRO-3)."""
     from magnet.batch import collate
     from magnet.registry.pyfunc import MagnetPyfunc, model_input, signature, write_model_files
 
@@ -355,6 +391,7 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
     engine.train()
     output = {k: v.float().cpu().numpy() for k, v in (("bin", pred.bin), ("spot", pred.spot), ("global", pred.glob))
               if v is not None}
+    finite.check_model(step, state_dict, output, metrics)
     if not primary:
         return {}
     example = model_input(sample)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,6 +105,22 @@ def acquire(run_dir: Path) -> Path:
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
     raise UserError(f"{path}: lock: could not be taken")
+
+
+def check_writable(out: Path, field: str) -> None:
+    """``out`` (or the nearest folder above it that exists) takes a new file: tried, since permission bits say
+    nothing for root or on a read-only mount; refused in one line before anything is launched."""
+    base = out.absolute()
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"{out}: {field}: {base} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".magnet-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{out}: {field}: {base} is not writable ({e.strerror})") from None
 
 
 def release(run_dir: Path) -> None:

@@ -19,13 +19,14 @@ class TrainState:
     best: dict | None = None  # {"metric", "value", "step"} of the best checkpoint
     mlflow_run_id: str | None = None
     corrupt_samples: int = 0  # running total over ranks (data.on_corrupt=skip)
+    nonfinite_skips: int = 0  # micro-batches / steps skipped for a non-finite loss or gradient (train.nonfinite_skips)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         for f in dataclasses.fields(self):
-            setattr(self, f.name, d[f.name])
+            setattr(self, f.name, d.get(f.name, f.default))  # fields added later start at their default
 
 
 class LossMeter:

@@ -65,7 +65,7 @@ def evaluate(engine, stream, cfg, spare_batch, lockstep_forward: bool, map_genes
     n_genes = len(stream.set.genes)
     acc = {lvl: ExpressionMetrics(n_genes, slides) for lvl in LEVELS}
     gene_map = MapSample(map_genes) if dist.is_primary() and map_genes else None
-    loss = torch.zeros(2, dtype=torch.float64)
+    loss = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, non-finite predicted values
     device = engine.device
     engine.eval()
     it = iter(stream)
@@ -83,7 +83,8 @@ def evaluate(engine, stream, cfg, spare_batch, lockstep_forward: bool, map_genes
             batch = batch.to(device)
             pred = engine(batch)
             total, _ = compute_loss(pred, batch, cfg.loss)
-            loss += torch.tensor([float(total), 1.0], dtype=torch.float64)
+            bad = sum(int((~torch.isfinite(p)).sum()) for p in (pred.bin, pred.spot, pred.glob) if p is not None)
+            loss += torch.tensor([float(total), 1.0, bad], dtype=torch.float64)
             for lvl in LEVELS:
                 rows = _rows(batch, pred, lvl)
                 if rows is not None:
@@ -92,7 +93,7 @@ def evaluate(engine, stream, cfg, spare_batch, lockstep_forward: bool, map_genes
                 gene_map.add(batch, pred)
     engine.train()
     dist.all_reduce_sum(loss)
-    metrics = {"loss": loss[0].item() / max(loss[1].item(), 1.0)}
+    metrics = {"loss": loss[0].item() / max(loss[1].item(), 1.0), "nonfinite_predictions": loss[2].item()}
     table: dict[str, list] = {}
     for lvl in LEVELS:
         state = acc[lvl].state_dict()
