@@ -22,7 +22,7 @@ from magnet.errors import UserError
 from magnet.format.sample import Meta, Sample
 from magnet.format.schema import MEMBERS, Axis
 from magnet.format.tar import sha256_file
-from magnet.format.validate import Dims, check_sample
+from magnet.format.check import Dims, check_sample
 
 INPUT_MEMBERS = tuple(m.name for m in MEMBERS if not m.optional)  # members fed to the model
 VARIABLE_AXES = {m.name: tuple(i for i, a in enumerate(m.axes) if a in (Axis.BIN, Axis.PIXEL)) for m in MEMBERS}
