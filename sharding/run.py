@@ -287,6 +287,12 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
     """Shard a cohort; return ``{bin_um: manifest}``."""
     clock = Clock()
     entries = read_samplesheet(samplesheet)
+    out = Path(out)
+    weights = cfg.encoder.weights if cfg.encoder.weights and ":" not in cfg.encoder.weights else None  # a file
+    check_not_input(out, "--out", [("--samplesheet", samplesheet), ("genes.gene_file", cfg.genes.gene_file),
+                                   ("encoder.weights", weights)]
+                    + [(f"slide {e.slide}: {col}", getattr(e, col)) for e in entries
+                       for col in ("spaceranger", "image")])
     bin_ums = sorted(set(bin_ums))
     splits, folds = assign_splits(entries, cfg.split, cfg.seed, str(samplesheet))
     stats_bin = cfg.genes.selection_bin_um if cfg.genes.selection != "file" else None
@@ -294,13 +300,8 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
     gene_ids, gene_names = check_inputs(entries, read_bins_at)
     if cfg.genes.selection == "file":
         genes_from_file(Path(cfg.genes.gene_file), gene_ids, gene_names)
-    weights = cfg.encoder.weights if cfg.encoder.weights and ":" not in cfg.encoder.weights else None  # a file
     if weights and not Path(weights).is_file():
         raise UserError(f"config: encoder.weights: file not found: {weights}")
-    out = Path(out)
-    check_not_input(out, "--out", [("--samplesheet", samplesheet), ("genes.gene_file", cfg.genes.gene_file),
-                                   ("encoder.weights", weights)]
-                    + [(f"slide {e.slide}: {col}", getattr(e, col)) for e in entries for col in ("spaceranger", "image")])
     by_slide = {e.slide: e for e in entries}
     slide_phases: dict[str, float] = {}
     clock.lap("checks")
@@ -309,8 +310,6 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
         found = pool.map("inspect", {e.slide: (e, read_bins_at, len(gene_ids), stats_bin) for e in entries})
         clock.lap("inspect")
         _check_distinct(samplesheet, {s: found[s]["fingerprint"][read_bins_at[0]] for s in found})
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "shard_config.yaml")
         stats = GeneStats(len(gene_ids), cfg.genes)
         for slide in sorted(found):
             if splits[slide] == "train" and found[slide]["stats"] is not None:
@@ -330,6 +329,8 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
                   f"{len(missing)} to do", file=sys.stderr)
             for slide in missing:
                 todo.setdefault(slide, []).append(b)
+        if todo:
+            save_config(cfg, out / "shard_config.yaml")
         work = {b: str(bin_dirs[b] / WORK) for b in bin_ums}
         done = pool.map("shard", {s: (by_slide[s], splits[s], bs, work, genes) for s, bs in sorted(todo.items())},
                         _overall_bar(cfg.ray.progress, len(todo)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import re
 from pathlib import Path
@@ -45,17 +46,19 @@ def read_samplesheet(path: str | Path, check_paths: bool = True) -> list[SlideEn
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: samplesheet not found")
+    data = path.read_bytes()
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not in the header
-            reader = csv.DictReader(fh)
-            columns = reader.fieldnames or []
-            for col in REQUIRED:
-                if col not in columns:
-                    raise UserError(f"{path}: column '{col}' missing (have: {', '.join(columns)})")
-            rows = list(reader)
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the header
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: encoding: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}; Latin-1 "
-                        f"or another 8-bit encoding?); save the samplesheet as UTF-8") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: encoding: not UTF-8 (byte 0x{data[e.start]:02x}; Latin-1 or another "
+                        f"8-bit encoding?); save the samplesheet as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+    for col in REQUIRED:
+        if col not in columns:
+            raise UserError(f"{path}: column '{col}' missing (have: {', '.join(columns)})")
+    rows = list(reader)
     if not rows:
         raise UserError(f"{path}: no slides listed")
     entries, seen, files = [], set(), {}

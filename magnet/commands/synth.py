@@ -22,8 +22,10 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from magnet.config import load_config
+    from magnet.io import check_not_input
     from magnet.synth import SynthConfig, generate_cohort
 
+    check_not_input(args.out, "--out", [("--config", args.config)])  # --overwrite replaces the folder whole
     flags = {k: v for k, v in (("slides", args.slides), ("size_um", args.size_um), ("mpp", args.mpp),
                                ("seed", args.seed)) if v is not None}
     cfg = load_config(SynthConfig, args.config, args.overrides, **flags)

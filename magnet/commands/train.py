@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from magnet.errors import UserError
     from magnet.experiment import ExperimentConfig, zero_file
     from magnet.format.manifest import Manifest, manifest_path
+    from magnet.io import check_not_input
     from magnet.train.checkpoint import read_pointer
     from magnet.train.rundir import refuse_if_owned
 
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--resume {args.resume}: no checkpoint found under {folder}")
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # a bad key fails here, once, before any launch
     zero_file(cfg.train.deepspeed)
+    if folder is not None and args.resume is None:  # a new run writes its config.yaml, checkpoints, model there
+        check_not_input(folder, "train.run_name", [("--config", args.config), ("data.shards", cfg.data.shards)])
     if cfg.mlflow.enabled:
         from magnet.registry.tracking import check_tracking_uri
 
