@@ -30,6 +30,7 @@ import numpy as np
 from magnet.errors import UserError
 from magnet.evaluate.select import replicate_of
 from magnet.evaluate.truth import ALL
+
 MIN_SLIDES_FOR_SLIDE_BOOTSTRAP = 3
 MIN_GENES_FOR_GENE_BOOTSTRAP = 5  # fewer (and fewer than 3 slides): no interval, the verdict "too few to tell"
 

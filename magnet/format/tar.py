@@ -154,6 +154,8 @@ class TarSamples:
             except Exception as exn:  # an unreadable tar
                 if not self._handle(exn):
                     break
+            finally:
+                source["stream"].close()
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         opened = wds.tariterators.url_opener(src, handler=self._handle)
