@@ -122,3 +122,31 @@ def check_output(path: Path, flag: str, overwrite: bool, *, folder: bool = False
         if folder:
             _probe(path, path, flag)
     check_writable(path, flag)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def check_not_input(out: str | Path, flag: str, inputs: list[tuple[str, str | Path | None]]) -> None:
+    """Refuse, before any work, an output ``out`` that would write over one of the command's ``inputs`` (pairs of
+    the field that names it and its path; None: not given): ``out`` is that input, holds it (a folder written, or
+    replaced, whole), or lies inside an input folder at a path that exists already (writing it would replace a
+    part of the input). Symbolic links are followed and hard links compared by inode."""
+    out = Path(out)
+    mine = os.path.realpath(out)
+    for field, given in inputs:
+        if given is None or str(given) == "":
+            continue
+        theirs = os.path.realpath(given)
+        same = mine == theirs or (out.exists() and Path(given).exists() and os.path.samefile(out, given))
+        if same:
+            why = "is"
+        elif _inside(theirs, mine):
+            why = "holds"
+        elif _inside(mine, theirs) and out.exists():
+            why = "lies inside, at an existing path,"
+        else:
+            continue
+        raise UserError(f"{out}: {flag}: {why} the input {given} ({field}); an input is never an output: "
+                        f"choose another {flag}")

@@ -16,7 +16,10 @@ started, always uses Ray). The last stderr line gives the run's seconds: driver 
 slides' phases summed over slides.
 
 Nothing under a final name is half-written; a re-run with the same inputs and config finishes
-what is missing and leaves finished bin sizes alone.
+what is missing and leaves finished bin sizes alone. "The same inputs" is checked, not assumed: each
+bin size's plan hashes the config, genes, splits and every slide's content fingerprint, and the
+manifest records each slide's files (``inputs``); finished shards of other inputs (say two slides'
+paths swapped in the samplesheet) are refused naming the slide, unfinished work of them is redone.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
 from magnet.format.manifest import Manifest, write_manifest
 from magnet.format.schema import FORMAT_VERSION
-from magnet.io import atomic_write_text, remove_stale
+from magnet.io import atomic_write_text, check_not_input, remove_stale
 
 from .config import ShardConfig
 from .genes import GeneStats, genes_from_file, normalisation_record, select_genes
@@ -172,10 +175,43 @@ def _ray_started() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def _plan(cfg: ShardConfig, bin_um: int, gene_ids: list[str], splits: dict, folds: dict) -> str:
+def _check_distinct(samplesheet, fingerprints: dict[str, dict[str, str]]) -> None:
+    """One slide under two names (a copy of its image or count matrix) could land in two splits: refused."""
+    seen: dict[tuple[str, str], str] = {}
+    for slide, fp in sorted(fingerprints.items()):
+        for part in ("image", "matrix"):
+            other = seen.setdefault((part, fp[part]), slide)
+            if other != slide:
+                raise UserError(f"{samplesheet}: slide: '{other}' and '{slide}' have the same {part} (by content, "
+                                f"sharding/fingerprint.py); one slide under two names could land in two splits")
+
+
+def _plan(cfg: ShardConfig, bin_um: int, gene_ids: list[str], splits: dict, folds: dict, inputs: dict) -> str:
+    """The hash of what the shards are made from: config, genes, splits and each slide's content (its
+    fingerprint; the paths are recorded in ``inputs`` but a moved cohort is the same input)."""
     doc = {"format_version": FORMAT_VERSION, "bin_um": bin_um, "config": _recorded_config(cfg),
-           "gene_ids": gene_ids, "splits": splits, "folds": folds}
+           "gene_ids": gene_ids, "splits": splits, "folds": folds,
+           "slides": {s: rec["fingerprint"] for s, rec in inputs.items()}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _paths(entry: SlideEntry, samplesheet) -> dict[str, str]:
+    """The slide's files as the samplesheet names them (relative to its folder): the same for a moved cohort."""
+    base = Path(samplesheet).resolve().parent
+    return {col: os.path.relpath(Path(getattr(entry, col)).resolve(), base) for col in ("image", "spaceranger")}
+
+
+def _what_differs(recorded: dict, inputs: dict) -> str:
+    """The first slide whose content differs from the one recorded (``inputs`` of a manifest), else the rest."""
+    for slide in sorted(set(recorded) | set(inputs)):
+        old, new = recorded.get(slide), inputs.get(slide)
+        if old is None or new is None:
+            return f"slide '{slide}' is {'new' if old is None else 'no longer in the samplesheet'}"
+        for part, path in (("image", "image"), ("matrix", "spaceranger")):
+            if old["fingerprint"][part] != new["fingerprint"][part]:
+                return (f"slide '{slide}': its {part} is not the one the shards were made from ({path} was "
+                        f"{old[path]}, now {new[path]})")
+    return "the config, genes or splits differ"
 
 
 def _recorded_config(cfg: ShardConfig) -> dict:
@@ -185,13 +221,15 @@ def _recorded_config(cfg: ShardConfig) -> dict:
     return d
 
 
-def _prepare(bin_dir: Path, plan: str) -> bool:
-    """Make ``bin_dir`` ready for ``plan``; False when it is already complete for it."""
+def _prepare(bin_dir: Path, plan: str, inputs: dict) -> bool:
+    """Make ``bin_dir`` ready for ``plan`` (of ``inputs``); False when it is already complete for it."""
     manifest, work = bin_dir / "manifest.json", bin_dir / WORK
     if manifest.is_file():
-        if json.loads(manifest.read_text()).get("plan") == plan:
+        done = Manifest.load(manifest)
+        if done.extra.get("plan") == plan:
             return False
-        raise UserError(f"{manifest}: plan: shards of other inputs or config are there; choose another --out")
+        raise UserError(f"{manifest}: plan: shards of other inputs or config are there "
+                        f"({_what_differs(done.extra.get('inputs', {}), inputs)}); choose another --out")
     if (work / "plan.json").is_file() and json.loads((work / "plan.json").read_text())["plan"] != plan:
         shutil.rmtree(work)  # our own unfinished work for other inputs: start over
         for f in bin_dir.iterdir():
@@ -230,6 +268,12 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
     """Shard a cohort; return ``{bin_um: manifest}``."""
     clock = Clock()
     entries = read_samplesheet(samplesheet)
+    out = Path(out)
+    weights = cfg.encoder.weights if cfg.encoder.weights and ":" not in cfg.encoder.weights else None  # a file
+    check_not_input(out, "--out", [("--samplesheet", samplesheet), ("genes.gene_file", cfg.genes.gene_file),
+                                   ("encoder.weights", weights)]
+                    + [(f"slide {e.slide}: {col}", getattr(e, col)) for e in entries
+                       for col in ("spaceranger", "image")])
     bin_ums = sorted(set(bin_ums))
     splits, folds = assign_splits(entries, cfg.split, cfg.seed, str(samplesheet))
     stats_bin = cfg.genes.selection_bin_um if cfg.genes.selection != "file" else None
@@ -237,11 +281,8 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
     gene_ids, gene_names = check_inputs(entries, read_bins_at)
     if cfg.genes.selection == "file":
         genes_from_file(Path(cfg.genes.gene_file), gene_ids, gene_names)
-    if cfg.encoder.weights and not Path(cfg.encoder.weights).is_file() and ":" not in cfg.encoder.weights:
-        raise UserError(f"config: encoder.weights: file not found: {cfg.encoder.weights}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "shard_config.yaml")
+    if weights and not Path(weights).is_file():
+        raise UserError(f"config: encoder.weights: file not found: {weights}")
     by_slide = {e.slide: e for e in entries}
     slide_phases: dict[str, float] = {}
     clock.lap("checks")
@@ -249,6 +290,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
         clock.lap("workers_start")
         found = pool.map("inspect", {e.slide: (e, read_bins_at, len(gene_ids), stats_bin) for e in entries})
         clock.lap("inspect")
+        _check_distinct(samplesheet, {s: found[s]["fingerprint"][read_bins_at[0]] for s in found})
         stats = GeneStats(len(gene_ids), cfg.genes)
         for slide in sorted(found):
             if splits[slide] == "train" and found[slide]["stats"] is not None:
@@ -256,9 +298,11 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
         genes = select_genes(gene_ids, gene_names, stats, cfg.genes)
         todo: dict[str, list[int]] = {}
         bin_dirs = {b: out / f"{b}um" for b in bin_ums}
-        plans = {b: _plan(cfg, b, [gene_ids[i] for i in genes], splits, folds) for b in bin_ums}
+        inputs = {b: {s: {**_paths(by_slide[s], samplesheet), "fingerprint": found[s]["fingerprint"][b]}
+                      for s in sorted(found)} for b in bin_ums}
+        plans = {b: _plan(cfg, b, [gene_ids[i] for i in genes], splits, folds, inputs[b]) for b in bin_ums}
         for b in bin_ums:
-            if not _prepare(bin_dirs[b], plans[b]):
+            if not _prepare(bin_dirs[b], plans[b], inputs[b]):
                 print(f"shard: {bin_dirs[b]}: up to date", file=sys.stderr)
                 continue
             missing = [e.slide for e in entries if not (bin_dirs[b] / WORK / e.slide / DONE).is_file()]
@@ -266,6 +310,8 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
                   f"{len(missing)} to do", file=sys.stderr)
             for slide in missing:
                 todo.setdefault(slide, []).append(b)
+        if todo:
+            save_config(cfg, out / "shard_config.yaml")
         work = {b: str(bin_dirs[b] / WORK) for b in bin_ums}
         done = pool.map("shard", {s: (by_slide[s], splits[s], bs, work, genes) for s, bs in sorted(todo.items())},
                         _overall_bar(cfg.ray.progress, len(todo)))
@@ -284,6 +330,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
         fingerprints = {s: found[s]["fingerprint"][b] for s in found}
         doc = _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds, records, by_slide, plans[b],
                         stats.n_bins, fingerprints)
+        doc["inputs"] = inputs[b]
         manifests[b] = _finalise(bin_dirs[b], records, doc)
     clock.lap("finalise")
     print("shard: seconds: " + json.dumps({**clock.rounded(), "slide_phases": {k: round(v, 3) for k, v in

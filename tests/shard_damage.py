@@ -1,5 +1,5 @@
 """Damaged copies of shards for the fault tests: truncated, a flipped byte inside a member, a member
-dropped, an unsafe member name; and a manifest made to agree with the damage."""
+dropped, an unsafe member name, a link member; and a manifest made to agree with the damage."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def corrupt(path: Path, kind: str) -> str:
         info.name = "../" + info.name
         _rewrite(path, [(info, data), *members[1:]])
         return info.name
+    if kind in ("symlink", "hardlink"):  # a link under a well-formed member name, pointing at a member
+        target = members[0][0]
+        key = target.name.split(".", 1)[0].rsplit("__", 1)[0] + "__99999_99999"
+        link = tarfile.TarInfo(f"{key}.{target.name.split('.', 1)[1]}")
+        link.type, link.linkname = (tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE), target.name
+        _rewrite(path, [*members, (link, b"")])
+        return link.name
     raise ValueError(kind)
 
 

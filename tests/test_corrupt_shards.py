@@ -55,7 +55,8 @@ def test_shard_validate_finds_the_damage(shards, kind, capsys):
 
 @pytest.mark.parametrize("kind, member", [("flip_npy", "bin_expr.npy.zst: cannot decode"),
                                           ("drop", "spot_feat.npy.zst: missing"),
-                                          ("unsafe_name", "unexpected tar member")])
+                                          ("unsafe_name", "unexpected tar member"),
+                                          ("symlink", "a symbolic link"), ("hardlink", "a hard link")])
 def test_shard_validate_checks_members_when_the_manifest_agrees(shards, kind, member, capsys):
     corrupt(shards / "16um" / VAL, kind)
     rehash(shards / "16um", VAL)
@@ -143,3 +144,21 @@ def test_training_statistics_read_through_the_same_checks(shards, capsys):
     stats = training_statistics(ShardSet(str(shards), 16, None, None), "train", "skip")
     assert "train-000000.tar: sha256: does not match manifest.json; skipped" in capsys.readouterr().err
     assert stats.keys() == whole.keys() and not np.allclose(stats["gene_mean"], whole["gene_mean"])
+
+
+def test_a_shard_of_another_bin_size_is_refused_by_validate_and_by_training(shards, tiny_shards, capsys):
+    """An 8 um shard listed in the 16 um manifest has arrays of the same sizes: the schema check passes it, so the
+    one reader also checks each sample's meta.json (bin size, slide) for validate and training alike."""
+    from magnet.format.manifest import write_manifest
+    from magnet.models.init import training_statistics
+
+    eight = json.loads((tiny_shards / "8um/manifest.json").read_text())["shards"][0]
+    shutil.copy(tiny_shards / "8um" / eight["name"], shards / "16um/train-000099.tar")
+    manifest = json.loads((shards / "16um/manifest.json").read_text())
+    manifest["shards"].append({**eight, "name": "train-000099.tar", "split": "train"})
+    write_manifest(shards / "16um/manifest.json", manifest)
+    assert main(["shard", "validate", str(shards / "16um")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train-000099.tar: " in err and "meta.json: bin_um is 8, manifest says 16" in err and "\n" not in err
+    with pytest.raises(UserError, match=r"train-000099.tar: .*meta.json: bin_um is 8, manifest says 16"):
+        training_statistics(ShardSet(str(shards), 16, None, None), "train", "fail")

@@ -29,6 +29,24 @@ def _groups_file(path, genes: list[str]) -> dict[str, str]:
     return {genes[0]: "other", **groups}
 
 
+def _replicate(model, out):
+    """A second replicate: the model with seeded noise on its weights (one model given twice is refused)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(model, out)
+    path = out / "model.safetensors"
+    with safe_open(str(path), "np") as f:
+        metadata = f.metadata()
+    rng = np.random.default_rng(1)
+    weights = {k: v + (0.05 * v.std() * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f"
+               and v.size > 1 else v for k, v in load_file(str(path)).items()}
+    save_file(weights, str(path), metadata=metadata)
+    return out
+
+
 @pytest.fixture(scope="module")
 def paired_eval(registered, tiny_cohort, tiny_shards, tmp_path_factory):
     from magnet.predict.model import load_model
@@ -38,8 +56,8 @@ def paired_eval(registered, tiny_cohort, tiny_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("paired")
     genes = load_model(str(run_dir / "model"), uri).genes
     groups = _groups_file(out / "groups.csv", genes)
-    model = run_dir / "model"
-    argv = ["evaluate", "--model", f"rep={model},{model}", "--tracking-uri", uri,
+    model, model2 = run_dir / "model", _replicate(run_dir / "model", out / "rep2")
+    argv = ["evaluate", "--model", f"rep={model},{model2}", "--tracking-uri", uri,
             "--samplesheet", str(_sheet(tiny_cohort, out, held)), "--gene-groups", str(out / "groups.csv"),
             "--out", str(out / "eval"), "top_k=5", "oracle_draws=8", "bootstrap=500", "seed=3",
             "controls=[shuffle]", "predict.max_bins=100000", "run_name=test-paired"]
@@ -76,16 +94,20 @@ def _predicted_pcc(tiny_cohort, slide: str, uri: str, model: str, tmp_path, cont
 
 def test_groups_replicates_and_paired_statistics_match_numpy_scipy(paired_eval, registered, tiny_cohort, tmp_path):
     out, held, genes, groups, uri = paired_eval
-    model = str(registered[1] / "model")
+    models = [str(registered[1] / "model"), str(out.parent / "rep2")]
     pcc = {}
     for context, label in (("keep", "rep"), ("shuffle", SHUFFLED)):
-        per_slide = []
-        for slide in held:
-            got_genes, p = _predicted_pcc(tiny_cohort, slide, uri, model, tmp_path, context)
-            assert got_genes == genes
-            per_slide.append(p)
-        pcc[label] = np.array(per_slide)  # (S, G)
+        per_rep = []
+        for i, model in enumerate(models):
+            per_slide = []
+            for slide in held:
+                got_genes, p = _predicted_pcc(tiny_cohort, slide, uri, model, tmp_path / f"r{i}", context)
+                assert got_genes == genes
+                per_slide.append(p)
+            per_rep.append(per_slide)
+        pcc[label] = np.array(per_rep)  # (R, S, G)
     assert not np.allclose(pcc["rep"], pcc[SHUFFLED])  # the control changes the predictions
+    assert not np.allclose(pcc["rep"][0], pcc["rep"][1])  # two models
 
     names = sorted(set(groups.values()))
     members = {g: np.array([i for i, gene in enumerate(genes) if groups[gene] == g]) for g in names}
@@ -95,16 +117,18 @@ def test_groups_replicates_and_paired_statistics_match_numpy_scipy(paired_eval, 
         for g, cols in members.items():
             r = got[(label, g)]
             assert int(r["n_genes"]) == len(cols) and int(r["n_replicates"]) == 2
-            assert float(r["pcc_gene"]) == pytest.approx(pcc[label][:, cols].mean(), abs=1e-5)
-            assert float(r["sd_replicates"]) == pytest.approx(0.0, abs=1e-9)  # the same model twice
+            assert float(r["pcc_gene"]) == pytest.approx(pcc[label][:, :, cols].mean(), abs=1e-5)
+            assert float(r["sd_replicates"]) == pytest.approx(pcc[label][:, :, cols].mean((1, 2)).std(ddof=1),
+                                                              abs=1e-5)
             if len(held) > 1:
-                assert float(r["sd_slides"]) == pytest.approx(pcc[label][:, cols].mean(1).std(ddof=1), abs=1e-5)
+                assert float(r["sd_slides"]) == pytest.approx(pcc[label][:, :, cols].mean(2).mean(0).std(ddof=1),
+                                                              abs=1e-5)
             else:
                 assert r["sd_slides"] == ""
 
     paired = {r["group"]: r for r in _rows(out / "evaluation_paired.csv") if r["a"] == "rep" and r["b"] == SHUFFLED}
     assert set(paired) == set(members)
-    d_gene = (pcc["rep"] - pcc[SHUFFLED]).mean(0)
+    d_gene = (pcc["rep"].mean(0) - pcc[SHUFFLED].mean(0)).mean(0)
     checked = 0
     for g, cols in members.items():
         r, dg = paired[g], d_gene[cols]
@@ -132,10 +156,11 @@ def test_tables_plot_and_mlflow(paired_eval):
     models = {r["model"] for r in rows if r["level"] == "bins"}
     assert {"rep#1", "rep#2", "rep#1 (context shuffled)", "rep#2 (context shuffled)", "oracle"} <= models
     reps = {(r["level"], r["model"], r["source"]): r for r in _rows(out / "evaluation_replicates.csv")}
-    r1 = next(r for r in rows if r["model"] == "rep#1" and r["level"] == "bins")
+    each = [float(next(r for r in rows if r["model"] == f"rep#{i}" and r["level"] == "bins")["pcc_gene"])
+            for i in (1, 2)]
     rep = reps[("bins", "rep", "bin head")]
-    assert int(rep["n_replicates"]) == 2 and float(rep["pcc_gene"]) == pytest.approx(float(r1["pcc_gene"]))
-    assert float(rep["pcc_gene_sd"]) == pytest.approx(0.0, abs=1e-9)
+    assert int(rep["n_replicates"]) == 2 and float(rep["pcc_gene"]) == pytest.approx(np.mean(each))
+    assert float(rep["pcc_gene_sd"]) == pytest.approx(np.std(each, ddof=1)) and np.std(each) > 0
     md = (out / "evaluation.md").read_text()
     for section in ("## Over replicates", "## Per gene group", "## Paired comparisons", "context shuffled"):
         assert section in md

@@ -13,8 +13,10 @@ from magnet.evaluate import paired
 from magnet.evaluate.config import EvaluateConfig
 from magnet.evaluate.select import each_model, load_models, parse_genes, select_slides
 from magnet.evaluate.truth import gene_groups_file, read_gene_groups
-from magnet.io import atomic_path, check_output
-from magnet.registry.tracking import resolve_tracking_uri
+from magnet.io import atomic_path, check_not_input, check_output
+from magnet.registry.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri
+from magnet.train_config import MlflowConfig
+from sharding.samplesheet import read_samplesheet
 
 USAGE = """examples:
   magnet evaluate --model models:/magnet-hd@champion --model stnet=models:/magnet-hd-stnet@champion \\
@@ -71,20 +73,48 @@ def add_parser(subparsers) -> None:
 CONFIG_NAME = "evaluate.config.yaml"
 
 
-def check_out(out, overwrite: bool) -> None:
-    """Before any work: ``out`` is absent, empty, or (with ``overwrite``) a folder that magnet evaluate wrote."""
+def check_out(out, overwrite: bool, inputs: list[tuple[str, str | None]] = ()) -> None:
+    """Before any work: ``out`` is none of the ``inputs`` (nor holds one), and is absent, empty, or (with
+    ``overwrite``) a folder that magnet evaluate wrote."""
+    check_not_input(out, "--out", list(inputs))
     check_output(out, "--out", overwrite, folder=True)
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
         raise UserError(f"{out}: --out: --overwrite replaces only a folder written by magnet evaluate (no "
                         f"{CONFIG_NAME} there); refusing to delete it")
 
 
+def _inputs(args) -> list[tuple[str, str | None]]:
+    """What the command reads from files: models given as folders, the samplesheet and its slides' files, gene
+    lists, gene groups, config."""
+    models = [uri.strip() for spec in args.model
+              for uri in (spec.partition("=")[2] if "=" in spec.split(":", 1)[0] else spec).split(",")]
+    inputs = [("--model", m) for m in models if m and ":/" not in m]  # a folder; URIs are not paths
+    inputs += [("--samplesheet", args.samplesheet), ("--gene-groups", args.gene_groups), ("--config", args.config),
+               ("--genes", args.genes if args.genes and Path(args.genes).is_file() else None)]
+    if Path(args.samplesheet).is_file():
+        for e in read_samplesheet(args.samplesheet, check_paths=False):
+            inputs += [(f"slide {e.slide}: image", e.image), (f"slide {e.slide}: spaceranger", e.spaceranger)]
+    return inputs
+
+
+def check_logging_uri(uri: str) -> None:
+    """The tracking URI the results will be logged to is refused now when the tracker would refuse it at the end
+    (credentials in it, an unreachable server)."""
+    try:
+        MlflowConfig(tracking_uri=uri)
+    except ValueError as e:
+        raise UserError(f"{mask_credentials(uri)}: --tracking-uri: {str(e).split(': ', 1)[-1]}") from None
+    check_tracking_uri(uri, "--tracking-uri", existing=False)
+
+
 def run(args) -> int:
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
     out = Path(args.out)
-    check_out(out, args.overwrite)
+    check_out(out, args.overwrite, _inputs(args))
     genes = parse_genes(args.genes)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    if cfg.mlflow:  # before any work: the scores are not computed to be lost at the end
+        check_logging_uri(tracking_uri)
     models = load_models(args.model, args.tracking_uri, args.bin_um)
     genes = genes or next(each_model(models))[2].genes
     slides = select_slides(args.samplesheet, args.split, models)

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from magnet.config import load_config
 from magnet.errors import UserError
-from magnet.io import check_output
+from magnet.io import check_not_input, check_output
 from magnet.predict.cohort import predict_cohort
 from magnet.predict.config import PredictConfig
 from magnet.predict.model import load_model
 from magnet.predict.output import predict_to_file
 from magnet.predict.spatialdata_out import check_out
+from sharding.samplesheet import read_samplesheet
 
 USAGE = """examples:
   magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --bin-um 8 --out pred.h5ad
@@ -94,20 +95,49 @@ def _check_args(args) -> list[str]:
 
 
 def _check_outputs(args, chosen: list[str]) -> None:
-    """Every path the command will write, before any work: nothing replaced without --overwrite (a cohort's
-    existing folder is its resume), no folder where a file goes, no path under a file or an unwritable folder."""
+    """Every path the command will write, before any work: never one of its inputs, nothing replaced without
+    --overwrite (a cohort's existing folder is its resume), the --format's extension, no folder where a file goes,
+    no path under a file or an unwritable folder."""
+
+
     out, maps = Path(args.out), Path(args.maps) if args.maps else None
+    if args.samplesheet is not None:  # a cohort's existing folder is its resume
+        check_output(out, "--out", overwrite=True, folder=True)
+    inputs = _inputs(args)
+    sidecar = None if args.samplesheet is not None else out.parent / f"{out.stem}.config.yaml"
+    for path, flag in ((out, "--out"), (sidecar, "--out"), (maps, "--maps")):
+        if path is not None:
+            check_not_input(path, flag, inputs)
     if maps is not None:
         check_output(maps, "--maps", overwrite=True, folder=True)
     if args.samplesheet is not None:
-        check_output(out, "--out", overwrite=True, folder=True)
         return
+    _check_extension(out, args.format)
     check_output(out, "--out", args.overwrite, folder=args.format == "spatialdata")
     if args.format == "spatialdata":
         check_out(out)
-    check_output(out.parent / f"{out.stem}.config.yaml", "--out", args.overwrite)
+    check_output(sidecar, "--out", args.overwrite)
     for gene in chosen:
         check_output(maps / f"{gene}.png", "--maps", args.overwrite)
+
+
+def _inputs(args) -> list[tuple[str, str | None]]:
+    """What the command reads: its files and folders, and with --samplesheet each slide's."""
+    model = None if "://" in args.model or ":/" in args.model else args.model  # a folder; URIs are not paths
+    inputs = [("--model", model), ("--image", args.image), ("--spaceranger", args.spaceranger),
+              ("--samplesheet", args.samplesheet), ("--config", args.config)]
+    if args.samplesheet is not None:
+        for e in read_samplesheet(Path(args.samplesheet), check_paths=False):
+            inputs += [(f"slide {e.slide}: image", e.image), (f"slide {e.slide}: spaceranger", e.spaceranger)]
+    return inputs
+
+
+def _check_extension(out, fmt: str) -> None:
+    """--out names what is written: a .h5ad file for h5ad, a .zarr store for spatialdata."""
+    want = {"h5ad": ".h5ad", "spatialdata": ".zarr"}[fmt]
+    if out.suffix.lower() != want:
+        raise UserError(f"{out}: --out: --format {fmt} writes a {want} {'file' if fmt == 'h5ad' else 'store'}; "
+                        f"name --out ...{want}")
 
 
 def _terminated(signum, frame):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from magnet.config import load_config
+from magnet.io import check_not_input
 
 
 def add_parser(subparsers) -> None:
@@ -25,6 +26,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from magnet.synth import SynthConfig, generate_cohort  # start-up time: scipy, about a second
 
+    check_not_input(args.out, "--out", [("--config", args.config)])  # --overwrite replaces the folder whole
     flags = {k: v for k, v in (("slides", args.slides), ("size_um", args.size_um), ("mpp", args.mpp),
                                ("seed", args.seed)) if v is not None}
     cfg = load_config(SynthConfig, args.config, args.overrides, **flags)

@@ -17,6 +17,7 @@ from magnet.config import load_config
 from magnet.dist import free_port
 from magnet.errors import UserError
 from magnet.format.manifest import Manifest, manifest_path
+from magnet.io import check_not_input
 from magnet.registry.tracking import check_tracking_uri
 from magnet.train.checkpoint import read_pointer
 from magnet.train.rundir import check_writable, refuse_if_owned
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--resume {args.resume}: no checkpoint found under {folder}")
     check_writable(Path(cfg.train.out_dir), "train.out_dir")
     zero_file(cfg.train.deepspeed)
+    if folder is not None and args.resume is None:  # a new run writes its config.yaml, checkpoints, model there
+        check_not_input(folder, "train.run_name", [("--config", args.config), ("data.shards", cfg.data.shards)])
     if cfg.mlflow.enabled:
         check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
     Manifest.load(manifest_path(cfg.data.shards, cfg.data.bin_um))  # once here, not once per rank after the launch

@@ -29,8 +29,8 @@ import numpy as np
 
 from magnet.errors import UserError
 from magnet.evaluate.select import replicate_of
+from magnet.evaluate.truth import ALL
 
-ALL = "all"
 MIN_SLIDES_FOR_SLIDE_BOOTSTRAP = 3
 MIN_GENES_FOR_GENE_BOOTSTRAP = 5  # fewer (and fewer than 3 slides): no interval, the verdict "too few to tell"
 

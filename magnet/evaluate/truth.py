@@ -21,6 +21,8 @@ from magnet.errors import UserError
 from sharding.config import GeneConfig
 from sharding.genes import normalise
 
+ALL = "all"  # the built-in group of every evaluated gene: no group of a file may take its name
+
 
 def expected_file(spaceranger: Path, bin_um: int) -> Path:
     """Where the synthetic generator puts the ground truth: beside the slide's ``outs`` folder."""
@@ -43,7 +45,7 @@ def read_gene_groups(path: Path, genes: list[str]) -> dict[str, str]:
     import csv
 
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             for field in ("gene", "group"):
@@ -56,6 +58,9 @@ def read_gene_groups(path: Path, genes: list[str]) -> dict[str, str]:
                 for field, value in (("gene", gene), ("group", group)):
                     if not value:
                         raise UserError(f"{path}: {field}: empty on line {line}")
+                if group.lower() == ALL:
+                    raise UserError(f"{path}: group: '{group}' on line {line} is the name of the built-in group of "
+                                    f"every gene; rename it")
                 if gene in table and table[gene] != group:
                     raise UserError(f"{path}: gene: '{gene}' is in two groups ('{table[gene]}', '{group}')")
                 table[gene] = group

@@ -7,8 +7,9 @@ everywhere. Three checks, so nothing corrupted is ever read silently:
   (a truncated shard, or a flipped byte anywhere, even in a JPEG that would still decode);
 * every tar member must be named ``{slide}__{gx}_{gy}.{member}`` with a member of the format
   (:class:`magnet.format.tar.TarSamples`, whose webdataset handler is :meth:`ShardReader.handle`);
-* every sample must decode (zstd frames carry checksums, ``np.load(allow_pickle=False)``) and pass
-  the schema check (:func:`magnet.format.check.check_sample`) with the manifest's sizes.
+* every sample must decode (zstd frames carry checksums, ``np.load(allow_pickle=False)``), pass
+  the schema check (:func:`magnet.format.check.check_sample`) with the manifest's sizes, and name
+  its shard entry's slide and the manifest's bin size in ``meta.json`` (:meth:`ShardReader.check_meta`).
 
 ``fail`` raises a one-line UserError naming the shard and member. ``skip`` drops the sample (a shard
 that fails its checksum: all of its samples), prints a warning and counts the samples in
@@ -43,6 +44,8 @@ class ShardReader:
             raise UserError(f"config: {setting}: '{policy}' is not one of {', '.join(POLICIES)}")
         self.policy, self.setting, self.finite, self.dims = policy, setting, finite, manifest.dims
         self.expected = {str(manifest.root / s.name): (s.bytes, s.sha256, s.n_samples) for s in manifest.shards}
+        self.slide_of = {str(manifest.root / s.name): s.slide for s in manifest.shards}
+        self.bin_um = manifest.bin_um
         self.pending = 0
         self._verified: dict[tuple, bool] = {}
 
@@ -102,11 +105,21 @@ class ShardReader:
         for raw in src:
             try:
                 sample = decode_sample(raw)
-                check_sample(sample, self.dims, f"{sample.url}: {raw['__key__']}", stored=True, finite=self.finite)
+                where = f"{sample.url}: {raw['__key__']}"
+                check_sample(sample, self.dims, where, stored=True, finite=self.finite)
+                self.check_meta(sample, where)
             except UserError as e:
                 self.handle(str(e))
                 continue
             yield sample
+
+    def check_meta(self, sample: Sample, where: str) -> None:
+        """The sample's ``meta.json`` agrees with the manifest: the slide of its shard entry and the bin size
+        (a shard of another bin size has the same array sizes, so the schema check passes it)."""
+        for field, got, expect in (("slide", sample.meta.slide, self.slide_of.get(sample.url, sample.meta.slide)),
+                                   ("bin_um", sample.meta.bin_um, self.bin_um)):
+            if got != expect:
+                raise UserError(f"{where}: meta.json: {field} is {got!r}, manifest says {expect!r}")
 
     def read(self, urls: Iterable[str]) -> Iterator[Sample]:
         """The checked samples of ``urls`` (manifest shards), in order."""

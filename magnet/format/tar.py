@@ -1,12 +1,13 @@
 """Tar shards through webdataset: :class:`PartWriter` writes with ``webdataset.TarWriter`` (fixed
 metadata: mtime 0, uid/gid 0, no user names, mode 0644; members sorted), so the same samples give
-byte-identical shards; :class:`TarSamples` reads with ``webdataset.tarfile_to_samples``, checking
-every member name against the schema.
+byte-identical shards; :class:`TarSamples` reads with webdataset's ``url_opener`` and ``group_by_keys``,
+checking every member (a plain file, named as the schema says) before it is read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,9 +84,9 @@ class PartWriter:
 
 
 class BadMember(Exception):
-    def __init__(self, name: str):
+    def __init__(self, name: str, why: str = "unexpected tar member"):
         super().__init__(name)
-        self.name = name
+        self.name, self.why = name, why
 
 
 def _check_name(name: str) -> bool:
@@ -95,6 +96,15 @@ def _check_name(name: str) -> bool:
     return True
 
 
+def _check_member(info: tarfile.TarInfo) -> None:
+    if info.issym() or info.islnk():
+        raise BadMember(info.name, f"a {'symbolic' if info.issym() else 'hard'} link (to {info.linkname!r}); "
+                                   f"links are refused")
+    if not info.isreg():
+        raise BadMember(info.name, "not a plain file")
+    _check_name(info.name)
+
+
 def _first(exn: Exception) -> str:
     """The message webdataset's stages extend with extra arguments."""
     return str(exn.args[0]) if exn.args else type(exn).__name__
@@ -102,25 +112,19 @@ def _first(exn: Exception) -> str:
 
 class TarSamples:
     """Stage: shard dicts (``url``) -> samples (``__key__``, ``__url__``, member suffix -> bytes), in tar
-    order, through ``webdataset.tarfile_to_samples``. Every member must be named
-    ``{slide}__{gx}_{gy}.{member of the schema}`` (no paths, nothing else; webdataset passes over
-    non-file members). A failure goes to ``on_error(message)`` (it raises, or counts and returns); without
-    one it is a UserError. An unexpected member name ends its shard (what follows is not trusted), a tar
-    that cannot be read ends at the damage, a repeated member is dropped."""
+    order, through webdataset's ``url_opener`` and ``group_by_keys``. Every member must be a plain file named
+    ``{slide}__{gx}_{gy}.{member of the schema}`` (no paths, no links, nothing else). A failure goes to
+    ``on_error(message)`` (it raises, or counts and returns); without one it is a UserError. An unexpected
+    member ends its shard (what follows is not trusted), a tar that cannot be read ends at the damage, a
+    repeated member is dropped."""
 
     def __init__(self, on_error: Callable[[str], None] | None = None):
         self.on_error = on_error
         self.url = "?"
 
-    def _track(self, src: Iterator[dict]) -> Iterator[dict]:
-        """Own stage: webdataset's handler is not told which shard failed; this remembers the one open."""
-        for shard in src:
-            self.url = shard["url"]
-            yield shard
-
     def _handle(self, exn: Exception) -> bool:
         if isinstance(exn, BadMember):
-            message = (f"{self.url}: {exn.name!r}: unexpected tar member (expected a file "
+            message = (f"{self.url}: {exn.name!r}: {exn.why} (expected a file "
                        f"'{{slide}}__{{gx}}_{{gy}}.{{member}}' of docs/shard_format.md)")
         elif isinstance(exn, ValueError) and "duplicate file name" in _first(exn):
             message = f"{self.url}: {_first(exn).split(':')[0]}: member repeated"
@@ -129,7 +133,30 @@ class TarSamples:
         if self.on_error is None:
             raise UserError(message) from None
         self.on_error(message)
-        return not isinstance(exn, BadMember)  # False ends the shard being read (tar_file_iterator's loop)
+        return not isinstance(exn, BadMember)  # False ends the shard being read
+
+    def _members(self, src: Iterator[dict]) -> Iterator[dict]:
+        """Own stage for webdataset's ``tar_file_expander``, which passes over links and other non-file members
+        without a word: here every member is checked (:func:`_check_member`) before it is read."""
+        for source in src:
+            self.url = source["url"]
+            try:
+                tar = tarfile.open(fileobj=source["stream"], mode="r|*")
+                for info in tar:
+                    try:
+                        _check_member(info)
+                        yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": self.url}
+                        tar.members = []  # a stream: keep no headers
+                    except Exception as exn:  # each failure goes to the handler, as in webdataset
+                        if not self._handle(exn):
+                            break
+                yield {}  # end of shard: group_by_keys never joins two shards' members
+            except Exception as exn:  # an unreadable tar
+                if not self._handle(exn):
+                    break
+            finally:
+                source["stream"].close()
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        return wds.tarfile_to_samples(handler=self._handle, select_files=_check_name)(self._track(src))
+        opened = wds.tariterators.url_opener(src, handler=self._handle)
+        return wds.tariterators.group_by_keys(self._members(opened), handler=self._handle)

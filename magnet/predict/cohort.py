@@ -66,11 +66,17 @@ class SlideWorker:
 
 
 def _finished(out: Path) -> dict:
-    """Bins and seconds of an ``.h5ad`` written by an earlier run."""
+    """Bins and seconds of an ``.h5ad`` written by an earlier run; any other file there is a one-line error (it is
+    no finished slide, and it is not ours to replace)."""
     import h5py
 
-    with h5py.File(out, "r") as f:
-        return {"bins": int(f["X"].shape[0]), "seconds": float(f["uns/magnet/seconds/total"][()])}
+    try:
+        with h5py.File(out, "r") as f:
+            return {"bins": int(f["X"].shape[0]), "seconds": float(f["uns/magnet/seconds/total"][()])}
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        why = "not an HDF5 file" if isinstance(e, OSError) else "no X or uns/magnet/seconds/total"
+        raise UserError(f"{out}: --out: not a slide written by magnet predict ({why}); move it away or choose "
+                        f"another --out") from None
 
 
 def _write_summary(path: Path, rows: list[dict]) -> None:

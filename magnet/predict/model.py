@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from magnet.errors import UserError
+from sharding.fingerprint import file_fingerprint
 
 
 
@@ -28,6 +29,7 @@ class LoadedModel:
     encoder: dict  # name, feat_dim, weights (id), input_px, precision (fp32 when not recorded)
     source: dict  # what to record: uri, registered version / run id where known
     slides: dict = dataclasses.field(default_factory=dict)  # slide -> split, fingerprint as trained ({}: older models)
+    weights: str = ""  # fingerprint of model.safetensors (sharding/fingerprint.py): the same model, however named
 
     @property
     def genes(self) -> list[str]:
@@ -96,7 +98,8 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
     with np.load(art / "example_input.npz") as ex:
         k = int(ex["nbr_mask"].shape[0]) - 1
     return LoadedModel(uri=uri, python_model=python_model, k_neighbours=k, encoder=dict(meta["encoder"]),
-                       source=source, slides=dict(meta.get("slides", {})))
+                       source=source, slides=dict(meta.get("slides", {})),
+                       weights=file_fingerprint(art / "model.safetensors"))
 
 
 def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:

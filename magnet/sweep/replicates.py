@@ -113,6 +113,7 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
     """Train the grid (or continue it), then evaluate; returns the sweep summary plus ``evaluation`` (folder)."""
     from magnet.commands import evaluate, main
     from magnet.config import save_config
+    from magnet.io import check_not_input
     from magnet.sweep.run import absolute_paths
 
     e = cfg.evaluate
@@ -135,6 +136,8 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
             raise UserError(f"{origin}: evaluate.compare: '{pair}' is not A:B of models {', '.join(cfg.models)}")
     scfg = absolute_paths(sweep_config(cfg))
     sweep_dir = Path(scfg.out_dir) / scfg.name
+    check_not_input(sweep_dir, "name", [("evaluate.samplesheet", e.samplesheet),
+                                        ("evaluate.gene_groups", e.gene_groups)])
     summary = summary_of(scfg, origin, resume)
     save_config(cfg, sweep_dir / "experiment.yaml")
     models = trained_models(summary, sweep_dir, cfg)

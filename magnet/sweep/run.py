@@ -14,7 +14,7 @@ from pathlib import Path
 
 from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
-from magnet.io import atomic_write_text
+from magnet.io import atomic_write_text, check_not_input
 from magnet.sweep.config import SweepConfig
 from magnet.sweep.space import base_config, check_no_fold, check_resolutions, param_space
 from magnet.registry.tracking import check_tracking_uri
@@ -87,6 +87,8 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
     """Run (or with ``resume`` continue) the sweep; returns the summary of :func:`finish_sweep` (for a
     sweep that had finished already: its saved summary, with ``already_finished``)."""
     cfg = absolute_paths(cfg)
+    check_not_input(Path(cfg.out_dir) / cfg.name, "name", [("train_config", cfg.train_config),
+                                                           *((f"shards.{k}", v) for k, v in cfg.shards.items())])
     check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
     base = base_config(cfg)
     check_no_fold(cfg, base, origin)

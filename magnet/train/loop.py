@@ -27,7 +27,7 @@ from magnet.config import config_from_saved, git_revision, load_yaml, save_confi
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
 from magnet.errors import UserError
 from magnet.train_config import ExperimentConfig
-from magnet.io import atomic_write_text
+from magnet.io import atomic_write_text, check_not_input
 from magnet.registry.tracking import Tracker, mask_credentials
 from magnet.train import checkpoint, finite, rundir
 from magnet.train.ds_config import deepspeed_config
@@ -41,6 +41,7 @@ def _run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, str | Non
     if resume is None:
         name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S")
         run = out / name
+        check_not_input(run, "train.run_name", [("data.shards", cfg.data.shards)])
         rundir.refuse_if_owned(run)
         if checkpoint.read_pointer(run / "checkpoints") is not None:
             raise UserError(f"{run}: train.run_name: this run has checkpoints; pass --resume latest or another name")
