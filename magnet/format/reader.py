@@ -7,8 +7,9 @@ everywhere. Three checks, so nothing corrupted is ever read silently:
   (a truncated shard, or a flipped byte anywhere, even in a JPEG that would still decode);
 * every tar member must be named ``{slide}__{gx}_{gy}.{member}`` with a member of the format
   (:class:`magnet.format.tar.TarSamples`, whose webdataset handler is :meth:`ShardReader.handle`);
-* every sample must decode (zstd frames carry checksums, ``np.load(allow_pickle=False)``) and pass
-  the schema check (:func:`magnet.format.validate.check_sample`) with the manifest's sizes.
+* every sample must decode (zstd frames carry checksums, ``np.load(allow_pickle=False)``), each member
+  bounded by the size the schema and the manifest give it (a decompression bomb is refused before it
+  takes memory), and pass the schema check (:func:`magnet.format.validate.check_sample`) with the manifest's sizes.
 
 ``fail`` raises a one-line UserError naming the shard and member. ``skip`` drops the sample (a shard
 that fails its checksum: all of its samples), prints a warning and counts the samples in
@@ -43,6 +44,7 @@ class ShardReader:
             raise UserError(f"config: {setting}: '{policy}' is not one of {', '.join(POLICIES)}")
         self.policy, self.setting, self.finite, self.dims = policy, setting, finite, manifest.dims
         self.expected = {str(manifest.root / s.name): (s.bytes, s.sha256, s.n_samples) for s in manifest.shards}
+        self.max_bins = {str(manifest.root / s.name): s.n_bins for s in manifest.shards}
         self.pending = 0
         self._verified: dict[tuple, bool] = {}
 
@@ -101,7 +103,7 @@ class ShardReader:
         """Stage: member bytes -> :class:`Sample`, checked against the schema with the manifest's sizes."""
         for raw in src:
             try:
-                sample = decode_sample(raw)
+                sample = decode_sample(raw, self.dims, self.max_bins.get(raw.get("__url__")))
                 check_sample(sample, self.dims, f"{sample.url}: {raw['__key__']}", stored=True, finite=self.finite)
             except UserError as e:
                 self.handle(str(e))
