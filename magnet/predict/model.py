@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from magnet.errors import UserError
+from magnet.registry.tracking import mask_credentials
 
 
 
@@ -36,7 +37,7 @@ class LoadedModel:
 
 def _mlflow_error(uri: str, e: Exception) -> UserError:
     first = str(getattr(e, "message", e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return UserError(f"{uri}: --model: {first}")
+    return UserError(f"{uri}: --model: {mask_credentials(first)}")  # MLflow's messages quote the server URL
 
 
 def _weights_error(uri: str, e: BaseException) -> UserError | None:
@@ -108,7 +109,7 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from magnet.registry.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri
+    from magnet.registry.tracking import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if spec.startswith(("models:/", "runs:/")):  # resolved through the tracking store (s3://, file:// are not)

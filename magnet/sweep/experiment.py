@@ -19,6 +19,7 @@ import dataclasses
 from pathlib import Path
 
 from magnet.errors import UserError
+from magnet.registry.tracking import refuse_credentials
 from magnet.sweep.config import RayConfig, ResourcesConfig
 
 
@@ -35,6 +36,9 @@ class EvaluationPlan:
 class ExperimentMlflowConfig:
     tracking_uri: str = "sqlite:///mlruns.db"
     experiment: str = "magnet-hd-experiments"
+
+    def __post_init__(self):  # recorded in experiment.yaml: no secrets in it
+        refuse_credentials(self.tracking_uri, "mlflow.tracking_uri")
 
 
 @dataclasses.dataclass(kw_only=True)
