@@ -22,6 +22,7 @@ what is missing and leaves finished bin sizes alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -78,8 +79,10 @@ def check_inputs(entries: list[SlideEntry], bin_ums: list[int]) -> tuple[list[st
 
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int = 0, object_store_mb: int = 256, log_to_driver: bool = True):
-    """Connect to a cluster (``address``), or start Ray locally (``num_cpus`` 0: all cores); reuse a session
-    already started."""
+    """Connect to a cluster (``address``), or start a Ray instance of this process (``num_cpus`` 0: all cores),
+    never joining a cluster already running on the machine unless asked; reuse a session already started.
+    Workers get everything as values or absolute paths from the driver (their folder and environment are not
+    the driver's)."""
     import ray
 
     if ray.is_initialized():
@@ -88,7 +91,7 @@ def ray_session(address: str | None, num_cpus: int = 0, object_store_mb: int = 2
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=object_store_mb * 2**20, log_to_driver=log_to_driver)
     try:
         yield ray
@@ -177,6 +180,9 @@ def workers(cfg: ShardConfig, address: str | None, n_slides: int):
                                 "use ray.device=auto or cpu")
         yield Workers(cfg)
         return
+    weights = cfg.encoder.weights
+    if weights and Path(weights).is_file():  # a local checkpoint, found by workers in any folder
+        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, weights=str(Path(weights).absolute())))
     with ray_session(address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress) as ray:
         pool = Workers(cfg, ray, n_slides)
         try:
@@ -258,7 +264,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
         genes_from_file(Path(cfg.genes.gene_file), gene_ids, gene_names)
     if cfg.encoder.weights and not Path(cfg.encoder.weights).is_file() and ":" not in cfg.encoder.weights:
         raise UserError(f"config: encoder.weights: file not found: {cfg.encoder.weights}")
-    out = Path(out)
+    out = Path(out).absolute()  # the work folders handed to workers
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "shard_config.yaml")
     by_slide = {e.slide: e for e in entries}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from magnet.errors import UserError
+from magnet.format.tar import sha256_file
 from magnet.registry.tracking import mask_credentials
 
 
@@ -94,6 +95,7 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
         raise UserError(f"{art / 'model_meta.json'}: encoder: missing (the shard encoder is needed for features)")
     with np.load(art / "example_input.npz") as ex:
         k = int(ex["nbr_mask"].shape[0]) - 1
+    source = {**source, "weights_sha256": sha256_file(art / "model.safetensors")}  # what predictions were made by
     return LoadedModel(uri=uri, python_model=python_model, k_neighbours=k, encoder=dict(meta["encoder"]),
                        source=source, slides=dict(meta.get("slides", {})))
 

@@ -22,6 +22,14 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """A relative ``sqlite:///FILE`` made absolute against this process's folder: what a driver hands to
+    its Ray workers, whose folder and environment are not the driver's."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).absolute()}"
+    return uri
+
+
 CONNECT_TIMEOUT_S = 5.0
 
 
