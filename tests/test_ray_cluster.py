@@ -41,7 +41,9 @@ def ray_cluster():
         current = tmp / "ray" / "ray_current_cluster"
         deadline = time.monotonic() + 180
         while not current.is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited: {proc.stderr.read()[-3000:]}")
+            assert time.monotonic() < deadline, "the Ray cluster did not start within 180 s"
             time.sleep(1)
         yield f"127.0.0.1:{port}", env
     finally:

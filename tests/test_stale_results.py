@@ -48,7 +48,8 @@ def _other_model(run_dir: Path, dst: Path) -> Path:
 def test_cohort_refuses_to_keep_files_of_another_model_or_setting(registered, tiny_cohort, tmp_path):
     uri, run_dir = registered
     sheet = tmp_path / "one.csv"
-    sheet.write_text(f"slide,spaceranger,image\n{S},{tiny_cohort / S / 'outs'},{tiny_cohort / S / f'{S}_fullres.tif'}\n")
+    sheet.write_text(f"slide,spaceranger,image\n{S},{tiny_cohort / S / 'outs'},"
+                     f"{tiny_cohort / S / f'{S}_fullres.tif'}\n")
     out = tmp_path / "preds"
     first = _predict(uri, "models:/tiny@champion", sheet, out)
     assert first.returncode == 0, first.stderr[-3000:]
