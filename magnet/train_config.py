@@ -122,11 +122,9 @@ class MlflowConfig:
     parent_run_id: str = ""  # nest this run under that run (a sweep sets it for each trial)
 
     def __post_init__(self):  # the config is recorded (run folder, MLflow params, the model): no secrets in it
-        from magnet.registry.tracking import mask_credentials
+        from magnet.registry.tracking import refuse_credentials
 
-        if mask_credentials(self.tracking_uri) != self.tracking_uri:
-            raise ValueError("mlflow.tracking_uri: holds credentials (user:password@); set MLFLOW_TRACKING_USERNAME "
-                             "and MLFLOW_TRACKING_PASSWORD in the environment instead (never recorded)")
+        refuse_credentials(self.tracking_uri, "mlflow.tracking_uri")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -8,8 +8,10 @@ import os
 
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int = 0, object_store_mb: int = 256, log_to_driver: bool = True):
-    """Connect to a cluster (``address``), or start Ray locally (``num_cpus`` 0: all cores); reuse a session
-    already started."""
+    """Connect to a cluster (``address``), or start a Ray instance of this process (``num_cpus`` 0: all cores),
+    never joining a cluster already running on the machine unless asked; reuse a session already started.
+    Workers get everything as values or absolute paths from the driver (their folder and environment are not
+    the driver's)."""
     import ray
 
     if ray.is_initialized():
@@ -18,7 +20,7 @@ def ray_session(address: str | None, num_cpus: int = 0, object_store_mb: int = 2
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=object_store_mb * 2**20, log_to_driver=log_to_driver)
     try:
         yield ray

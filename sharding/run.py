@@ -25,6 +25,7 @@ paths swapped in the samplesheet) are refused naming the slide, unfinished work 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -161,6 +162,9 @@ def workers(cfg: ShardConfig, address: str | None, n_slides: int):
                                 "use ray.device=auto or cpu")
         yield Workers(cfg)
         return
+    weights = cfg.encoder.weights
+    if weights and Path(weights).is_file():  # a local checkpoint, found by workers in any folder
+        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, weights=str(Path(weights).absolute())))
     with ray_session(address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress) as ray:
         pool = Workers(cfg, ray, n_slides)
         try:
@@ -283,6 +287,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
         genes_from_file(Path(cfg.genes.gene_file), gene_ids, gene_names)
     if weights and not Path(weights).is_file():
         raise UserError(f"config: encoder.weights: file not found: {weights}")
+    out = Path(out).absolute()  # the work folders handed to workers
     by_slide = {e.slide: e for e in entries}
     slide_phases: dict[str, float] = {}
     clock.lap("checks")

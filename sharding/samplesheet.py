@@ -73,7 +73,7 @@ def read_samplesheet(path: str | Path, check_paths: bool = True) -> list[SlideEn
         paths = {}
         for col, kind in (("spaceranger", "folder"), ("image", "file")):
             value = (row[col] or "").strip()
-            p = Path(value) if Path(value).is_absolute() else path.parent / value
+            p = (path.parent / value).absolute()  # absolute: workers (Ray actors) run in other folders
             if not value or (check_paths and not (p.is_dir() if kind == "folder" else p.is_file())):
                 raise UserError(f"{where} (slide {slide}): {col}: {kind} not found: {p}")
             paths[col] = p

@@ -81,3 +81,27 @@ def nan_features(path: Path) -> int:
             changed += 1
     _rewrite(path, members)
     return changed
+
+
+def bomb(path: Path, declared: int) -> str:
+    """Replace the shard's first ``bin_expr`` member by a zstd frame of a few KB that declares and expands
+    to ``declared`` bytes (a valid npy of that many float16 zeros); returns the member's name."""
+    import numpy as np
+    import zstandard
+
+    members = _members(path)
+    info = next(i for i, _ in members if i.name.endswith(".bin_expr.npy.zst"))
+    n_genes = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(dict(
+        (i.name, d) for i, d in members)[info.name])), allow_pickle=False).shape[1]
+    header = io.BytesIO()
+    shape = (declared // (2 * n_genes), n_genes)
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f2", "fortran_order": False, "shape": shape})
+    body = shape[0] * n_genes * 2
+    comp = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj(size=len(header.getvalue()) + body)
+    chunk = bytes(1 << 24)
+    parts = [comp.compress(header.getvalue())]
+    for start in range(0, body, len(chunk)):
+        parts.append(comp.compress(chunk[: min(len(chunk), body - start)]))
+    parts.append(comp.flush())
+    _rewrite(path, [(i, b"".join(parts) if i.name == info.name else d) for i, d in members])
+    return info.name

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         set_alias(args.name, args.version, args.alias)
     except MlflowException as e:
         first = str(e.message if hasattr(e, "message") else e).splitlines()[0]
-        raise UserError(f"{mask_credentials(uri)}: {args.name} version {args.version}: {first}") from None
+        raise UserError(f"{mask_credentials(uri)}: {args.name} version {args.version}: "
+                        f"{mask_credentials(first)}") from None
     print(f"{args.name}@{args.alias} -> version {args.version}")
     return 0

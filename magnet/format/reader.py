@@ -7,9 +7,10 @@ everywhere. Three checks, so nothing corrupted is ever read silently:
   (a truncated shard, or a flipped byte anywhere, even in a JPEG that would still decode);
 * every tar member must be named ``{slide}__{gx}_{gy}.{member}`` with a member of the format
   (:class:`magnet.format.tar.TarSamples`, whose webdataset handler is :meth:`ShardReader.handle`);
-* every sample must decode (zstd frames carry checksums, ``np.load(allow_pickle=False)``), pass
-  the schema check (:func:`magnet.format.check.check_sample`) with the manifest's sizes, and name
-  its shard entry's slide and the manifest's bin size in ``meta.json`` (:meth:`ShardReader.check_meta`).
+* every sample must decode (zstd frames carry checksums, ``np.load(allow_pickle=False)``), each member
+  bounded by the size the schema and the manifest give it (a decompression bomb is refused before it
+  takes memory), pass the schema check (:func:`magnet.format.check.check_sample`) with the manifest's sizes,
+  and name its shard entry's slide and the manifest's bin size in ``meta.json`` (:meth:`ShardReader.check_meta`).
 
 ``fail`` raises a one-line UserError naming the shard and member. ``skip`` drops the sample (a shard
 that fails its checksum: all of its samples), prints a warning and counts the samples in
@@ -46,6 +47,7 @@ class ShardReader:
         self.expected = {str(manifest.root / s.name): (s.bytes, s.sha256, s.n_samples) for s in manifest.shards}
         self.slide_of = {str(manifest.root / s.name): s.slide for s in manifest.shards}
         self.bin_um = manifest.bin_um
+        self.max_bins = {str(manifest.root / s.name): s.n_bins for s in manifest.shards}
         self.pending = 0
         self._verified: dict[tuple, bool] = {}
 
@@ -104,7 +106,7 @@ class ShardReader:
         """Stage: member bytes -> :class:`Sample`, checked against the schema with the manifest's sizes."""
         for raw in src:
             try:
-                sample = decode_sample(raw)
+                sample = decode_sample(raw, self.dims, self.max_bins.get(raw.get("__url__")))
                 where = f"{sample.url}: {raw['__key__']}"
                 check_sample(sample, self.dims, where, stored=True, finite=self.finite)
                 self.check_meta(sample, where)

@@ -4,9 +4,11 @@ Each worker is a Ray actor that loads the model once and then predicts slide aft
 single-slide function (:func:`magnet.predict.output.predict_to_file`), so a cohort's files equal the
 single-slide command's. Actors take a GPU each when the cluster has GPUs (``cohort.gpus_per_worker``),
 else ``cohort.cpus_per_worker`` CPUs. A slide already written (``DIR/{slide}.h5ad``, renamed into place
-only when complete) is skipped and left untouched, unless ``--overwrite`` (every slide predicted again); a
-slide that fails is recorded with a one-line reason and the others go on. A registry alias is pinned to its
-version once, so every worker loads the same model.
+only when complete) is skipped and left untouched when its ``{slide}.config.yaml`` shows it was made alike
+(the same model weights, bin size and settings that change predictions; else the run is refused in one
+line), unless ``--overwrite`` (every slide predicted again); a slide that fails is recorded with a one-line
+reason and the others go on. Workers get absolute paths and the tracking URI the driver resolved, never
+their own defaults. A registry alias is pinned to its version once, so every worker loads the same model.
 """
 
 from __future__ import annotations
@@ -79,6 +81,44 @@ def _finished(out: Path) -> dict:
                         f"another --out") from None
 
 
+# settings that change how fast a slide is predicted, not its file (PredictConfig's comments)
+SPEED_ONLY = ("batch_size", "batch_bins", "device", "fold_bn", "channels_last", "encoder_px", "mmap_threshold_mb",
+              "compile", "threads", "tiles_per_block", "progress", "cohort")
+
+
+def check_made_alike(out: Path, source: dict, bin_um: int, cfg: PredictConfig) -> None:
+    """Refuse to keep a slide's file of an earlier run made otherwise than this run would make it: by other model
+    weights (sha256), at another bin size, or with a setting that changes predictions; as recorded beside it
+    (``{slide}.config.yaml``, written with the file)."""
+    import yaml
+
+    from magnet.config import to_dict
+
+    record = out.parent / f"{out.stem}.config.yaml"
+    made = yaml.safe_load(record.read_text()) if record.is_file() else None
+    hint = "; pass --overwrite to predict every slide again, or choose another --out"
+    if not isinstance(made, dict):
+        raise UserError(f"{record}: missing, so {out.name} cannot be kept as made by this model{hint}")
+
+    def model_name(src: dict) -> str:
+        name = (f"models:/{src['registered_model']}/{src['version']}" if "version" in src
+                else src.get("uri", "an unknown model"))
+        return f"{name} (weights sha256 {str(src.get('weights_sha256', 'not recorded'))[:12]})"
+
+    old = made.get("model") or {}
+    if old.get("weights_sha256") != source["weights_sha256"]:
+        raise UserError(f"{record}: model: {out.name} was predicted by {model_name(old)}, this run's model is "
+                        f"{model_name(source)}{hint}")
+    if made.get("bin_um") != bin_um:
+        raise UserError(f"{record}: bin_um: {out.name} was predicted at {made.get('bin_um')} um, this run at "
+                        f"{bin_um} um{hint}")
+    then, now = made.get("config") or {}, to_dict(cfg)
+    for key in sorted(set(now) - set(SPEED_ONLY)):
+        if then.get(key) != now[key]:
+            raise UserError(f"{record}: {key}: {out.name} was predicted with {then.get(key)!r}, this run gives "
+                            f"{now[key]!r}{hint}")
+
+
 def _write_summary(path: Path, rows: list[dict]) -> None:
     from magnet.io import atomic_write_text
 
@@ -114,8 +154,14 @@ def predict_cohort(samplesheet: Path, model_spec: str, tracking_uri: str | None,
     when its new one is complete); return the summary rows (samplesheet order)."""
     from magnet.io import remove_stale
     from sharding.samples import ray_session, read_samplesheet
+    from magnet.registry.tracking import absolute_tracking_uri, resolve_tracking_uri
 
     entries = read_samplesheet(samplesheet, check_paths=False)
+    out_dir = out_dir.absolute()  # workers get absolute paths and the tracking URI this process resolved,
+    maps_dir = maps_dir.absolute() if maps_dir else None  # never their own folder's or environment's defaults
+    tracking_uri = absolute_tracking_uri(resolve_tracking_uri(tracking_uri))
+    if Path(model_spec).exists():
+        model_spec = str(Path(model_spec).absolute())
     out_dir.mkdir(parents=True, exist_ok=True)
     for e in entries:  # temporary files of a killed run on this host (each worker also cleans its slide's)
         remove_stale(out_dir, f"{e.slide}.h5ad")
@@ -124,6 +170,7 @@ def predict_cohort(samplesheet: Path, model_spec: str, tracking_uri: str | None,
     for e in entries:
         out = out_dir / f"{e.slide}.h5ad"
         if out.is_file() and not overwrite:
+            check_made_alike(out, model.source, bin_um, cfg)
             rows[e.slide] = {"slide": e.slide, **_finished(out), "status": "skipped", "error": ""}
         else:
             todo.append(e)

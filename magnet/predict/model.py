@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from magnet.errors import UserError
-from sharding.fingerprint import file_fingerprint
+from magnet.format.tar import sha256_file
+from magnet.registry.tracking import mask_credentials
 
 
 
@@ -29,7 +30,7 @@ class LoadedModel:
     encoder: dict  # name, feat_dim, weights (id), input_px, precision (fp32 when not recorded)
     source: dict  # what to record: uri, registered version / run id where known
     slides: dict = dataclasses.field(default_factory=dict)  # slide -> split, fingerprint as trained ({}: older models)
-    weights: str = ""  # fingerprint of model.safetensors (sharding/fingerprint.py): the same model, however named
+    weights: str = ""  # sha256 of model.safetensors: the same model, however named
 
     @property
     def genes(self) -> list[str]:
@@ -38,7 +39,7 @@ class LoadedModel:
 
 def _mlflow_error(uri: str, e: Exception) -> UserError:
     first = str(getattr(e, "message", e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return UserError(f"{uri}: --model: {first}")
+    return UserError(f"{uri}: --model: {mask_credentials(first)}")  # MLflow's messages quote the server URL
 
 
 def _weights_error(uri: str, e: BaseException) -> UserError | None:
@@ -97,9 +98,9 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
         raise UserError(f"{art / 'model_meta.json'}: encoder: missing (the shard encoder is needed for features)")
     with np.load(art / "example_input.npz") as ex:
         k = int(ex["nbr_mask"].shape[0]) - 1
+    sha = meta.get("weights_sha256") or sha256_file(art / "model.safetensors")  # checked at load; older models: hashed
     return LoadedModel(uri=uri, python_model=python_model, k_neighbours=k, encoder=dict(meta["encoder"]),
-                       source=source, slides=dict(meta.get("slides", {})),
-                       weights=file_fingerprint(art / "model.safetensors"))
+                       source={**source, "weights_sha256": sha}, slides=dict(meta.get("slides", {})), weights=sha)
 
 
 def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
@@ -113,7 +114,7 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from magnet.registry.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri
+    from magnet.registry.tracking import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if spec.startswith(("models:/", "runs:/")):  # resolved through the tracking store (s3://, file:// are not)

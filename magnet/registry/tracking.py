@@ -22,6 +22,14 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """A relative ``sqlite:///FILE`` made absolute against this process's folder: what a driver hands to
+    its Ray workers, whose folder and environment are not the driver's."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).absolute()}"
+    return uri
+
+
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -54,8 +62,20 @@ def check_tracking_uri(uri: str, field: str, existing: bool) -> str:
     return uri
 
 
-def mask_credentials(uri: str) -> str:
-    return re.sub(r"//[^/@]+@", "//***@", uri)
+def mask_credentials(text: str) -> str:
+    """``text`` (a URI, or a message quoting one) with everything between ``//`` and the last ``@`` of each
+    URI hidden (a password may hold ``@``): the one way a tracking URI is shown or recorded. An empty
+    authority (``sqlite:///``, ``file:///``) is left as is."""
+    return re.sub(r"(?<!/)//(?!/)\S*@", "//***@", text)
+
+
+def refuse_credentials(uri: str, field: str) -> str:
+    """A config check (ValueError, made one line by the config loader): a tracking URI is recorded (run
+    folders, MLflow params, the model, sweep and experiment records), so it must hold no credentials."""
+    if mask_credentials(uri) != uri:
+        raise ValueError(f"{field}: holds credentials ({mask_credentials(uri)}); set MLFLOW_TRACKING_USERNAME and "
+                         "MLFLOW_TRACKING_PASSWORD in the environment instead (never recorded)")
+    return uri
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from magnet.registry.tracking import refuse_credentials
+
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -55,6 +57,9 @@ class SweepMlflowConfig:
     experiment: str = "magnet-hd-sweeps"
     register_as: str = "magnet-hd"  # the best trial's model is registered under this name
     alias: str = "sweep-best"
+
+    def __post_init__(self):  # recorded in sweep.yaml and the parent run: no secrets in it
+        refuse_credentials(self.tracking_uri, "mlflow.tracking_uri")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -19,6 +19,7 @@ import dataclasses
 from pathlib import Path
 
 from magnet.errors import UserError
+from magnet.registry.tracking import refuse_credentials
 from magnet.sweep.config import RayConfig, ResourcesConfig
 
 
@@ -35,6 +36,9 @@ class EvaluationPlan:
 class ExperimentMlflowConfig:
     tracking_uri: str = "sqlite:///mlruns.db"
     experiment: str = "magnet-hd-experiments"
+
+    def __post_init__(self):  # recorded in experiment.yaml: no secrets in it
+        refuse_credentials(self.tracking_uri, "mlflow.tracking_uri")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -135,6 +139,7 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
         if len(names) != 2 or not all(n.split(" (")[0] in cfg.models + ["oracle", "local oracle"] for n in names):
             raise UserError(f"{origin}: evaluate.compare: '{pair}' is not A:B of models {', '.join(cfg.models)}")
     scfg = absolute_paths(sweep_config(cfg))
+    check_evaluation(cfg, scfg)
     sweep_dir = Path(scfg.out_dir) / scfg.name
     check_not_input(sweep_dir, "name", [("evaluate.samplesheet", e.samplesheet),
                                         ("evaluate.gene_groups", e.gene_groups)])
@@ -147,6 +152,37 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
         raise UserError(f"{origin}: evaluate: magnet evaluate failed (exit status {code}, its error above); the "
                         f"trained models are kept: rerun with --resume")
     return {**summary, "evaluation": str(out), "models": {k: [str(p) for p in v] for k, v in models.items()}}
+
+
+def check_evaluation(cfg: ReplicatesConfig, scfg) -> None:
+    """Read and check what the evaluation will read, before any trial trains: the samplesheet (columns, names,
+    every path), at least one slide of ``evaluate.split`` and none that the shards train on (the split of a
+    slide without one is the manifest's, as magnet evaluate takes it from the models), and the gene groups
+    (``evaluate.gene_groups``, else the first scored slide's ground truth where present)."""
+    from magnet.evaluate.truth import gene_groups_file, read_gene_groups
+    from magnet.format.manifest import Manifest, manifest_path
+    from magnet.sweep.space import base_config
+    from sharding.samplesheet import read_samplesheet
+
+    e = cfg.evaluate
+    manifests = [Manifest.load(manifest_path(root, int(b))) for b, root in sorted(scfg.shards.items())]
+    scored = []
+    for entry in read_samplesheet(e.samplesheet):
+        recorded = {m.splits[entry.slide] for m in manifests if entry.slide in m.splits}
+        if (entry.split or next(iter(sorted(recorded)), "unseen")) != e.split:
+            continue
+        if "train" in recorded:
+            raise UserError(f"{e.samplesheet}: slide: '{entry.slide}' is a training slide of the shards (manifest "
+                            f"splits); evaluate on held-out slides")
+        scored.append(entry)
+    if not scored:
+        raise UserError(f"{e.samplesheet}: split: no slide of split '{e.split}' to evaluate (evaluate.split)")
+    groups = e.gene_groups or next((str(gene_groups_file(x.spaceranger)) for x in scored
+                                    if gene_groups_file(x.spaceranger).is_file()), None)
+    if groups:
+        genes = base_config(scfg).data.genes
+        for m in manifests:
+            read_gene_groups(Path(groups), list(genes or m.genes))
 
 
 def summary_of(scfg, origin: str, resume: bool) -> dict:

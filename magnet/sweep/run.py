@@ -12,26 +12,57 @@ import dataclasses
 import json
 from pathlib import Path
 
+import yaml
+
 from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
 from magnet.io import atomic_write_text, check_not_input
 from magnet.sweep.config import SweepConfig
 from magnet.sweep.space import base_config, check_no_fold, check_resolutions, param_space
-from magnet.registry.tracking import check_tracking_uri
+from magnet.registry.tracking import absolute_tracking_uri, check_tracking_uri
 
 STATE_FILE = "sweep.json"
 
 
 def absolute_paths(cfg: SweepConfig) -> SweepConfig:
     """Paths as absolute ones: trials run in Ray workers whose working directory is not the caller's."""
-    uri = cfg.mlflow.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    uri = absolute_tracking_uri(cfg.mlflow.tracking_uri)
     return dataclasses.replace(
         cfg, out_dir=str(Path(cfg.out_dir).resolve()), train_config=str(Path(cfg.train_config).resolve()),
         shards={k: str(Path(v).resolve()) for k, v in cfg.shards.items()},
         mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri),
     )
+
+
+# what may change on --resume: where and how many trials run at a time, not what they train
+RESUME_MAY_CHANGE = ("ray", "resources", "search.max_concurrent")
+
+
+def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_same_sweep(cfg: SweepConfig, base, sweep_dir: Path) -> None:
+    """Refuse --resume with a config whose trials differ from the recorded ones (``sweep.yaml``: the sweep
+    config and the trials' base experiment): Tune restores the recorded trials, so the results would be the
+    old trials' under the new config's name."""
+    recorded = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    for section, now, then in (("", to_dict(cfg), recorded["config"]),
+                               ("train_config ", to_dict(base), recorded.get("base", to_dict(base)))):
+        now, then = _leaves(json.loads(json.dumps(now))), _leaves(json.loads(json.dumps(then)))
+        for key in sorted(set(now) | set(then)):
+            if section or not key.startswith(RESUME_MAY_CHANGE):
+                if now.get(key) != then.get(key):
+                    raise UserError(f"{sweep_dir / 'sweep.yaml'}: {section}{key}: {now.get(key)!r} now, "
+                                    f"{then.get(key)!r} when the sweep started; --resume continues the same "
+                                    f"trials (use another name for other ones)")
 
 
 def _trial_name(trial) -> str:
@@ -77,8 +108,8 @@ def _init_ray(cfg: SweepConfig) -> bool:
     r = cfg.ray
     if r.address:
         ray.init(address=r.address)
-    else:
-        ray.init(num_cpus=r.num_cpus or None,
+    else:  # address="local": a Ray instance of its own, never a cluster already running on this machine
+        ray.init(address="local", num_cpus=r.num_cpus or None,
                  object_store_memory=r.object_store_mb * 2**20 if r.object_store_mb else None)
     return True
 
@@ -101,6 +132,8 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
     if not resume and state.is_file():
         raise UserError(f"{sweep_dir}: name: a sweep of this name exists; pass --resume or another name")
     saved = json.loads(state.read_text()) if resume else {}
+    if resume:
+        check_same_sweep(cfg, base, sweep_dir)
     if "finished" in saved:  # a restore would run no trial and log the same results again
         return {**saved["finished"], "already_finished": True}
 
@@ -118,7 +151,7 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
                               tags={"sweep_dir": sweep_dir, "git_revision": git_revision(), "sweep.role": "parent"})
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        save_config(cfg, sweep_dir / "sweep.yaml")
+        save_config(cfg, sweep_dir / "sweep.yaml", base=to_dict(base))
         atomic_write_text(state, json.dumps({"parent_run_id": parent_id}))
     started = _init_ray(cfg)
     try:
