@@ -26,7 +26,7 @@ TRAIN = """import sys
 from magnet.data.pipeline import ShardSet, TrainStream
 from magnet.dist import WorldInfo
 from magnet.errors import UserError
-from magnet.experiment import DataConfig
+from magnet.train_config import DataConfig
 cfg = DataConfig(shards=sys.argv[1], bin_um=16, micro_batch=2, max_bins=8, shuffle_buffer=4, shuffle_initial=2,
                  workers=0, on_corrupt=sys.argv[2])
 stream = TrainStream(ShardSet(cfg.shards, 16, None, None), cfg, WorldInfo(0, 1, 0), 0,

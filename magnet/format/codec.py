@@ -19,7 +19,7 @@ import numpy as np
 from magnet.errors import UserError
 from magnet.format.sample import Meta, Sample
 from magnet.format.schema import BY_NAME, META, MEMBERS, Encoding, member_of
-from magnet.format.validate import Dims
+from magnet.format.check import Dims
 
 ZSTD_LEVEL = 3
 NPY_HEADER_MAX = 4096  # bytes allowed for a .npy header (numpy writes 128 for the schema's arrays)
