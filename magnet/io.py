@@ -9,6 +9,7 @@ the temporary path of a writer that is still running (a live process, or one on 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import glob
 import os
 import re
@@ -150,3 +151,11 @@ def check_not_input(out: str | Path, flag: str, inputs: list[tuple[str, str | Pa
             continue
         raise UserError(f"{out}: {flag}: {why} the input {given} ({field}); an input is never an output: "
                         f"choose another {flag}")
+
+
+def sha256_file(path: str | Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()

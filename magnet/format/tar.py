@@ -14,18 +14,11 @@ from pathlib import Path
 import webdataset as wds
 
 from magnet.errors import UserError
+from magnet.io import sha256_file  # noqa: F401  (re-exported: the shard checksums)
 from magnet.format.codec import encode_sample
 from magnet.format.sample import Sample
 from magnet.format.schema import KEY, member_of
 from magnet.format.check import Dims, check_sample
-
-
-def sha256_file(path: str | Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 class _HashingFile:

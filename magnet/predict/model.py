@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from magnet.errors import UserError
-from magnet.format.tar import sha256_file
+from magnet.io import sha256_file
 from magnet.registry.tracking import mask_credentials
 
 
