@@ -84,7 +84,7 @@ def read_samplesheet(path: str | Path, check_paths: bool = True) -> list[SlideEn
         if fold_text and not fold_text.isdigit():
             raise UserError(f"{where} (slide {slide}): fold: '{fold_text}' is not a non-negative integer")
         for col in ("image", "spaceranger"):
-            key = os.path.realpath(_outs(paths[col]) if col == "spaceranger" else paths[col])
+            key = os.path.realpath(Outs.find(paths[col]).path if col == "spaceranger" else paths[col])
             other = files.setdefault((col, key), slide)
             if other != slide:
                 raise UserError(f"{where} (slide {slide}): {col}: {paths[col]} is also the {col} of slide '{other}'; "
