@@ -170,8 +170,9 @@ def predict_cohort(samplesheet: Path, model_spec: str, tracking_uri: str | None,
     for e in entries:
         out = out_dir / f"{e.slide}.h5ad"
         if out.is_file() and not overwrite:
+            finished = _finished(out)  # a foreign file first: it is not ours, whatever its record says
             check_made_alike(out, model.source, bin_um, cfg)
-            rows[e.slide] = {"slide": e.slide, **_finished(out), "status": "skipped", "error": ""}
+            rows[e.slide] = {"slide": e.slide, **finished, "status": "skipped", "error": ""}
         else:
             todo.append(e)
     print(f"predict: {out_dir}: " + ("--overwrite: every slide predicted again" if overwrite else
