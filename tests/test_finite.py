@@ -46,8 +46,9 @@ def test_training_that_goes_non_finite_stops_and_registers_nothing(cause, tiny_s
         for tar in sorted((shards / "16um").glob("train-*.tar")):
             assert nan_features(tar) > 0
             rehash(shards / "16um", tar.name)
-    cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"), f"data.shards={shards}",
-           f"train.out_dir={tmp_path}", "train.run_name=nf", "train.steps=4", "train.deepspeed=zero1",
+    cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
+           f"data.shards={shards}", f"train.out_dir={tmp_path}", "train.run_name=nf", "train.steps=4",
+           "train.deepspeed=zero1",
            "mlflow.enabled=true", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db", "mlflow.register_as=tiny",
            "mlflow.alias=champion", *extra]
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=400)

@@ -51,8 +51,9 @@ def test_disk_full_at_checkpoint_is_one_line_and_fails_the_run(tiny_shards, tmp_
     disk = tmp_path / "disk"
     _tmpfs(disk, "size=4m")  # the tiny ZeRO-1 checkpoint takes about 7 MB
     try:
-        cmd = [sys.executable, "launch/train.py", "--config", TINY, f"data.shards={tiny_shards}", f"train.out_dir={disk}",
-               "train.run_name=full", "train.steps=2", "train.ckpt_every=1", "train.deepspeed=zero1",
+        cmd = [sys.executable, "launch/train.py", "--config", TINY, f"data.shards={tiny_shards}",
+               f"train.out_dir={disk}", "train.run_name=full", "train.steps=2", "train.ckpt_every=1",
+               "train.deepspeed=zero1",
                "mlflow.enabled=true", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db"]
         res = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=400)
         left = sorted(p.name for p in disk.rglob("*"))
@@ -62,8 +63,9 @@ def test_disk_full_at_checkpoint_is_one_line_and_fails_the_run(tiny_shards, tmp_
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert len(errors) == 1, errors
     assert re.fullmatch(rf"magnet: error: {re.escape(str(disk / 'full' / 'checkpoints' / 'step00000001'))}: "
-                        r"train\.out_dir: the checkpoint could not be written \((No space left on device|a file was not "
-                        r"written in full, \d+ KiB free on its disk)\); no checkpoint was kept", errors[0]), errors
+                        r"train\.out_dir: the checkpoint could not be written \((No space left on device|"
+                        r"a file was not written in full, \d+ KiB free on its disk)\); no checkpoint was kept",
+                        errors[0]), errors
     assert left == []  # the partial checkpoint and the run folder without a checkpoint are gone
     with sqlite3.connect(tmp_path / "mlruns.db") as db:
         assert [r[0] for r in db.execute("select status from runs")] == ["FAILED"]

@@ -8,6 +8,7 @@ wherever the URI is recorded.
 
 from __future__ import annotations
 
+import atexit
 import re
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,9 @@ class Tracker:
             exp_id = exp.experiment_id
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name)
         self.run_id = run.info.run_id
+        # a run still open when the interpreter exits did not finish (MLflow's own exit hook records it FINISHED,
+        # e.g. after a crashed peer's SIGTERM interrupted the error handling); registered after MLflow's, runs first
+        atexit.register(self.finish, "FAILED")
         if run_id is None:
             mlflow.log_params(flatten(params))
         if getattr(self.cfg, "parent_run_id", ""):
