@@ -72,4 +72,4 @@ def test_the_guide_runs_on_slides_laid_out_as_space_ranger_writes_them(tiny_coho
     assert new.n_obs > 0 and "measured" in measured.layers and "measured" not in new.layers
     assert "synth_002" in (tmp_path / "evaluation/evaluation.md").read_text()
     assert (tmp_path / "figures/show_new_slide.png").stat().st_size > 0
-    assert (tmp_path / "slide.zarr").is_dir() and "magnet_square_016um" in proc.stdout
+    assert (tmp_path / "slide_spatialdata.zarr").is_dir() and "magnet_square_016um" in proc.stdout
