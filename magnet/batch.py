@@ -164,7 +164,7 @@ def _bin_edges(pos: np.ndarray, starts: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate(edges, axis=1).astype(np.int64)
 
 
-def _crop_patches(image: np.ndarray, xy: np.ndarray, out: np.ndarray) -> None:
+def crop_patches(image: np.ndarray, xy: np.ndarray, out: np.ndarray) -> None:
     """Write the (n, size, size, 3) crops of ``image`` centred on ``xy`` (x, y), clipped inside the
     image, into ``out``. Slice copies: about 40x faster than one fancy-index gather at 112 px."""
     H, W, _ = image.shape
@@ -210,7 +210,7 @@ def collate(samples: list[Sample], geometry: Geometry, *, k_bin: int = 8, k_spot
     bin_img = np.empty((int(n_bins.sum()), geometry.bin_px, geometry.bin_px, 3), np.uint8)
     starts = np.concatenate([[0], np.cumsum(n_bins)])
     for s, a, b in zip(samples, starts[:-1], starts[1:]):
-        _crop_patches(s["image"], s["bin_xy"].astype(np.float32), bin_img[a:b])
+        crop_patches(s["image"], s["bin_xy"].astype(np.float32), bin_img[a:b])
     bin_xy = np.concatenate([s["bin_xy"] for s in samples]).astype(np.float64)
     bin_pos = ((grid[bin_sample] * gp - margin) + bin_xy) * mpp
     bin_slide = sample_slide[bin_sample]

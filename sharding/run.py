@@ -37,6 +37,7 @@ from magnet.format.manifest import Manifest, write_manifest
 from magnet.format.schema import FORMAT_VERSION
 from magnet.io import atomic_write_text, remove_stale
 
+from .bin_features import encoder_record
 from .config import ShardConfig
 from .genes import GeneStats, genes_from_file, normalisation_record, select_genes
 from .image import SlideImage
@@ -325,9 +326,7 @@ def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, 
                            "training_bins": n_stat_bins},
         "geometry": cfg.shard.geometry().to_dict(),
         "k_neighbours": cfg.shard.k_neighbours,
-        "encoder": {"name": cfg.encoder.name, "feat_dim": records[0]["feat_dim"],
-                    "weights": records[0]["encoder_weights"], "input_px": cfg.encoder.input_px,
-                    "precision": cfg.encoder.precision},
+        "encoder": encoder_record(cfg.encoder, records[0]["feat_dim"], records[0]["encoder_weights"]),
         "image": {"format": cfg.shard.image_format, "jpeg_quality": cfg.shard.jpeg_quality},
         "splits": dict(sorted(splits.items())),
         "folds": dict(sorted(folds.items())),

@@ -25,6 +25,7 @@ from magnet.io import atomic_path
 
 from .config import ShardConfig
 from .fingerprint import slide_fingerprints
+from .bin_features import with_bin_features
 from .genes import GeneStats, normalise
 from .image import SlideImage
 from .reader import BinFiles, Bins, read_bins, read_mpp
@@ -194,6 +195,9 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
                     for t in range(len(lv.tiles.grid)):
                         with clock("samples"):
                             sample, n_tile = make_sample(entry, split, b, lv, t, feats, cfg)
+                        if cfg.encoder.bin_features:
+                            with clock("bin_features"):
+                                sample = with_bin_features(sample, extractor, tile_images.encoded(uidx[t]))
                         with clock("write"):
                             writer.write(sample, tile_images.encoded(uidx[t]))
                         n_bins, n_total = n_bins + sample.n_bins, n_total + n_tile
