@@ -38,11 +38,12 @@ class ShardReader:
     members are finite (the writer checked them; the loader trusts the sha256)."""
 
     def __init__(self, manifest: Manifest, policy: str = "fail", setting: str | None = "data.on_corrupt",
-                 finite: bool = False):
+                 finite: bool = False, skip: tuple[str, ...] = ()):
         if policy not in POLICIES:
             raise UserError(f"config: {setting}: '{policy}' is not one of {', '.join(POLICIES)}")
         self.policy, self.setting, self.finite, self.dims = policy, setting, finite, manifest.dims
         self.expected = {str(manifest.root / s.name): (s.bytes, s.sha256, s.n_samples) for s in manifest.shards}
+        self.skip = skip  # members left encoded and dropped before decoding (``image`` for model.bin_input=features)
         self.pending = 0
         self._verified: dict[tuple, bool] = {}
 
@@ -100,9 +101,12 @@ class ShardReader:
     def decode(self, src: Iterator[dict]) -> Iterator[Sample]:
         """Stage: member bytes -> :class:`Sample`, checked against the schema with the manifest's sizes."""
         for raw in src:
+            if self.skip:
+                raw = {k: v for k, v in raw.items() if k.partition(".")[0] not in self.skip}
             try:
                 sample = decode_sample(raw)
-                check_sample(sample, self.dims, f"{sample.url}: {raw['__key__']}", stored=True, finite=self.finite)
+                check_sample(sample, self.dims, f"{sample.url}: {raw['__key__']}", stored=True, finite=self.finite,
+                             image="image" not in self.skip)
             except UserError as e:
                 self.handle(str(e))
                 continue

@@ -15,6 +15,9 @@ class ModelConfig:
     """
 
     name: str = "magnet"  # a registered model (magnet.models.factory.model_names)
+    # the bin level's input (magnet/models/bin_input.py): image = the bin patch through model.encoder, trained end to
+    # end; features = the shards' cached frozen feature of the patch (encoder.bin_features), no image, no CNN
+    bin_input: Literal["image", "features"] = "image"
     encoder: str = "resnet50"  # any timm model name
     encoder_weights: str | None = None  # None (random, seeded), a local checkpoint path, or hub name
     seed: int = 0  # init seed of the encoder when encoder_weights is None

@@ -203,7 +203,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     world = dist.init()
     primary = dist.is_primary()
     run_dir, tag = setup_run(cfg, resume, world)
-    shard_set = ShardSet.for_training(cfg.data)
+    shard_set = ShardSet.for_training(cfg.data, cfg.model.bin_input)
     cfg.data.genes, cfg.data.normalisation, cfg.data.folds = shard_set.genes, shard_set.normalisation, shard_set.folds
     write_run_config(cfg, run_dir, world)
     ckpt_dir = run_dir / "checkpoints"
@@ -357,7 +357,7 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
               if v is not None}
     if not primary:
         return {}
-    example = model_input(sample)
+    example = model_input(sample, cfg.model.bin_input)
     artifacts = write_model_files(run_dir / "model", state_dict, cfg, shard_set, example, output)
     if not tracker.active:
         return {}
