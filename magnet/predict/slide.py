@@ -74,8 +74,13 @@ def shard_config(model: LoadedModel, cfg: PredictConfig):
     genes = GeneConfig(normalisation=norm["method"], target_sum=float(norm.get("target_sum", 10000.0)))
     sample = SampleConfig(mpp=g.mpp, global_px=g.global_px, spot_px=g.spot_px, bin_px=g.bin_px,
                           image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality, k_neighbours=model.k_neighbours)
+    features = model.python_model.config.model.bin_input == "features"
+    if features and not enc.get("bin_features"):
+        raise UserError(f"{model.uri}: encoder.bin_features: the model reads cached bin features but its shards' "
+                        f"encoder record has none")
     encoder = EncoderConfig(name=enc["name"], weights=weights, input_px=int(enc.get("input_px", 224)),
-                            precision=enc.get("precision", "fp32"))
+                            precision=enc.get("precision", "fp32"), bin_features=features,
+                            bin_input_px=int(enc.get("bin_input_px", 0)))
     return ShardConfig(seed=seed, shard=sample, genes=genes, encoder=encoder)
 
 
@@ -204,6 +209,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
     from magnet.batch import collate
     from magnet.data.transforms import chunk_bins
     from magnet.format.codec import decode_image
+    from sharding.bin_features import with_bin_features
     from sharding.features import FeatureExtractor, centre_on_slide
     from sharding.reader import BinFiles, read_bins, read_mpp
     from sharding.samplesheet import SlideEntry
@@ -314,7 +320,10 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
                 control = ContextControl(cfg.context, tiles.grid, *feats, geom, cfg.context_seed)
             for t in range(T):
                 sample, _ = make_sample(entry, "predict", bin_um, lv, t, feats, scfg)
-                sample = sample.replace(image=decode_image(tile_images.encoded(t)))
+                if scfg.encoder.bin_features:  # the bins' frozen features, computed as the sharding stage did
+                    sample = with_bin_features(sample, extractor, tile_images.encoded(t))
+                else:
+                    sample = sample.replace(image=decode_image(tile_images.encoded(t)))
                 idx = tiles.bins_of(t)
                 start = 0
                 for chunk in chunk_bins(sample, max_bins):
