@@ -137,6 +137,10 @@ def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
         from magnet.models.init import init_from_statistics, training_statistics
 
         init_from_statistics(model, training_statistics(shard_set, cfg.data.train_split, cfg.data.on_corrupt))
+    if getattr(model, "fitted", False) and fresh:  # closed form (model.name=ridge): fitted here, no SGD step
+        fit = model.fit(shard_set, cfg.data)
+        if dist.is_primary():
+            print(f"magnet train: {cfg.model.name} fitted: {fit}", flush=True)
     ds_cfg = deepspeed_config(cfg, torch.cuda.is_available())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
@@ -245,7 +249,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     ckpt_step = -1
     micro = 0
     batches = iter(stream)
-    while state.step < cfg.train.steps:
+    fitted = getattr(engine.module, "fitted", False)
+    while state.step < cfg.train.steps and not fitted:
         batch = next(batches)
         torch.manual_seed(_micro_seed(cfg.train.seed, world.rank, state.step, micro))
         last_batch = batch
@@ -290,6 +295,15 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
         if report is not None and evaluated:
             report(step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     bar.close()
+    if fitted:  # a fitted model (model.name=ridge) is evaluated and checkpointed once, at step 0
+        if evaluator is not None:
+            metrics = evaluate_step(engine, evaluator, cfg, state.step, None, zero_stage == 3, log, tracker,
+                                    shard_set.genes)
+        save_checkpoint(engine, ckpt_dir, state, stream, cfg)
+        ckpt_step = state.step
+        if report is not None and metrics:
+            report(state.step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items()
+                                if isinstance(v, (int, float))})
     summary = {"run_dir": str(run_dir), "step": state.step, "metrics": metrics, "checkpoint_step": ckpt_step}
     summary.update(_finish(engine, cfg, shard_set, tracker, log, run_dir, primary))
     tracker.finish()
