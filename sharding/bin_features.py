@@ -17,10 +17,13 @@ def with_bin_features(sample: Sample, extractor, encoded_image: bytes) -> Sample
     return sample.replace(bin_feat=extractor.bins(decode_image(encoded_image), sample["bin_xy"]))
 
 
-def encoder_record(cfg, feat_dim: int, weights_id: str) -> dict:
-    """The manifest's ``encoder``: what computed every frozen feature of the shards (``cfg``: EncoderConfig)."""
+def encoder_record(cfg, feat_dim: int, weights_id: str, weights_source: str | None = None) -> dict:
+    """The manifest's ``encoder``: what computed every frozen feature of the shards (``cfg``: EncoderConfig);
+    ``weights_source``: the trained model whose bin encoder it is (sharding/tuned_encoder.py)."""
     rec = {"name": cfg.name, "feat_dim": feat_dim, "weights": weights_id, "input_px": cfg.input_px,
            "precision": cfg.precision, "bin_features": cfg.bin_features}
+    if weights_source:
+        rec["weights_source"] = weights_source
     if cfg.bin_features:
         rec["bin_input_px"] = cfg.bin_input_px
     return rec

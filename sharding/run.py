@@ -37,6 +37,7 @@ from magnet.format.manifest import Manifest, write_manifest
 from magnet.format.schema import FORMAT_VERSION
 from magnet.io import atomic_write_text, remove_stale
 
+from . import tuned_encoder
 from .bin_features import encoder_record
 from .config import ShardConfig
 from .genes import GeneStats, genes_from_file, normalisation_record, select_genes
@@ -257,9 +258,10 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
     gene_ids, gene_names = check_inputs(entries, read_bins_at)
     if cfg.genes.selection == "file":
         genes_from_file(Path(cfg.genes.gene_file), gene_ids, gene_names)
+    out = Path(out)
+    cfg, weights_source = tuned_encoder.resolve(cfg, out)  # a trained model's bin encoder, as a weights file
     if cfg.encoder.weights and not Path(cfg.encoder.weights).is_file() and ":" not in cfg.encoder.weights:
         raise UserError(f"config: encoder.weights: file not found: {cfg.encoder.weights}")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "shard_config.yaml")
     by_slide = {e.slide: e for e in entries}
@@ -303,7 +305,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
         records = [json.loads((bin_dirs[b] / WORK / e.slide / DONE).read_text()) for e in entries]
         fingerprints = {s: found[s]["fingerprint"][b] for s in found}
         doc = _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds, records, by_slide, plans[b],
-                        stats.n_bins, fingerprints)
+                        stats.n_bins, fingerprints, weights_source)
         manifests[b] = _finalise(bin_dirs[b], records, doc)
     clock.lap("finalise")
     print("shard: seconds: " + json.dumps({**clock.rounded(), "slide_phases": {k: round(v, 3) for k, v in
@@ -312,7 +314,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
 
 
 def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, by_slide, plan, n_stat_bins,
-              fingerprints) -> dict:
+              fingerprints, weights_source=None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "bin_um": bin_um,
@@ -326,7 +328,7 @@ def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, 
                            "training_bins": n_stat_bins},
         "geometry": cfg.shard.geometry().to_dict(),
         "k_neighbours": cfg.shard.k_neighbours,
-        "encoder": encoder_record(cfg.encoder, records[0]["feat_dim"], records[0]["encoder_weights"]),
+        "encoder": encoder_record(cfg.encoder, records[0]["feat_dim"], records[0]["encoder_weights"], weights_source),
         "image": {"format": cfg.shard.image_format, "jpeg_quality": cfg.shard.jpeg_quality},
         "splits": dict(sorted(splits.items())),
         "folds": dict(sorted(folds.items())),
