@@ -50,6 +50,7 @@ def _export(art: Path, out: Path, where: str) -> str:
     state = {k[len(PREFIX):]: v for k, v in load_file(str(art / "model.safetensors")).items() if k.startswith(PREFIX)}
     if not state:
         raise UserError(f"{where}: encoder.weights: the model's weights hold no {PREFIX}* tensors")
+    out.parent.mkdir(parents=True, exist_ok=True)  # only once the model is known to have a bin encoder
     with atomic_path(out) as tmp:
         save_file(state, str(tmp))
     return str(model["encoder"])
@@ -61,7 +62,6 @@ def resolve(cfg, out: Path):
     weights = cfg.encoder.weights
     if not is_model(weights):
         return cfg, None
-    out.mkdir(parents=True, exist_ok=True)
     if Path(weights).is_dir():
         name = _export(_artifacts(Path(weights), weights), out / FILE, weights)
     else:
