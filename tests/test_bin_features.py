@@ -64,7 +64,7 @@ def test_shards_without_bin_features_are_refused_in_one_line(tiny_shards, tmp_pa
     cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
            f"data.shards={tiny_shards}", f"train.out_dir={tmp_path}", "train.run_name=r", "train.steps=2",
            "train.deepspeed=zero1", "model.bin_input=features"]
-    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("magnet: error: ") and "manifest.json: encoder.bin_features:" in err
@@ -75,7 +75,7 @@ def _train(shards, out, name, *overrides):
     cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
            f"data.shards={shards}", f"train.out_dir={out}", f"train.run_name={name}", "train.steps=2",
            "train.deepspeed=zero1", "model.bin_input=features", *overrides]
-    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
 
@@ -84,7 +84,7 @@ def _predict(model, tiny_cohort, out, *extra):
     cmd = [sys.executable, "-m", "magnet", "predict", "--model", str(model), "--spaceranger",
            str(tiny_cohort / "synth_001" / "outs"), "--image", str(tiny_cohort / "synth_001" / "synth_001_fullres.tif"),
            "--bin-um", "16", "--out", str(out), *extra, "progress=false"]
-    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return anndata.read_h5ad(out)
 
