@@ -14,6 +14,7 @@ from conftest import REPO
 from test_bin_features import _train
 
 from magnet.cli import main
+from magnet.errors import UserError
 from magnet.format.manifest import Manifest, manifest_path
 from magnet.geometry import Geometry
 from magnet.models.config import ModelConfig
@@ -84,3 +85,15 @@ def test_local_weights_file_at_every_level(tmp_path):
         cfg = ModelConfig(name="stnet", encoder="test_resnet", encoder_weights=str(path), width=8, heads=2)
         model = create_model(cfg, 4, fx.dim, geom)
         assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.encoder.backbone.state_dict().items())
+
+
+def test_a_weights_file_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "other.safetensors"
+    state = timm.create_model("test_resnet", pretrained=False, num_classes=0).state_dict()
+    save_file({k: v.contiguous() for k, v in list(state.items())[:-3]}, str(path))  # tensors left out
+    with pytest.raises(UserError, match="does not fit timm model 'test_resnet' [(]missing"):
+        Encoder("test_resnet", str(path))
+    state["blocks.0.ls1.gamma"] = torch.ones(4)  # e.g. a ViT checkpoint with layer scale, built without it
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(UserError, match="unexpected 'blocks.0.ls1.gamma'"):
+        Encoder("test_resnet", str(path))

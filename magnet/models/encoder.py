@@ -72,6 +72,14 @@ class Encoder(nn.Module):
             loaded = len(state) - len(unexpected)
             if loaded == 0:
                 raise UserError(f"encoder: {weights}: no tensor matches model '{name}' (key model.encoder_weights)")
+            # a checkpoint's classifier head is dropped (num_classes=0); any other mismatch means another
+            # architecture or other constructor arguments (e.g. a ViT's layer scale), which must not load silently
+            head = str(getattr(self.backbone, "pretrained_cfg", {}).get("classifier") or "head")
+            unexpected = [k for k in unexpected if not k.startswith((head + ".", "head.", "fc.", "classifier."))]
+            if missing or unexpected:
+                what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+                raise UserError(f"encoder: {weights}: does not fit timm model '{name}' ({what}, "
+                                f"{len(missing)} missing and {len(unexpected)} unexpected tensors)")
         self.num_features = self.backbone.num_features
         self.weights_id = weights_id(weights, seed)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
