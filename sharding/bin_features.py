@@ -24,6 +24,8 @@ def encoder_record(cfg, feat_dim: int, weights_id: str, weights_source: str | No
            "precision": cfg.precision, "bin_features": cfg.bin_features}
     if weights_source:
         rec["weights_source"] = weights_source
+    if cfg.kwargs:
+        rec["kwargs"] = dict(cfg.kwargs)
     if cfg.bin_features:
         rec["bin_input_px"] = cfg.bin_input_px
     return rec

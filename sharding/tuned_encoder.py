@@ -38,8 +38,8 @@ def _artifacts(folder: Path, where: str) -> Path:
     raise UserError(f"{where}: encoder.weights: not a MagNet model folder (no model.safetensors and config.yaml)")
 
 
-def _export(art: Path, out: Path, where: str) -> str:
-    """Write the bin encoder of the model in ``art`` to ``out``; return its timm name."""
+def _export(art: Path, out: Path, where: str) -> tuple[str, dict]:
+    """Write the bin encoder of the model in ``art`` to ``out``; return its timm name and constructor arguments."""
     import yaml
     from safetensors.torch import load_file, save_file
 
@@ -53,7 +53,7 @@ def _export(art: Path, out: Path, where: str) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)  # only once the model is known to have a bin encoder
     with atomic_path(out) as tmp:
         save_file(state, str(tmp))
-    return str(model["encoder"])
+    return str(model["encoder"]), dict(model.get("encoder_kwargs") or {})
 
 
 def resolve(cfg, out: Path):
@@ -63,7 +63,7 @@ def resolve(cfg, out: Path):
     if not is_model(weights):
         return cfg, None
     if Path(weights).is_dir():
-        name = _export(_artifacts(Path(weights), weights), out / FILE, weights)
+        name, kwargs = _export(_artifacts(Path(weights), weights), out / FILE, weights)
     else:
         import mlflow
         from mlflow.exceptions import MlflowException
@@ -77,9 +77,9 @@ def resolve(cfg, out: Path):
         try:
             with tempfile.TemporaryDirectory(prefix="magnet-encoder-") as tmp:
                 path = Path(mlflow.artifacts.download_artifacts(artifact_uri=weights, dst_path=tmp))
-                name = _export(_artifacts(path, weights), out / FILE, weights)
+                name, kwargs = _export(_artifacts(path, weights), out / FILE, weights)
         except MlflowException as e:
             first = str(getattr(e, "message", e)).strip().splitlines()[0]
             raise UserError(f"{weights}: encoder.weights: {first}") from None
-    encoder = dataclasses.replace(cfg.encoder, name=name, weights=str(out / FILE))
+    encoder = dataclasses.replace(cfg.encoder, name=name, weights=str(out / FILE), kwargs=kwargs)
     return dataclasses.replace(cfg, encoder=encoder), weights

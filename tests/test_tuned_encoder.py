@@ -97,3 +97,25 @@ def test_a_weights_file_of_another_architecture_is_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     with pytest.raises(UserError, match="unexpected 'blocks.0.ls1.gamma'"):
         Encoder("test_resnet", str(path))
+
+
+def test_a_foundation_style_vit_loads_with_its_constructor_arguments(tmp_path):
+    """As UNI loads offline (``vit_large_patch16_224`` + ``init_values``, ``dynamic_img_size``): here timm's
+    ``test_vit`` with layer scale, from a local file, at the sharding stage and at the end-to-end bin level."""
+    kw = {"init_values": 1e-5, "dynamic_img_size": True}
+    torch.manual_seed(5)
+    src = timm.create_model("test_vit", pretrained=False, num_classes=0, **kw).eval()
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    with pytest.raises(UserError, match="unexpected 'blocks.0.ls1.gamma'"):
+        Encoder("test_vit", str(path), kwargs={"dynamic_img_size": True})  # built without layer scale
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    geom = Geometry(mpp=0.5, global_px=64, spot_px=32, bin_px=32)
+    with torch.no_grad():
+        ref = src((x.float() / 255 - mean) / std)
+        fx = FeatureExtractor(EncoderConfig(name="test_vit", weights=str(path), input_px=0, kwargs=kw), geom, 0, 1)
+        assert torch.allclose(fx.encoder(x), ref, atol=1e-4)
+        model = create_model(ModelConfig(name="stnet", encoder="test_vit", encoder_weights=str(path),
+                                         encoder_kwargs=kw, width=8, heads=2), 4, fx.dim, geom).eval()
+        assert torch.allclose(model.encoder(x), ref, atol=1e-4)

@@ -18,7 +18,8 @@ def bin_input_modules(cfg, feat_dim: int) -> tuple[Encoder | None, FeatureScaler
     """(trainable encoder or None, feature scaler or None, size of the bin embedding) for ``cfg`` (ModelConfig)."""
     if cfg.bin_input == "features":
         return None, FeatureScaler(feat_dim), feat_dim
-    enc = Encoder(cfg.encoder, cfg.encoder_weights, seed=cfg.seed, channels_last=cfg.channels_last)
+    enc = Encoder(cfg.encoder, cfg.encoder_weights, seed=cfg.seed, channels_last=cfg.channels_last,
+                  kwargs=cfg.encoder_kwargs)
     return enc, None, enc.num_features
 
 

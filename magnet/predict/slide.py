@@ -80,7 +80,7 @@ def shard_config(model: LoadedModel, cfg: PredictConfig):
                         f"encoder record has none")
     encoder = EncoderConfig(name=enc["name"], weights=weights, input_px=int(enc.get("input_px", 224)),
                             precision=enc.get("precision", "fp32"), bin_features=features,
-                            bin_input_px=int(enc.get("bin_input_px", 0)))
+                            bin_input_px=int(enc.get("bin_input_px", 0)), kwargs=dict(enc.get("kwargs", {})))
     return ShardConfig(seed=seed, shard=sample, genes=genes, encoder=encoder)
 
 
