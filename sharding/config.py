@@ -7,7 +7,7 @@ every slide whatever its scanner. Every field is recorded in each bin size's ``m
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from magnet.geometry import Geometry
 
@@ -72,7 +72,7 @@ class EncoderConfig:
     # the encoder's name then comes from the model
     weights: str | None = None
     tracking_uri: str | None = None  # for weights=models:/...: else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
-    kwargs: dict = dataclasses.field(default_factory=dict)  # timm.create_model arguments (magnet/models/encoder.py)
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # timm.create_model arguments
     input_px: int = 224  # the 512 px global tile is resized to this before the encoder (0 = native)
     # fp32, or bf16 autocast: features 1.5x faster on a CPU core with AVX512-BF16, slower on CPUs without it
     # (GPUs: bench/bench_gpu.py); the features differ from fp32 ones at bf16 rounding. Recorded in the manifest

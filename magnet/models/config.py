@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -20,7 +20,7 @@ class ModelConfig:
     bin_input: Literal["image", "features"] = "image"
     encoder: str = "resnet50"  # any timm model name
     encoder_weights: str | None = None  # None (random, seeded), a local checkpoint path, or hub name
-    encoder_kwargs: dict = dataclasses.field(default_factory=dict)  # timm.create_model arguments (models/encoder.py)
+    encoder_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # timm.create_model arguments
     seed: int = 0  # init seed of the encoder when encoder_weights is None
     channels_last: bool = True
     width: int = 1024
