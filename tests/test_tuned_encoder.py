@@ -18,7 +18,7 @@ from magnet.errors import UserError
 from magnet.format.manifest import Manifest, manifest_path
 from magnet.geometry import Geometry
 from magnet.models.config import ModelConfig
-from magnet.models.encoder import Encoder, weights_id
+from magnet.models.encoder import IMAGENET_MEAN, IMAGENET_STD, Encoder, weights_id
 from magnet.models.factory import create_model
 from sharding.config import EncoderConfig
 from sharding.features import FeatureExtractor
@@ -65,7 +65,7 @@ def test_local_weights_file_at_every_level(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         ref = src((x.float() / 255 - mean) / std)
         # the one builder (magnet.models.encoder.Encoder) loads it ...
@@ -110,7 +110,7 @@ def test_a_foundation_style_vit_loads_with_its_constructor_arguments(tmp_path):
     with pytest.raises(UserError, match="unexpected 'blocks.0.ls1.gamma'"):
         Encoder("test_vit", str(path), kwargs={"dynamic_img_size": True})  # built without layer scale
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     geom = Geometry(mpp=0.5, global_px=64, spot_px=32, bin_px=32)
     with torch.no_grad():
         ref = src((x.float() / 255 - mean) / std)

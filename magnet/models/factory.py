@@ -13,7 +13,8 @@ if TYPE_CHECKING:  # ModelConfig checks its name here: a run-time import would b
     from magnet.geometry import Geometry
     from magnet.models.config import ModelConfig
 
-MODEL_MODULES = ("magnet.models.magnet", "magnet.models.baselines", "magnet.models.ridge")  # where models register themselves
+# where models register themselves
+MODEL_MODULES = ("magnet.models.magnet", "magnet.models.baselines", "magnet.models.ridge")
 
 
 def model_names() -> tuple[str, ...]:
