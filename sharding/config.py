@@ -7,7 +7,7 @@ every slide whatever its scanner. Every field is recorded in each bin size's ``m
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from magnet.geometry import Geometry
 
@@ -67,7 +67,12 @@ class EncoderConfig:
     """Frozen encoder for spot and global features (computed once here, stop-grad in the model)."""
 
     name: str = "regnetx_002"  # 6.5 ms per 224 px crop on one CPU core (fp32), 368 features (resnet18: 53 ms, 512)
-    weights: str | None = None  # local checkpoint, timm:NAME / hf-hub:ORG/NAME, or None = random (seed)
+    # local checkpoint, timm:NAME / hf-hub:ORG/NAME, None = random (seed), or a trained MagNet model (models:/NAME@ALIAS
+    # or runs:/ID/model in tracking_uri, or a model folder): its bin encoder, frozen (sharding/tuned_encoder.py);
+    # the encoder's name then comes from the model
+    weights: str | None = None
+    tracking_uri: str | None = None  # for weights=models:/...: else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # timm.create_model arguments
     input_px: int = 224  # the 512 px global tile is resized to this before the encoder (0 = native)
     # fp32, or bf16 autocast: features 1.5x faster on a CPU core with AVX512-BF16, slower on CPUs without it
     # (GPUs: bench/bench_gpu.py); the features differ from fp32 ones at bf16 rounding. Recorded in the manifest
@@ -76,10 +81,14 @@ class EncoderConfig:
     # images per encoder call on the CPU (a GPU takes a block of tiles at once); regnetx_002 at 224 px, one core,
     # ms per image: 7.0 / 6.7 / 8.3 / 10.6 in calls of 4 / 8 / 16 / 32 (small calls keep activations in cache)
     batch_size: int = 8
+    # also store each bin's feature (bin_feat.npy.zst): the encoder on the bin patch (shard.bin_px, cut from the
+    # stored tile image as the end-to-end model cuts it), resized to bin_input_px (0 = as cut); model.bin_input
+    bin_features: bool = False
+    bin_input_px: int = 0
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.input_px < 0:
-            raise ValueError("batch_size must be >= 1 and input_px >= 0")
+        if self.batch_size < 1 or self.input_px < 0 or self.bin_input_px < 0:
+            raise ValueError("batch_size must be >= 1, input_px and bin_input_px >= 0")
 
 
 @dataclasses.dataclass(kw_only=True)

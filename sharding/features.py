@@ -32,11 +32,34 @@ class FeatureExtractor:
         self.torch = torch
         self.cfg, self.geom = cfg, geom
         self.device = torch.device(device)
-        self.encoder = Encoder(cfg.name, cfg.weights, seed=seed).eval()
+        self.encoder = Encoder(cfg.name, cfg.weights, seed=seed, kwargs=cfg.kwargs).eval()
         prepare_encoder(self.encoder, encoder_batch=cfg.batch_size if self.device.type == "cpu" else 0)
         self.encoder.to(self.device)
         self.dim = self.encoder.num_features
         self.boxes = spot_boxes(geom)
+
+    def bins(self, image: np.ndarray, bin_xy: np.ndarray) -> np.ndarray:
+        """(n, F) float16 features of the bin patches centred on ``bin_xy`` (tile-local px) of a stored tile image,
+        cut as the end-to-end model cuts them (:func:`magnet.batch.crop_patches`), resized to ``bin_input_px``."""
+        from magnet.batch import crop_patches
+
+        px = self.geom.bin_px
+        patches = np.empty((len(bin_xy), px, px, 3), np.uint8)
+        crop_patches(image, bin_xy.astype(np.float32), patches)
+        out = np.empty((len(bin_xy), self.dim), np.float16)
+        step = max(self.cfg.batch_size, 64) if self.device.type == "cpu" else 4096
+        for i in range(0, len(patches), step):
+            out[i:i + step] = self._run(self._resize(patches[i:i + step], self.cfg.bin_input_px))
+        return out
+
+    def _resize(self, images: np.ndarray, px: int) -> np.ndarray:
+        if not px or px == images.shape[1]:
+            return images
+        import torch.nn.functional as F
+
+        t = self.torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        t = F.interpolate(t, size=(px, px), mode="bilinear", antialias=True, align_corners=False)
+        return t.round_().clamp_(0, 255).to(self.torch.uint8).permute(0, 2, 3, 1).numpy()
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -50,12 +73,7 @@ class FeatureExtractor:
         g, m, p = self.geom.global_px, self.geom.margin, self.geom.spot_px
         spots = np.stack([im[y:y + p, x:x + p] for im in images for x, y in self.boxes])
         glob = np.stack([im[m:m + g, m:m + g] for im in images])
-        if self.cfg.input_px and self.cfg.input_px != g:
-            import torch.nn.functional as F
-
-            t = self.torch.from_numpy(glob).permute(0, 3, 1, 2).float()
-            t = F.interpolate(t, size=(self.cfg.input_px,) * 2, mode="bilinear", antialias=True, align_corners=False)
-            glob = t.round_().clamp_(0, 255).to(self.torch.uint8).permute(0, 2, 3, 1).numpy()
+        glob = self._resize(glob, self.cfg.input_px)
         spot_feat = self._run(spots).reshape(len(images), len(self.boxes), self.dim)
         return spot_feat, self._run(glob)
 

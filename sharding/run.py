@@ -41,6 +41,8 @@ from magnet.format.manifest import Manifest, write_manifest
 from magnet.format.schema import FORMAT_VERSION
 from magnet.io import atomic_write_text, check_not_input, remove_stale
 
+from . import tuned_encoder
+from .bin_features import encoder_record
 from .config import ShardConfig
 from .genes import GeneStats, genes_from_file, normalisation_record, select_genes
 from .image import SlideImage
@@ -285,9 +287,10 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
     gene_ids, gene_names = check_inputs(entries, read_bins_at)
     if cfg.genes.selection == "file":
         genes_from_file(Path(cfg.genes.gene_file), gene_ids, gene_names)
-    if weights and not Path(weights).is_file():
-        raise UserError(f"config: encoder.weights: file not found: {weights}")
     out = Path(out).absolute()  # the work folders handed to workers
+    cfg, weights_source = tuned_encoder.resolve(cfg, out)  # a trained model's bin encoder, as a weights file
+    if cfg.encoder.weights and not Path(cfg.encoder.weights).is_file() and ":" not in cfg.encoder.weights:
+        raise UserError(f"config: encoder.weights: file not found: {cfg.encoder.weights}")
     by_slide = {e.slide: e for e in entries}
     slide_phases: dict[str, float] = {}
     clock.lap("checks")
@@ -334,7 +337,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
         records = [json.loads((bin_dirs[b] / WORK / e.slide / DONE).read_text()) for e in entries]
         fingerprints = {s: found[s]["fingerprint"][b] for s in found}
         doc = _manifest(cfg, b, genes, gene_ids, gene_names, splits, folds, records, by_slide, plans[b],
-                        stats.n_bins, fingerprints)
+                        stats.n_bins, fingerprints, weights_source)
         doc["inputs"] = inputs[b]
         manifests[b] = _finalise(bin_dirs[b], records, doc)
     clock.lap("finalise")
@@ -344,7 +347,7 @@ def shard_cohort(samplesheet: str | Path, bin_ums: list[int], out: str | Path, c
 
 
 def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, by_slide, plan, n_stat_bins,
-              fingerprints) -> dict:
+              fingerprints, weights_source=None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "bin_um": bin_um,
@@ -358,9 +361,7 @@ def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, 
                            "training_bins": n_stat_bins},
         "geometry": cfg.shard.geometry().to_dict(),
         "k_neighbours": cfg.shard.k_neighbours,
-        "encoder": {"name": cfg.encoder.name, "feat_dim": records[0]["feat_dim"],
-                    "weights": records[0]["encoder_weights"], "input_px": cfg.encoder.input_px,
-                    "precision": cfg.encoder.precision},
+        "encoder": encoder_record(cfg.encoder, records[0]["feat_dim"], records[0]["encoder_weights"], weights_source),
         "image": {"format": cfg.shard.image_format, "jpeg_quality": cfg.shard.jpeg_quality},
         "splits": dict(sorted(splits.items())),
         "folds": dict(sorted(folds.items())),

@@ -30,6 +30,7 @@ from .genes import normalise
 from .image import SlideImage, thumbnail
 from .pairing import check_pairing
 from .ray_cluster import ray_session
+from .bin_features import with_bin_features
 from .binned_outputs import BinFiles, Bins, read_bins, read_genes, read_mpp
 from .samplesheet import SlideEntry, read_samplesheet
 from .tile_images import EncodedTiles
@@ -165,11 +166,13 @@ class SlideSamples:
         self.grid = tile_grid(levels)
         self.row = {(int(gx), int(gy)): i for i, (gx, gy) in enumerate(self.grid)}
         self._feats: tuple[int, tuple] | None = None
+        self.extractor: FeatureExtractor | None = None
 
     def encode(self, extractor: FeatureExtractor, block: int, progress: Callable[[int], None]) -> None:
         """Read and encode every tile and compute its features, ``block`` tiles per extractor call;
         ``progress(n)`` after each block."""
         n, s = len(self.grid), self.cfg.shard.geometry().n_spots
+        self.extractor = extractor
         self.spot_feat = np.zeros((n, s, extractor.dim), np.float16)
         self.global_feat = np.zeros((n, extractor.dim), np.float16)
         for i in range(0, n, block):
@@ -202,7 +205,11 @@ class SlideSamples:
         for t in range(len(lv.tiles.grid)):
             with self.clock("samples"):
                 sample, idx = make_sample(self.slide, split, bin_um, lv, t, feats, self.cfg)
-            yield TileSample(sample, self.tile_images.encoded(rows[t]), idx, len(lv.tiles.bins_of(t)), t)
+            encoded = self.tile_images.encoded(rows[t])
+            if self.cfg.encoder.bin_features:  # each bin's frozen feature (encoder.bin_features)
+                with self.clock("bin_features"):
+                    sample = with_bin_features(sample, self.extractor, encoded)
+            yield TileSample(sample, encoded, idx, len(lv.tiles.bins_of(t)), t)
 
 
 @contextlib.contextmanager

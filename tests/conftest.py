@@ -56,3 +56,14 @@ def registered(tiny_shards, tmp_path_factory):
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return uri, out / "m"
+
+
+@pytest.fixture(scope="session")
+def feature_shards(tiny_cohort, tmp_path_factory) -> Path:
+    """``magnet shard`` of ``tiny_cohort`` at 16 um with cached bin features (``encoder.bin_features=true``),
+    in the command's own process (``ray.num_cpus=1``): folder with ``16um/``."""
+    out = tmp_path_factory.mktemp("feature_shards") / "tiny"
+    argv = ["shard", "--samplesheet", str(tiny_cohort / "samplesheet.csv"), "--bin-um", "16", "--out", str(out),
+            "--config", str(REPO / "configs/shard/tiny.yaml"), "encoder.bin_features=true", "ray.num_cpus=1"]
+    assert main(argv) == 0
+    return out

@@ -121,7 +121,7 @@ def test_collate_rejects_a_malformed_sample():
         collate(samples, TINY_GEOMETRY, k_spot=K, k_global=K)
 
 
-@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("name", [n for n in model_names() if n != "ridge"])  # ridge: features only (below)
 def test_every_model_gives_shapes_and_dtypes(batch, name):
     _, b = batch
     model = create_model(tiny_cfg(name), G, F, TINY_GEOMETRY)
@@ -317,3 +317,34 @@ def test_torch_compile_matches_eager(batch, one_thread):
         compiled = torch.compile(model, dynamic=True, fullgraph=True)(b)  # fullgraph: no graph breaks
     torch.testing.assert_close(compiled.bin, eager.bin, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(compiled.spot, eager.spot, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["magnet", "stnet", "ridge"])
+def test_models_on_cached_bin_features_need_no_image(name):
+    """model.bin_input=features: samples without their image, the bins' frozen features in bin_feat."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    samples = VirtualSlide(10, geometry=TINY_GEOMETRY, n_genes=G, feat_dim=F, k=K).samples(2)
+    samples = [dataclasses.replace(s, arrays={**{k: v for k, v in s.arrays.items() if k != "image"},
+                                              "bin_feat": rng.normal(size=(s.n_bins, F)).astype(np.float16)})
+               for s in samples]
+    b = collate(samples, TINY_GEOMETRY, k_bin=4, k_spot=K, k_global=K)
+    assert b.bin_img is None and b.bin_feat.shape == (b.num_bins, F)
+    torch.manual_seed(0)
+    model = create_model(tiny_cfg(name, bin_input="features"), G, F, TINY_GEOMETRY).eval()
+    if name == "ridge":
+        with torch.no_grad():
+            model.proj.normal_(), model.weight.normal_()
+    else:
+        assert model.encoder is None  # no CNN in the step
+    with torch.no_grad():
+        pred = model(b).bin
+        assert pred.shape == (b.num_bins, G) and torch.isfinite(pred).all()
+        other = dataclasses.replace(b, bin_feat=b.bin_feat.flip(0))
+        assert not torch.allclose(model(other).bin, pred)  # the prediction reads the bins' features
+    with pytest.raises(UserError, match="bin_feat: missing"):
+        model(dataclasses.replace(b, bin_feat=None))
+    if name == "ridge":
+        with pytest.raises(ValueError, match="bin_input=features"):
+            tiny_cfg("ridge")

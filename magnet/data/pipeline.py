@@ -186,19 +186,26 @@ class ShardSet:
     """One bin size's shards: the manifest, checked against what this run expects. ``folds`` is the
     manifest's ``slide -> fold`` map where the set is a cross-validation view (:meth:`for_training`)."""
 
-    def __init__(self, shards: str, bin_um: int, genes: list[str] | None, normalisation: dict | None):
+    def __init__(self, shards: str, bin_um: int, genes: list[str] | None, normalisation: dict | None,
+                 bin_input: str = "image"):
         self.manifest = Manifest.load(manifest_path(shards, bin_um))
         check_manifest(self.manifest, genes=genes, normalisation=normalisation)
+        # features: the bins' cached frozen features are read and the images are never decoded
+        self.skip = ("image",) if bin_input == "features" else ()
+        if bin_input == "features" and not self.manifest.encoder.get("bin_features"):
+            raise UserError(f"{self.manifest.path}: encoder.bin_features: these shards hold no bin features "
+                            f"(model.bin_input=features); re-shard with encoder.bin_features=true")
         self.geometry = self.manifest.geometry
         self.genes = list(self.manifest.genes)
         self.normalisation = self.manifest.normalisation
         self.folds: dict[str, int] | None = None
 
     @classmethod
-    def for_training(cls, data) -> ShardSet:
+    def for_training(cls, data, bin_input: str = "image") -> ShardSet:
         """The shards a training run with ``data`` (:class:`magnet.train_config.DataConfig`) reads: with
-        ``data.fold`` set, the manifest's splits are replaced by that fold's (:func:`fold_view`)."""
-        s = cls(data.shards, data.bin_um, data.genes, data.normalisation)
+        ``data.fold`` set, the manifest's splits are replaced by that fold's (:func:`fold_view`); ``bin_input``:
+        ``model.bin_input``."""
+        s = cls(data.shards, data.bin_um, data.genes, data.normalisation, bin_input)
         if data.fold is not None:
             s.manifest = fold_view(s.manifest, data.fold, data.folds, data.train_split, data.eval_split)
             s.folds = dict(sorted(s.manifest.folds.items()))
@@ -209,7 +216,7 @@ class ShardSet:
 
     def reader(self, policy: str) -> ShardReader:
         """The checked reader of these shards under ``policy`` (``data.on_corrupt``)."""
-        return ShardReader(self.manifest, policy)
+        return ShardReader(self.manifest, policy, skip=self.skip)
 
 
 class TrainStream:

@@ -59,7 +59,7 @@ def augment(sample: Sample, geometry: Geometry, rng: np.random.Generator) -> Sam
     k, flip = int(rng.integers(4)), bool(rng.integers(2))
     if k == 0 and not flip:
         return sample
-    side = float(sample["image"].shape[1])
+    side = float(geometry.image_px)  # the stored image side (also for samples read without their image)
 
     def move(xy: np.ndarray, shift: float) -> np.ndarray:  # shift = side: points; 0: vectors
         x, y = xy[:, 0], xy[:, 1]

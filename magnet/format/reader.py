@@ -40,7 +40,7 @@ class ShardReader:
     members are finite (the writer checked them; the loader trusts the sha256)."""
 
     def __init__(self, manifest: Manifest, policy: str = "fail", setting: str | None = "data.on_corrupt",
-                 finite: bool = False):
+                 finite: bool = False, skip: tuple[str, ...] = ()):
         if policy not in POLICIES:
             raise UserError(f"config: {setting}: '{policy}' is not one of {', '.join(POLICIES)}")
         self.policy, self.setting, self.finite, self.dims = policy, setting, finite, manifest.dims
@@ -48,6 +48,7 @@ class ShardReader:
         self.slide_of = {str(manifest.root / s.name): s.slide for s in manifest.shards}
         self.bin_um = manifest.bin_um
         self.max_bins = {str(manifest.root / s.name): s.n_bins for s in manifest.shards}
+        self.skip = skip  # members left encoded and dropped before decoding (``image`` for model.bin_input=features)
         self.pending = 0
         self._verified: dict[tuple, bool] = {}
 
@@ -105,10 +106,13 @@ class ShardReader:
     def decode(self, src: Iterator[dict]) -> Iterator[Sample]:
         """Stage: member bytes -> :class:`Sample`, checked against the schema with the manifest's sizes."""
         for raw in src:
+            if self.skip:
+                raw = {k: v for k, v in raw.items() if k.partition(".")[0] not in self.skip}
             try:
                 sample = decode_sample(raw, self.dims, self.max_bins.get(raw.get("__url__")))
                 where = f"{sample.url}: {raw['__key__']}"
-                check_sample(sample, self.dims, where, stored=True, finite=self.finite)
+                check_sample(sample, self.dims, where, stored=True, finite=self.finite,
+                             image="image" not in self.skip)
                 self.check_meta(sample, where)
             except UserError as e:
                 self.handle(str(e))

@@ -64,6 +64,8 @@ MEMBERS: tuple[Member, ...] = (
     Member("bin_spot", "int16", (B,), values=Values.SPOT_INDEX),
     Member("bin_expr", "float16", (B, G)),
     Member("bin_counts", "int32", (B, G), optional=True),
+    # the frozen encoder's feature of each bin's patch (encoder.bin_features; model.bin_input=features trains on it)
+    Member("bin_feat", "float16", (B, F), optional=True),
     Member("spot_expr", "float16", (K1, S, G)),
     Member("spot_mask", "bool", (K1, S)),
     Member("spot_feat", "float16", (K1, S, F)),

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from magnet.models.config import ModelConfig
-from magnet.models.encoder import Encoder
+from magnet.models.bin_input import bin_input_modules, embed_bins
 from magnet.models.predictions import Predictions
 from magnet.models.register import register_model
 
@@ -39,23 +39,24 @@ class MeanProfile(nn.Module):
 
 
 class STNet(nn.Module):
-    """Single scale (He et al. 2020 style): the bin patch through the encoder, a linear head; no context."""
+    """Single scale (He et al. 2020 style): the bin patch through the encoder, a linear head; no context. With
+    ``model.bin_input=features``: a linear head on the bin's cached frozen feature (a linear probe)."""
 
-    def __init__(self, cfg: ModelConfig, n_genes: int):
+    def __init__(self, cfg: ModelConfig, n_genes: int, feat_dim: int):
         super().__init__()
-        self.encoder = Encoder(cfg.encoder, cfg.encoder_weights, seed=cfg.seed, channels_last=cfg.channels_last)
-        self.head = nn.Linear(self.encoder.num_features, n_genes)
+        self.encoder, self.bin_scale, n_local = bin_input_modules(cfg, feat_dim)
+        self.head = nn.Linear(n_local, n_genes)
 
     def output_biases(self) -> list[nn.Parameter]:
         return [self.head.bias]
 
     def forward(self, batch) -> Predictions:
-        return Predictions(bin=self.head(self.encoder(batch.bin_img)))
+        return Predictions(bin=self.head(embed_bins(self.encoder, self.bin_scale, batch)))
 
 
 @register_model("stnet")
 def stnet(cfg: ModelConfig, n_genes: int, feat_dim: int, geometry) -> STNet:
-    return STNet(cfg, n_genes)
+    return STNet(cfg, n_genes, feat_dim)
 
 
 @register_model("mean")

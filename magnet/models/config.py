@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from magnet.models.register import MODEL_NAMES
 
@@ -17,8 +17,12 @@ class ModelConfig:
     """
 
     name: str = "magnet"  # a registered model (magnet.models.register.MODEL_NAMES)
+    # the bin level's input (magnet/models/bin_input.py): image = the bin patch through model.encoder, trained end to
+    # end; features = the shards' cached frozen feature of the patch (encoder.bin_features), no image, no CNN
+    bin_input: Literal["image", "features"] = "image"
     encoder: str = "resnet50"  # any timm model name
     encoder_weights: str | None = None  # None (random, seeded), a local checkpoint path, or hub name
+    encoder_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # timm.create_model arguments
     seed: int = 0  # init seed of the encoder when encoder_weights is None
     channels_last: bool = True
     width: int = 1024
@@ -33,6 +37,10 @@ class ModelConfig:
     context_drop: float = 0.5  # MagNet: share of training bins predicted by the local read-out alone (magnet.py)
     edge_features: bool = True  # relative offsets (um, scaled per level) as GAT edge features
     init_from_data: bool = True  # outputs start at the training mean, frozen features standardised (models/init.py)
+    # name=ridge (magnet/models/ridge.py): PCA dims, ridge alpha (0 = chosen on data.eval_split), bins fitted on
+    ridge_dims: int = 256
+    ridge_alpha: float = 0.0
+    ridge_max_bins: int = 200_000
 
     def __post_init__(self):
         if self.name not in MODEL_NAMES:
@@ -42,6 +50,10 @@ class ModelConfig:
         for key in ("gat_layers", "transformer_layers", "k_bin", "k_spot", "k_global"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.name == "ridge" and self.bin_input != "features":
+            raise ValueError("name=ridge fits on cached bin features: set model.bin_input=features")
+        if self.ridge_dims < 1 or self.ridge_alpha < 0 or self.ridge_max_bins < 2:
+            raise ValueError("need ridge_dims >= 1, ridge_alpha >= 0 and ridge_max_bins >= 2")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.context_drop < 1.0:

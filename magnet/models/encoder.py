@@ -4,7 +4,10 @@ Used trainable at the bin level of MagNet and frozen (stop-grad) when the shardi
 spot- and global-tile features. ``weights`` is ``None`` (random init from a fixed seed), a local
 checkpoint path (``.safetensors`` or a ``torch.save`` state dict, loaded with
 ``weights_only=True``), or ``hf-hub:ORG/NAME`` / ``timm:NAME`` for timm's pretrained weights
-(needs network access or a populated local cache).
+(needs network access or a populated local cache). ``kwargs`` go to ``timm.create_model`` (a foundation model's
+constructor arguments, e.g. UNI: ``vit_large_patch16_224`` with ``init_values: 1.0e-5, dynamic_img_size: true``).
+The one builder of every level's encoder: the sharding stage's frozen one (``encoder.*``) and the bin encoder
+(``model.encoder*``).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class Encoder(nn.Module):
     conv's activations in the CPU's cache, and each image's embedding is its own, so the split changes nothing
     beyond fp32 rounding."""
 
-    def __init__(self, name: str, weights: str | None = None, seed: int = 0, channels_last: bool = True):
+    def __init__(self, name: str, weights: str | None = None, seed: int = 0, channels_last: bool = True,
+                 kwargs: dict | None = None):
         super().__init__()
         import timm
 
@@ -62,8 +66,10 @@ class Encoder(nn.Module):
             try:
                 self.backbone = timm.create_model(
                     weights[len("timm:"):] if pretrained and weights.startswith("timm:") else name,
-                    pretrained=pretrained, num_classes=0,
+                    pretrained=pretrained, num_classes=0, **(kwargs or {}),
                 )
+            except TypeError as e:  # a constructor argument the architecture does not take
+                raise UserError(f"encoder: '{name}': kwargs: {e}") from None
             except Exception as e:  # timm raises several types for missing/unreachable weights
                 raise UserError(f"encoder: cannot load weights '{weights}' for '{name}': {type(e).__name__}") from None
         if weights is not None and Path(weights).exists():
@@ -72,6 +78,14 @@ class Encoder(nn.Module):
             loaded = len(state) - len(unexpected)
             if loaded == 0:
                 raise UserError(f"encoder: {weights}: no tensor matches model '{name}' (key model.encoder_weights)")
+            # a checkpoint's classifier head is dropped (num_classes=0); any other mismatch means another
+            # architecture or other constructor arguments (e.g. a ViT's layer scale), which must not load silently
+            head = str(getattr(self.backbone, "pretrained_cfg", {}).get("classifier") or "head")
+            unexpected = [k for k in unexpected if not k.startswith((head + ".", "head.", "fc.", "classifier."))]
+            if missing or unexpected:
+                what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+                raise UserError(f"encoder: {weights}: does not fit timm model '{name}' ({what}, "
+                                f"{len(missing)} missing and {len(unexpected)} unexpected tensors)")
         self.num_features = self.backbone.num_features
         self.weights_id = weights_id(weights, seed)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

@@ -39,19 +39,24 @@ def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
     shards = shard_set.shards(split)
     reader = shard_set.reader(on_corrupt)
     per_shard = max(1, max_samples // max(len(shards), 1))
-    expr_sum, n_bins, spot, glob = 0.0, 0, [], []
+    expr_sum, n_bins, spot, glob, bins = 0.0, 0, [], [], []
     for url, _ in shards:
         for s in itertools.islice(reader.read([url]), per_shard):
             expr_sum = expr_sum + s["bin_expr"].astype(np.float64).sum(0)
             n_bins += len(s["bin_expr"])
             spot.append(s["spot_feat"][0][s["spot_mask"][0]].astype(np.float64))
             glob.append(s["global_feat"][:1].astype(np.float64))
+            if "bin_feat" in s:
+                bins.append(s["bin_feat"].astype(np.float64))
     if not glob:
         raise UserError(f"{shard_set.manifest.path}: shards: no readable sample of split '{split}' for the training "
                         f"statistics (data.on_corrupt={on_corrupt} skipped them all)")
     spot_f, glob_f = np.concatenate(spot), np.concatenate(glob)
     stats = {"gene_mean": expr_sum / max(n_bins, 1), "spot_mean": spot_f.mean(0), "spot_sd": spot_f.std(0),
              "glob_mean": glob_f.mean(0), "glob_sd": glob_f.std(0)}
+    if bins:  # cached bin features (model.bin_input=features)
+        bin_f = np.concatenate(bins)
+        stats.update(bin_mean=bin_f.mean(0), bin_sd=bin_f.std(0))
     return {k: torch.from_numpy(np.asarray(v)).float() for k, v in stats.items()}
 
 
@@ -64,6 +69,8 @@ def init_from_statistics(model: nn.Module, stats: dict[str, torch.Tensor]) -> No
             p.add_(mean.to(p.dtype))
     for name, scaler in getattr(model, "feat_scale", {}).items():
         scaler.set(stats[f"{name}_mean"], stats[f"{name}_sd"])
+    if getattr(model, "bin_scale", None) is not None:
+        model.bin_scale.set(stats["bin_mean"], stats["bin_sd"])
 
 
 class FeatureScaler(nn.Module):

@@ -2,7 +2,8 @@
 
 Per step, for a :class:`magnet.batch.Batch`:
 
-1. bin patches -> timm encoder (trained end to end) -> projection to ``width``;
+1. bin patches -> timm encoder (trained end to end), or their cached frozen features (``model.bin_input``,
+   :mod:`magnet.models.bin_input`) -> projection to ``width``;
 2. per context level (spot, global): frozen tile features (stop-grad), standardised with the
    training split's statistics (:mod:`magnet.models.init`) -> projection = node
    embeddings; each bin cross-attends to its own tile and that tile's graph neighbours (tokens =
@@ -34,7 +35,7 @@ from torch import nn
 
 from magnet.geometry import Geometry
 from magnet.models.config import ModelConfig
-from magnet.models.encoder import Encoder
+from magnet.models.bin_input import bin_input_modules, embed_bins
 from magnet.models.init import FeatureScaler
 from magnet.models.layers import ContextCrossAttention, LevelEncoder, head
 from magnet.models.predictions import Predictions
@@ -46,10 +47,10 @@ class MagNet(nn.Module):
                  spot: bool = True, glob: bool = True, graph: bool = True, paper: bool = False):
         super().__init__()
         D = cfg.width
-        self.encoder = Encoder(cfg.encoder, cfg.encoder_weights, seed=cfg.seed, channels_last=cfg.channels_last)
+        self.encoder, self.bin_scale, n_local = bin_input_modules(cfg, feat_dim)
         # the local read-out: first draw after the encoder, as ST-Net's head
-        self.local_head = None if paper else nn.Linear(self.encoder.num_features, n_genes)
-        self.bin_proj = nn.Linear(self.encoder.num_features, D)
+        self.local_head = None if paper else nn.Linear(n_local, n_genes)
+        self.bin_proj = nn.Linear(n_local, D)
         self.levels = tuple(name for name, on in (("spot", spot), ("glob", glob)) if on)
         # offsets in um are divided by the level's tile side, so positions enter the model as O(1)
         self.scale = {"bin": geometry.bin_px * geometry.mpp, "spot": geometry.spot_px * geometry.mpp,
@@ -83,7 +84,7 @@ class MagNet(nn.Module):
         return getattr(batch, f"{name}_edge_attr") / self.scale[name] if self.edge_features else None
 
     def forward(self, batch) -> Predictions:
-        local = self.encoder(batch.bin_img)
+        local = embed_bins(self.encoder, self.bin_scale, batch)
         x = self.bin_proj(local)
         nodes = {}
         for name in self.levels:

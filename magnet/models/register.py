@@ -18,6 +18,7 @@ MODEL_NAMES: dict[str, str] = {
     "magnet_paper": "magnet.models.magnet",
     "stnet": "magnet.models.baselines",
     "mean": "magnet.models.baselines",
+    "ridge": "magnet.models.ridge",
 }
 
 # name -> builder(cfg: ModelConfig, n_genes, feat_dim, geometry) -> nn.Module, filled as modules import

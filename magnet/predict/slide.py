@@ -73,8 +73,13 @@ def shard_config(model: LoadedModel, cfg: PredictConfig):
     genes = GeneConfig(normalisation=norm["method"], target_sum=float(norm.get("target_sum", 10000.0)))
     sample = SampleConfig(mpp=g.mpp, global_px=g.global_px, spot_px=g.spot_px, bin_px=g.bin_px,
                           image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality, k_neighbours=model.k_neighbours)
+    features = model.python_model.config.model.bin_input == "features"
+    if features and not enc.get("bin_features"):
+        raise UserError(f"{model.uri}: encoder.bin_features: the model reads cached bin features but its shards' "
+                        f"encoder record has none")
     encoder = EncoderConfig(name=enc["name"], weights=weights, input_px=int(enc.get("input_px", 224)),
-                            precision=enc.get("precision", "fp32"))
+                            precision=enc.get("precision", "fp32"), bin_features=features,
+                            bin_input_px=int(enc.get("bin_input_px", 0)), kwargs=dict(enc.get("kwargs", {})))
     return ShardConfig(seed=seed, shard=sample, genes=genes, encoder=encoder)
 
 
@@ -284,7 +289,8 @@ class _Batches:
         self.pending: list[tuple[Sample, np.ndarray, int]] = []
 
     def add(self, item: TileSample) -> None:
-        sample = item.sample.replace(image=decode_image(item.image))
+        features = "bin_feat" in item.sample.arrays  # a features model reads the bins' cached features, no image
+        sample = item.sample if features else item.sample.replace(image=decode_image(item.image))
         start = 0
         for chunk in chunk_bins(sample, self.max_bins):
             self.pending.append((chunk, item.bins[start:start + chunk.n_bins], item.tile))

@@ -24,7 +24,14 @@ from magnet.format.schema import MEMBERS, Axis
 from magnet.format.tar import sha256_file
 from magnet.format.check import Dims, check_sample
 
-INPUT_MEMBERS = tuple(m.name for m in MEMBERS if not m.optional)  # members fed to the model
+INPUT_MEMBERS = tuple(m.name for m in MEMBERS if not m.optional)  # members fed to a model with bin_input=image
+
+
+def input_members(bin_input: str) -> tuple[str, ...]:
+    """Members fed to a model with ``model.bin_input``: ``features`` takes ``bin_feat`` in place of the image."""
+    if bin_input == "features":
+        return tuple(m for m in INPUT_MEMBERS if m != "image") + ("bin_feat",)
+    return INPUT_MEMBERS
 VARIABLE_AXES = {m.name: tuple(i for i, a in enumerate(m.axes) if a in (Axis.BIN, Axis.PIXEL)) for m in MEMBERS}
 
 
@@ -74,7 +81,8 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
 
         gx, gy = (int(v) for v in np.asarray(model_input["tile"]).ravel()[:2])
         meta = Meta(slide="input", gx=gx, gy=gy, mpp=self.geometry.mpp, bin_um=self.bin_um)
-        sample = Sample(meta=meta, arrays={k: np.asarray(model_input[k]) for k in INPUT_MEMBERS})
+        names = input_members(self.config.model.bin_input)
+        sample = Sample(meta=meta, arrays={k: np.asarray(model_input[k]) for k in names})
         self.check_input(sample)
         m = self.config.model
         return self.predict_batch(collate([sample], self.geometry, k_bin=m.k_bin, k_spot=m.k_spot, k_global=m.k_global))
@@ -84,7 +92,7 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         """The schema, finite values, and bin positions inside the tile's image ``[0, image_px)``."""
         dims = Dims(G=len(self.genes), K1=int(np.shape(sample["nbr_mask"])[0]), S=self.geometry.n_spots,
                     F=self.feat_dim, P=self.geometry.image_px)
-        check_sample(sample, dims, "input", finite=True)
+        check_sample(sample, dims, "input", finite=True, image=self.config.model.bin_input == "image")
         xy, size = sample["bin_xy"], self.geometry.image_px
         outside = int(((xy < 0) | (xy >= size)).any(axis=1).sum())
         if outside:
@@ -101,9 +109,9 @@ def check_weights(weights: str | Path, info: dict) -> None:
                         "(the file is damaged or was replaced); refused")
 
 
-def model_input(sample: Sample) -> dict[str, np.ndarray]:
-    """A decoded sample as the pyfunc's input dict."""
-    out = {k: np.ascontiguousarray(sample[k]) for k in INPUT_MEMBERS}
+def model_input(sample: Sample, bin_input: str = "image") -> dict[str, np.ndarray]:
+    """A decoded sample as the pyfunc's input dict for a model with ``model.bin_input``."""
+    out = {k: np.ascontiguousarray(sample[k]) for k in input_members(bin_input)}
     out["tile"] = np.array([sample.meta.gx, sample.meta.gy], np.int64)
     return out
 

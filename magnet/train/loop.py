@@ -149,6 +149,10 @@ def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
         from magnet.models.init import init_from_statistics, training_statistics
 
         init_from_statistics(model, training_statistics(shard_set, cfg.data.train_split, cfg.data.on_corrupt))
+    if getattr(model, "fitted", False) and fresh:  # closed form (model.name=ridge): fitted here, no SGD step
+        fit = model.fit(shard_set, cfg.data)
+        if dist.is_primary():
+            print(f"magnet train: {cfg.model.name} fitted: {fit}", flush=True)
     ds_cfg = deepspeed_config(cfg, torch.cuda.is_available())
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg,
@@ -219,7 +223,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     world = dist.init()
     primary = dist.is_primary()
     run_dir, tag = setup_run(cfg, resume, world)
-    shard_set = ShardSet.for_training(cfg.data)
+    shard_set = ShardSet.for_training(cfg.data, cfg.model.bin_input)
     cfg.data.genes, cfg.data.normalisation, cfg.data.folds = shard_set.genes, shard_set.normalisation, shard_set.folds
     write_run_config(cfg, run_dir, world)
     ckpt_dir = run_dir / "checkpoints"
@@ -271,7 +275,8 @@ def _train(cfg, world, run_dir, fresh, engine, zero_stage, shard_set, stream, st
     ckpt_step = -1
     micro = 0
     batches = iter(stream)
-    while state.step < cfg.train.steps:
+    fitted = getattr(engine.module, "fitted", False)
+    while state.step < cfg.train.steps and not fitted:
         batch = next(batches)
         torch.manual_seed(_micro_seed(cfg.train.seed, world.rank, state.step, micro))
         last_batch = batch
@@ -325,6 +330,15 @@ def _train(cfg, world, run_dir, fresh, engine, zero_stage, shard_set, stream, st
         if report is not None and evaluated:
             report(step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     bar.close()
+    if fitted:  # a fitted model (model.name=ridge) is evaluated and checkpointed once, at step 0
+        if evaluator is not None:
+            metrics = evaluate_step(engine, evaluator, cfg, state.step, None, zero_stage == 3, log, tracker,
+                                    shard_set.genes)
+        save_checkpoint(engine, ckpt_dir, state, stream, cfg)
+        ckpt_step = state.step
+        if report is not None and metrics:
+            report(state.step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items()
+                                if isinstance(v, (int, float))})
     summary = {"run_dir": str(run_dir), "step": state.step, "metrics": metrics, "checkpoint_step": ckpt_step}
     summary.update(_finish(engine, cfg, shard_set, tracker, log, run_dir, primary, state.step, metrics))
     tracker.finish()
@@ -395,7 +409,7 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
     finite.check_model(step, state_dict, output, metrics)
     if not primary:
         return {}
-    example = model_input(sample)
+    example = model_input(sample, cfg.model.bin_input)
     artifacts = write_model_files(run_dir / "model", state_dict, cfg, shard_set, example, output)
     if not tracker.active:
         return {}
