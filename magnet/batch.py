@@ -82,6 +82,8 @@ class Batch:
     sample_grid: torch.Tensor  # int64 (B, 2) tile grid index (gx, gy)
     slides: tuple[str, ...]  # slide ids present in the batch
     bin_um: float  # bin size of the shard set
+    bin_counts: torch.Tensor | None = None  # float32 (Nb, G) raw counts, when every sample holds them
+    bin_libsize: torch.Tensor | None = None  # float32 (Nb,) total count of all genes: count losses' exposure
 
     @property
     def num_bins(self) -> int:
@@ -283,4 +285,14 @@ def collate(samples: list[Sample], geometry: Geometry, *, k_bin: int = 8, k_spot
         sample_grid=t(grid),
         slides=slides,
         bin_um=float(samples[0].meta.bin_um),
+        **_counts(samples, n_genes),
     )
+
+
+def _counts(samples: list[Sample], n_genes: int) -> dict:
+    """``bin_counts`` and ``bin_libsize`` where every sample holds both (shards with ``shard.keep_counts``)."""
+    if not all("bin_counts" in s and "bin_libsize" in s for s in samples):
+        return {}
+    return {"bin_counts": torch.from_numpy(np.concatenate([s["bin_counts"] for s in samples]).reshape(-1, n_genes)
+                                           .astype(np.float32)),
+            "bin_libsize": torch.from_numpy(np.concatenate([s["bin_libsize"] for s in samples]).astype(np.float32))}

@@ -113,6 +113,7 @@ def make_sample(entry: SlideEntry, split: str, bin_um: int, lv: Level, t: int, f
     }
     if sc.keep_counts:
         arrays["bin_counts"] = np.rint(counts).astype(np.int32)
+        arrays["bin_libsize"] = lv.bins.libsize[idx].astype(np.float32)
     meta = Meta(slide=entry.slide, split=split, gx=gx, gy=gy, bin_um=bin_um, mpp=geom.mpp, n_bins=len(idx),
                 n_bins_tile=n_tile)
     return Sample(meta=meta, arrays=arrays), n_tile

@@ -63,7 +63,8 @@ MEMBERS: tuple[Member, ...] = (
     Member("bin_rc", "int32", (B, XY)),
     Member("bin_spot", "int16", (B,), values=Values.SPOT_INDEX),
     Member("bin_expr", "float16", (B, G)),
-    Member("bin_counts", "int32", (B, G), optional=True),
+    Member("bin_counts", "int32", (B, G), optional=True),  # raw counts of the genes (shard.keep_counts) ...
+    Member("bin_libsize", "float32", (B,), optional=True),  # ... and of all genes: the count losses' exposure
     Member("spot_expr", "float16", (K1, S, G)),
     Member("spot_mask", "bool", (K1, S)),
     Member("spot_feat", "float16", (K1, S, F)),
