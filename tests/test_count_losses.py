@@ -69,7 +69,8 @@ def test_count_loss_replaces_the_squared_error():
         nll = count_nll(log_rate, counts, libsize, torch.zeros(5) if name == "nb" else None).mean()
         torch.testing.assert_close(total, 2.0 * nll)
     with pytest.raises(ValueError, match="raw counts"):
-        compute_loss(pred, SimpleNamespace(bin_expr=target, bin_counts=None, bin_libsize=None), LossConfig(bin="poisson"))
+        no_counts = SimpleNamespace(bin_expr=target, bin_counts=None, bin_libsize=None)
+        compute_loss(pred, no_counts, LossConfig(bin="poisson"))
 
 
 def test_count_model_output_is_the_normalised_expected_count():
@@ -98,9 +99,9 @@ def count_shards(tiny_cohort, tmp_path_factory) -> Path:
 
 
 def _train(shards: Path, out: Path, name: str, loss: str) -> Path:
-    cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"), f"data.shards={shards}",
-           f"train.out_dir={out}", f"train.run_name={name}", "train.steps=2", "train.deepspeed=zero1",
-           f"loss.bin={loss}"]
+    cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
+           f"data.shards={shards}", f"train.out_dir={out}", f"train.run_name={name}", "train.steps=2",
+           "train.deepspeed=zero1", f"loss.bin={loss}"]
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out / name / "model"
