@@ -101,8 +101,8 @@ def count_shards(tiny_cohort, tmp_path_factory) -> Path:
 def _train(shards: Path, out: Path, name: str, loss: str) -> Path:
     cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
            f"data.shards={shards}", f"train.out_dir={out}", f"train.run_name={name}", "train.steps=2",
-           "train.deepspeed=zero1", f"loss.bin={loss}"]
-    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+           "train.deepspeed=zero1", f"loss.bin={loss}", "data.eval_split=test"]  # no test split: no evaluation
+    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out / name / "model"
 
@@ -113,7 +113,7 @@ def _predict(model: Path, cohort: Path, out: Path):
     outs, image = cohort / "synth_000" / "outs", cohort / "synth_000" / "synth_000_fullres.tif"
     proc = subprocess.run([sys.executable, "-m", "magnet", "predict", "--model", str(model), "--spaceranger", str(outs),
                            "--image", str(image), "--bin-um", "16", "--out", str(out), "batch_size=2",
-                           "progress=false"], env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "progress=false"], env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ad.read_h5ad(out)
 
