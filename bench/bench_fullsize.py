@@ -1,12 +1,13 @@
 """A full-size Visium HD capture area end to end with bounded memory: time and peak memory of each step.
 
     python bench/bench_fullsize.py [--size-mm 6.5] [--work DIR] [--model DIR] [--no-2um] [--no-predict] [--cpus N]
-                                   [--steps synth shard shard2um predict]
+                                   [--steps synth shard shard2um predict predict2um]
 
 Steps, each in its own process tree: `magnet synth` (one slide of SIZE x SIZE mm), `magnet shard` at
 8 and 16 um (configs/shard/default.yaml), at 2 um (configs/shard/bin2um.yaml), a 2-step training run
 on the 8 um shards when no --model is given (configs/train/tiny.yaml, to have a model to predict
-with; not a target), and `magnet predict` of the slide at 8 um. For each step: wall seconds, the peak
+with; not a target), `magnet predict` of the slide at 8 um and (``predict2um``, after a 2-step poisson run on the
+2 um shards) at 2 um with its cells (``--cells spaceranger``). For each step: wall seconds, the peak
 RSS of its largest process and the peak of the tree's summed PSS (driver, Ray workers and raylet
 together, shared pages counted once), polled every 0.2 s. The target is < 4 GB per step. ``--steps``
 runs only some steps on the slide (and shards) already in ``--work``; a shard step whose output is
@@ -25,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MB = 4096
-STEPS = ["synth", "shard", "shard2um", "predict"]  # predict: also the 2-step training run when no --model
+STEPS = ["synth", "shard", "shard2um", "predict", "predict2um"]  # predict*: also a 2-step training run
 
 
 def _tree(root: int) -> list[int]:
@@ -130,6 +131,16 @@ def main() -> None:
                                                  "--image", str(slide / "synth_000_fullres.tif"), "--bin-um", "8",
                                                  "--out", str(work / "pred_8um.h5ad"), "--overwrite",
                                                  "progress=false"], env))
+        if "predict2um" in steps:
+            rows.append(measure("train 2 steps at 2 um (model only)", [
+                sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/train/tiny.yaml"),
+                f"data.shards={shards}", "data.bin_um=2", f"train.out_dir={work / 'runs'}", "train.run_name=bench2",
+                "train.steps=2", "train.deepspeed=zero1", "data.workers=0", "data.epoch_samples=8",
+                "loss.bin=poisson"], env))
+            rows.append(measure("predict 2 um + cells", [
+                *magnet, "predict", "--model", str(work / "runs" / "bench2" / "model"), "--spaceranger",
+                str(slide / "outs"), "--image", str(slide / "synth_000_fullres.tif"), "--bin-um", "2",
+                "--out", str(work / "pred_2um.h5ad"), "--cells", "spaceranger", "--overwrite", "progress=false"], env))
         over = [r["step"] for r in rows if max(r["peak_rss_mb"], r["peak_tree_pss_mb"]) >= TARGET_MB]
         print("all steps under the target" if not over else f"over the target: {', '.join(over)}")
 

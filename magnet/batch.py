@@ -83,6 +83,8 @@ class Batch:
     slides: tuple[str, ...]  # slide ids present in the batch
     bin_um: float  # bin size of the shard set
     bin_feat: torch.Tensor | None = None  # float32 (Nb, F) cached frozen features (member bin_feat), when stored
+    bin_counts: torch.Tensor | None = None  # float32 (Nb, G) raw counts, when every sample holds them
+    bin_libsize: torch.Tensor | None = None  # float32 (Nb,) total count of all genes: count losses' exposure
 
     @property
     def num_bins(self) -> int:
@@ -293,4 +295,14 @@ def collate(samples: list[Sample], geometry: Geometry, *, k_bin: int = 8, k_spot
         slides=slides,
         bin_um=float(samples[0].meta.bin_um),
         bin_feat=bin_feat,
+        **_counts(samples, n_genes),
     )
+
+
+def _counts(samples: list[Sample], n_genes: int) -> dict:
+    """``bin_counts`` and ``bin_libsize`` where every sample holds both (shards with ``shard.keep_counts``)."""
+    if not all("bin_counts" in s and "bin_libsize" in s for s in samples):
+        return {}
+    return {"bin_counts": torch.from_numpy(np.concatenate([s["bin_counts"] for s in samples]).reshape(-1, n_genes)
+                                           .astype(np.float32)),
+            "bin_libsize": torch.from_numpy(np.concatenate([s["bin_libsize"] for s in samples]).astype(np.float32))}

@@ -14,6 +14,12 @@ Consistency (``consistency_form``):
 - ``"reference"``: as in the released code, each bin's label against the prediction of its spot
   (global) node, ``1 - PCC`` across genes: it pulls the coarse heads towards every bin's profile.
 
+Count likelihoods (``bin``: ``poisson`` or ``nb``, magnet/models/counts.py): the bin data term is the mean
+negative log-likelihood of the raw counts ``y`` (``Batch.bin_counts``) with mean ``mu = exp(log_rate) *
+libsize`` (``Batch.bin_libsize``), in place of the squared error; the other terms read the normalised
+predictions as for ``mse_pcc``. Negative binomial (NB2, ``theta = exp(log_dispersion)`` per gene, variance
+``mu + mu^2 / theta``).
+
 Each form sums its spot and global terms (as the reference does), each weighted by
 ``consistency``. Terms of a level the model does not predict (``None``) are left out.
 """
@@ -45,6 +51,21 @@ def _group_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> tuple[torc
     return total / count.clamp_min(1.0)[:, None], count
 
 
+def count_nll(log_rate: torch.Tensor, counts: torch.Tensor, libsize: torch.Tensor,
+              log_dispersion: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-element negative log-likelihood (Nb, G) of ``counts`` under Poisson (``log_dispersion`` None) or NB2
+    with mean ``exp(log_rate) * libsize``; bins of zero library size (no counts, mean 0) contribute 0."""
+    y = counts.float()
+    log_mu = log_rate.float() + torch.log(libsize.float().clamp_min(1e-30))[:, None]
+    if log_dispersion is None:
+        return torch.exp(log_mu) - y * log_mu + torch.lgamma(y + 1)
+    log_theta = log_dispersion.float()[None, :]
+    theta = torch.exp(log_theta)
+    log_sum = torch.logaddexp(log_theta, log_mu)  # log(theta + mu)
+    return -(torch.lgamma(y + theta) - torch.lgamma(theta) - torch.lgamma(y + 1)
+             + theta * (log_theta - log_sum) + y * (log_mu - log_sum))
+
+
 def compute_loss(pred, batch, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its unweighted parts (detached scalars, for logging).
 
@@ -52,11 +73,17 @@ def compute_loss(pred, batch, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, 
     Spot/global terms use only labelled nodes (``spot_mask``, ``glob_mask``). Computed in float32.
     """
     target = batch.bin_expr.float()
-    parts = {
-        "bin_mse": torch.mean((pred.bin.float() - target) ** 2),
-        "bin_pcc": 1.0 - row_pcc(pred.bin, target, cfg.eps).mean(),
-    }
-    total = cfg.bin_mse * parts["bin_mse"] + cfg.bin_pcc * parts["bin_pcc"]
+    parts = {"bin_pcc": 1.0 - row_pcc(pred.bin, target, cfg.eps).mean()}
+    if cfg.bin == "mse_pcc":
+        parts["bin_mse"] = torch.mean((pred.bin.float() - target) ** 2)
+        total = cfg.bin_mse * parts["bin_mse"]
+    else:
+        if pred.bin_log_rate is None or batch.bin_counts is None or batch.bin_libsize is None:
+            raise ValueError(f"loss.bin {cfg.bin} needs a count model's log-rates and the batch's raw counts")
+        dispersion = pred.log_dispersion if cfg.bin == "nb" else None
+        parts["bin_nll"] = count_nll(pred.bin_log_rate, batch.bin_counts, batch.bin_libsize, dispersion).mean()
+        total = cfg.bin_nll * parts["bin_nll"]
+    total = total + cfg.bin_pcc * parts["bin_pcc"]
     consistency = []
     for name, weight in (("spot", cfg.spot_pcc), ("glob", cfg.glob_pcc)):
         node_pred = getattr(pred, name)

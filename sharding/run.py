@@ -370,6 +370,8 @@ def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, 
                                 "bins_in_tissue": r["bins_in_tissue"], "fingerprint": fingerprints[r["slide"]]}
                    for r in sorted(records, key=lambda r: r["slide"])},
         "seed": cfg.seed,
+        # optional members (magnet/format/schema.py) that every sample holds: count losses need them
+        "raw_counts": {"counts": "bin_counts", "exposure": "bin_libsize"} if cfg.shard.keep_counts else None,
         "config": _recorded_config(cfg),
         "git_revision": git_revision(),
         "plan": plan,

@@ -144,6 +144,7 @@ def make_sample(slide: str, split: str, bin_um: int, lv: Level, t: int, feats: t
     }
     if sc.keep_counts:
         arrays["bin_counts"] = np.rint(counts).astype(np.int32)
+        arrays["bin_libsize"] = lv.bins.libsize[idx].astype(np.float32)
     meta = Meta(slide=slide, split=split, gx=gx, gy=gy, bin_um=bin_um, mpp=geom.mpp, n_bins=len(idx),
                 n_bins_tile=n_tile)
     return Sample(meta=meta, arrays=arrays), idx

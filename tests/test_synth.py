@@ -214,7 +214,8 @@ def test_same_seed_is_byte_identical(tmp_path):
     assert main([*args, "--seed", "3", "--out", str(tmp_path / "b")]) == 0
     assert main([*args, "--seed", "4", "--out", str(tmp_path / "c")]) == 0
     a, b, c = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
-    assert len(a) == 31 and a == b  # 2 + tif + 6 ground truth + 3 bin sizes x 6 + feature slice + outs/spatial 3
+    assert len(a) == 39 and a == b  # 2 + tif + 7 ground truth + 3 bin sizes x 6 + feature slice + outs/spatial 3
+    # + segmented_outputs: 2 GeoJSON, cell matrix, barcode mappings, spatial 3
     assert a["synth_000/synth_000_fullres.tif"] != c["synth_000/synth_000_fullres.tif"]
 
 

@@ -18,7 +18,7 @@ from magnet.train.schedule import lr_factor
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["tiny", "magnet_16um", "magnet_8um"])
+@pytest.mark.parametrize("name", ["tiny", "magnet_16um", "magnet_8um", "magnet_2um"])
 def test_shipped_configs_load(name):
     cfg = load_config(ExperimentConfig, REPO / "configs/train" / f"{name}.yaml")
     assert cfg.train.steps >= 1 and cfg.model.width % cfg.model.heads == 0

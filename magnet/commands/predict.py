@@ -24,6 +24,8 @@ from sharding.samplesheet import read_samplesheet
 USAGE = """examples:
   magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --bin-um 8 --out pred.h5ad
   magnet predict --model runs:/RUN_ID/model --image he.tif --mpp 0.2738 --out pred.h5ad --genes EPCAM,CD3E --maps maps
+  magnet predict --model models:/magnet-2um@champion --spaceranger outs --image he.tif --bin-um 2 --out pred.h5ad \
+      --cells spaceranger          (or --cells cells.geojson: any segmenter's polygons; writes pred.cells.h5ad)
   magnet predict --model models:/magnet-hd@champion --samplesheet slides.csv --out preds [--address auto]
   magnet predict --model models:/magnet-hd@champion --spaceranger outs --image he.tif --format spatialdata \
       --out pred.zarr
@@ -47,6 +49,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output .h5ad or SpatialData .zarr (with --samplesheet: a folder)")
     p.add_argument("--format", choices=("h5ad", "spatialdata"), default="h5ad",
                    help="AnnData .h5ad (scanpy layout) or SpatialData zarr store (scverse tools)")
+    p.add_argument("--cells", default=None, metavar="spaceranger|GEOJSON",
+                   help="2 um models: also OUT_STEM.cells.h5ad, the bins pooled per cell of Space Ranger 4's "
+                        "segmentation ('spaceranger', with --spaceranger) or of the polygons of a GeoJSON file")
     p.add_argument("--genes", default=None, help="comma-separated genes to draw with --maps")
     p.add_argument("--maps", default=None, help="folder for PNG gene maps ({gene}.png; a cohort: {slide}/{gene}.png)")
     p.add_argument("--tracking-uri", default=None,
@@ -69,6 +74,8 @@ def _check_args(args) -> list[str]:
             raise UserError(f"{args.samplesheet}: --samplesheet: file not found")
         if args.format != "h5ad":
             raise UserError(f"{args.samplesheet}: --format: a cohort is written as one .h5ad per slide")
+        if args.cells is not None:
+            raise UserError(f"{args.samplesheet}: --cells: one slide at a time")
     elif args.image is None:
         raise UserError("--image: needed (or --samplesheet for a cohort)")
     elif args.address is not None:
@@ -87,6 +94,10 @@ def _check_args(args) -> list[str]:
         if importlib.util.find_spec("spatialdata") is None:
             raise UserError("--format: spatialdata needs the [spatialdata] extra "
                             "(pip install 'magnet-hd[spatialdata]')")
+    if args.cells is not None and args.format != "h5ad":
+        raise UserError(f"{args.out}: --cells: pooled from the .h5ad (--format h5ad)")
+    if args.cells not in (None, "spaceranger") and not Path(args.cells).is_file():
+        raise UserError(f"{args.cells}: --cells: file not found")
     if (args.genes is None) != (args.maps is None):
         raise UserError("--genes/--maps: give both (genes to draw and the folder for their maps)")
     chosen = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else []
@@ -117,6 +128,8 @@ def _check_outputs(args, chosen: list[str]) -> None:
     if args.format == "spatialdata":
         check_out(out)
     check_output(sidecar, "--out", args.overwrite)
+    if args.cells is not None:
+        check_output(out.parent / f"{out.stem}.cells.h5ad", "--out", args.overwrite)
     for gene in chosen:
         check_output(maps / f"{gene}.png", "--maps", args.overwrite)
 
@@ -169,12 +182,21 @@ def _run(args) -> int:
         raise UserError(f"{args.model}: --bin-um: {bin_um} um, but the model was trained on "
                         f"{model.python_model.bin_um} um bins")
 
+    if args.cells is not None and bin_um != 2:
+        raise UserError(f"{args.model}: --cells: cells are pooled from 2 um bins; the model predicts {bin_um} um ones")
     if args.samplesheet is not None:
         return _run_cohort(args, model, bin_um, cfg, chosen)
 
     summary = predict_to_file(model, Path(args.image), bin_um, cfg, Path(args.out), spaceranger=args.spaceranger,
                               mpp=args.mpp, chosen=chosen, maps_dir=args.maps, slide=args.slide, fmt=args.format)
     summary.pop("slide")
+    if args.cells is not None:
+        from magnet.predict.cells import write_cells
+        from magnet.predict.slide import spaceranger_outs
+
+        out = Path(args.out)
+        summary.update(write_cells(out, out.parent / f"{out.stem}.cells.h5ad", args.cells,
+                                   spaceranger_outs(Path(args.spaceranger)) if args.spaceranger else None))
     print(json.dumps(summary))
     return 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magnet.evaluate.table import SPOT_HEAD
+from magnet.evaluate.table import CELL_VS_EXPECTED, FINE_POOLED, SPOT_HEAD
 from magnet.io import atomic_write_text
 from magnet.metrics import METRICS
 
@@ -22,7 +22,9 @@ HEADERS = {"mse": "MSE", "mae": "MAE", "pcc_bin": "PCC per bin", "pcc_gene": "PC
 
 
 def _level(row: dict) -> str:
-    return f"{row['bin_um']} um bins" if row["level"] == "bins" else f"spot ({row['bin_um']} um model)"
+    if row["level"] == "bins":
+        return f"{row['bin_um']} um bins"
+    return f"{row['level']} ({row['bin_um']} um model)"
 
 
 def _table(heads: list[str], aligns: str, rows: list[list]) -> str:
@@ -186,10 +188,12 @@ def _records_csv(records: list[dict]) -> str:
 
 def metric_name(row: dict, metric: str) -> str:
     """MLflow metric key, e.g. ``magnet/16um/pcc_gene``, ``oracle/spot16um/pcc_gene``, ``magnet/spot16um_head/mse``."""
-    level = f"{row['bin_um']}um" if row["level"] == "bins" else f"spot{row['bin_um']}um"
+    level = f"{row['bin_um']}um" if row["level"] == "bins" else f"{row['level']}{row['bin_um']}um"
     from magnet.evaluate.paired import slug
 
     level += "_head" if row["source"] == SPOT_HEAD else ""
+    level += "_pooled" if row["source"] == FINE_POOLED else ""
+    level += "_vs_expected" if row["source"] == CELL_VS_EXPECTED else ""
     return f"{slug(row['model'])}/{level}/{metric}"
 
 

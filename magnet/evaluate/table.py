@@ -29,6 +29,9 @@ from sharding.samplesheet import SlideEntry
 
 ORACLE, LOCAL_ORACLE = "oracle", "local oracle"
 POOLED, SPOT_HEAD = "bins pooled per spot cell", "spot head"
+FINE_POOLED = "2 um bins pooled"  # a 2 um model's bins summed to 8 and 16 um bins (rows of level "bins")
+CELL_POOLED, CELL_VS_EXPECTED = "2 um bins pooled per cell", "2 um bins pooled per cell, vs expected target"
+COARSER_UM = (8, 16)
 ORACLE_SOURCE = "expected target given true means"
 LOCAL_SOURCE = "expected target given local means"
 CONTROL_NAMES = {"zero": "context zeroed", "shuffle": "context shuffled"}
@@ -147,7 +150,50 @@ class Table:
             head = pred.spot_pred[cells][:, cols]
             if np.isfinite(head).all():
                 row("spot", SPOT_HEAD).update(head, spot_measured, slide_names=names)
+        if bin_um == 2:
+            self._add_pooled(entry, label, fold, uri, pred.bin_pred[:, cols], counts, bins)
         return bins, measured, spot_measured, cells, inverse
+
+    def _add_pooled(self, entry: SlideEntry, label: str, fold: int | None, uri: str, pred: np.ndarray,
+                    counts: np.ndarray, bins) -> None:
+        """A 2 um model's bins summed to 8 and 16 um bins and, where the slide has a Space Ranger 4 segmentation,
+        per cell (Space Ranger's 2 um barcode mappings; :mod:`magnet.predict.cells`): against the measured
+        counts summed alike and, on synthetic slides, each cell against its expected target (the oracle's) with
+        the oracle row beside it."""
+        from magnet.predict.cells import spaceranger_cells
+
+        names = [entry.slide]
+        groups = [(b, f"{b} um bins", FINE_POOLED, bins.rc // (b // 2)) for b in COARSER_UM]
+        for b, _, source, rc in groups:
+            _, inverse = np.unique(rc[:, 0] * (int(rc[:, 1].max()) + 1) + rc[:, 1], return_inverse=True)
+            self._pooled_row("bins", b, label, source, uri, fold, entry.slide, pred, counts, bins.libsize, inverse)
+        if not Outs(entry.spaceranger).barcode_mappings.is_file():
+            return
+        barcodes = np.asarray(bins.barcodes).astype(str)
+        ids, cell = spaceranger_cells(entry.spaceranger, barcodes)
+        keep = cell >= 0
+        held, inverse = np.unique(cell[keep], return_inverse=True)
+        measured = self._pooled_row("cells", 2, label, CELL_POOLED, uri, fold, entry.slide, pred[keep], counts[keep],
+                                    bins.libsize[keep], inverse)
+        gt = truth.expected_cells_file(entry.spaceranger)
+        if not (self.cfg.oracle and gt.is_file()):
+            return
+        means, gcols = truth.read_expected(gt, ids[held], self.genes)
+        target = truth.oracle(means, gcols, self.gcfg, self.cfg.oracle_draws, self.cfg.seed + 2)
+        pooled = truth.pool_bins(pred[keep], inverse, len(held), self.gcfg)
+        self._row("cells", 2, label, CELL_VS_EXPECTED, uri, fold, entry.slide).update(pooled, target, slide_names=names)
+        self.order.setdefault(ORACLE, len(self.order) + 1000)
+        self._row("cells", 2, ORACLE, ORACLE_SOURCE, gt.name).update(target, measured, slide_names=names)
+
+    def _pooled_row(self, level: str, bin_um: int, label: str, source: str, uri: str, fold: int | None, slide: str,
+                    pred: np.ndarray, counts: np.ndarray, libsize: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+        """Bins pooled by ``inverse`` (equal library sizes, :func:`truth.pool_bins`) scored against the measured
+        counts summed alike; returns the measured (normalised) values."""
+        n = int(inverse.max()) + 1
+        measured = normalise(truth.sum_by(counts, inverse, n), truth.sum_by(libsize, inverse, n), self.gcfg)
+        self._row(level, bin_um, label, source, uri, fold, slide).update(
+            truth.pool_bins(pred, inverse, n, self.gcfg), measured, slide_names=[slide])
+        return measured
 
     def _add_oracles(self, entry: SlideEntry, bin_um: int, bins, measured, spot_measured, cells, inverse) -> None:
         """The oracle and, where the ground truth has it, the local oracle (expected target given the bin's own
@@ -174,7 +220,8 @@ class Table:
         without folds: ``n_folds`` 0 and no fold keys), ``slides`` (per-slide metrics, with the slide's split and fold)
         and ``gene_pcc`` (per slide, the (G,) PCC per gene), ordered by level, bin size, then model."""
         out = []
-        for key in sorted(self.rows, key=lambda k: (k[0] != "bins", k[1], k[3] == SPOT_HEAD, self.order[k[2]])):
+        level_order = {"bins": 0, "spot": 1, "cells": 2}
+        for key in sorted(self.rows, key=lambda k: (level_order[k[0]], k[1], k[3] == SPOT_HEAD, self.order[k[2]])):
             r = self.rows[key]
             res = r.metrics.compute(top_k=self.cfg.top_k)
             out.append({"level": r.level, "bin_um": r.bin_um, "model": r.model, "source": r.source, "uri": r.uri,

@@ -34,6 +34,11 @@ def local_expected_file(spaceranger: Path, bin_um: int) -> Path:
     return spaceranger.parent / "ground_truth" / f"local_expected_{bin_um:03d}um.h5"
 
 
+def expected_cells_file(spaceranger: Path) -> Path:
+    """The synthetic slide's Poisson means per segmented cell (rows: the cell ids of its segmentation)."""
+    return spaceranger.parent / "ground_truth" / "expected_cells.h5"
+
+
 def gene_groups_file(spaceranger: Path) -> Path:
     """The synthetic slide's gene groups (CSV ``gene,group``)."""
     return spaceranger.parent / "ground_truth" / "gene_groups.csv"

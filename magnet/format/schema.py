@@ -63,7 +63,8 @@ MEMBERS: tuple[Member, ...] = (
     Member("bin_rc", "int32", (B, XY)),
     Member("bin_spot", "int16", (B,), values=Values.SPOT_INDEX),
     Member("bin_expr", "float16", (B, G)),
-    Member("bin_counts", "int32", (B, G), optional=True),
+    Member("bin_counts", "int32", (B, G), optional=True),  # raw counts of the genes (shard.keep_counts) ...
+    Member("bin_libsize", "float32", (B,), optional=True),  # ... and of all genes: the count losses' exposure
     # the frozen encoder's feature of each bin's patch (encoder.bin_features; model.bin_input=features trains on it)
     Member("bin_feat", "float16", (B, F), optional=True),
     Member("spot_expr", "float16", (K1, S, G)),

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from magnet.models.counts import CountModel, log_rate_of
+
 
 def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
                         max_samples: int = 512) -> dict[str, torch.Tensor]:
@@ -40,10 +42,14 @@ def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
     reader = shard_set.reader(on_corrupt)
     per_shard = max(1, max_samples // max(len(shards), 1))
     expr_sum, n_bins, spot, glob, bins = 0.0, 0, [], [], []
+    count_sum, lib_sum = 0.0, 0.0
     for url, _ in shards:
         for s in itertools.islice(reader.read([url]), per_shard):
             expr_sum = expr_sum + s["bin_expr"].astype(np.float64).sum(0)
             n_bins += len(s["bin_expr"])
+            if "bin_counts" in s and "bin_libsize" in s:
+                count_sum = count_sum + s["bin_counts"].astype(np.float64).sum(0)
+                lib_sum += float(s["bin_libsize"].astype(np.float64).sum())
             spot.append(s["spot_feat"][0][s["spot_mask"][0]].astype(np.float64))
             glob.append(s["global_feat"][:1].astype(np.float64))
             if "bin_feat" in s:
@@ -57,13 +63,18 @@ def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
     if bins:  # cached bin features (model.bin_input=features)
         bin_f = np.concatenate(bins)
         stats.update(bin_mean=bin_f.mean(0), bin_sd=bin_f.std(0))
+    if lib_sum > 0:  # count models start at the pooled rate per unit exposure (genes never seen: 1e-8)
+        stats["log_rate"] = np.log(np.maximum(count_sum / lib_sum, 1e-8))
     return {k: torch.from_numpy(np.asarray(v)).float() for k, v in stats.items()}
 
 
 def init_from_statistics(model: nn.Module, stats: dict[str, torch.Tensor]) -> None:
     """Every expression output starts at the training mean; MagNet's feature scalers take the feature
-    statistics. Each model names its offsets (``output_biases()``); ST-Net has no scalers."""
+    statistics (a count model's outputs: the pooled log-rate). Each model names its offsets (``output_biases()``);
+    ST-Net has no scalers."""
     mean = stats["gene_mean"]
+    if isinstance(model, CountModel):  # outputs log-rates
+        mean = stats["log_rate"] if "log_rate" in stats else log_rate_of(mean, model.target_sum)
     with torch.no_grad():
         for p in model.output_biases():
             p.add_(mean.to(p.dtype))

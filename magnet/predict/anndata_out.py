@@ -3,6 +3,8 @@ draws it, written while the bins are predicted: the slide's bin x gene matrices 
 
 ``X``: predicted bin expression in the training normalisation (``uns['magnet']['units']``), dense float32;
 ``layers['measured']``: the measured expression, same normalisation, CSR (Space Ranger input only);
+``layers['rate']``: for a count model (``loss.bin`` poisson / nb), the predicted rate per unit exposure, so that
+``rate * library size`` is a bin's expected count (``X = log1p(rate * target_sum)``, magnet/models/counts.py);
 ``obs``: barcodes, ``in_tissue``, ``array_row``/``array_col``, ``magnet_tile``/``magnet_spot`` (rows of
 the spot- and global-level predictions in ``uns['magnet']['spot'|'global']``); ``obsm['spatial']``:
 bin centres in full-resolution px (x, y); ``uns['spatial'][slide]``: hires/lowres images and scale factors.
@@ -73,11 +75,14 @@ class H5adWriter:
     :meth:`finish` adds the O(n)-sized parts (obs, var, obsm, uns) with anndata's own element writer.
     Columns ``keep`` of both are also kept in RAM (n x len(keep)), in row order, for the PNG maps."""
 
-    def __init__(self, path: Path, keep: list[int] = ()):
+    rate_scale: float | None = None  # a count model's target_sum: layers['rate'] = expm1(X) / rate_scale
+
+    def __init__(self, path: Path, keep: list[int] = (), rate_scale: float | None = None):
         import h5py
 
         self.file = h5py.File(path, "w")
         self.keep = list(keep)
+        self.rate_scale = rate_scale
         self.row = 0
         self.buffer: list[tuple[np.ndarray, np.ndarray | None]] = []
         self.buffered = 0  # bytes of predictions in the buffer
@@ -94,6 +99,8 @@ class H5adWriter:
         f = self.file
         f.create_dataset("X", (n, n_genes), np.float32).attrs.update(ARRAY)
         write_elem(f, "layers", {})
+        if self.rate_scale is not None:
+            f["layers"].create_dataset("rate", (n, n_genes), np.float32).attrs.update(ARRAY)
         self.measured = None
         if measured:
             g = f["layers"].create_group("measured")
@@ -119,6 +126,8 @@ class H5adWriter:
         pred = np.concatenate([p for p, _ in self.buffer])
         rows = slice(self.row, self.row + len(pred))
         self.file["X"][rows] = pred
+        if self.rate_scale is not None:
+            self.file["layers"]["rate"][rows] = np.expm1(pred) / np.float32(self.rate_scale)
         self.kept_pred[rows] = pred[:, self.keep]
         if self.measured is not None:
             m = np.concatenate([m for _, m in self.buffer])

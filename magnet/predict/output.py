@@ -41,8 +41,9 @@ def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictCo
     keep = [genes.index(g) for g in chosen]
     if fmt == "spatialdata":
         from magnet.predict.spatialdata_out import SpatialDataWriter
-    with atomic_path(out) as tmp, (
-            H5adWriter(tmp, keep) if fmt == "h5ad" else SpatialDataWriter(tmp, Path(image), bin_um, keep)) as writer:
+    rate_scale = model.python_model.rate_scale
+    with atomic_path(out) as tmp, (H5adWriter(tmp, keep, rate_scale) if fmt == "h5ad"
+                                   else SpatialDataWriter(tmp, Path(image), bin_um, keep)) as writer:
         pred = stream_slide(model, Path(image), bin_um, cfg, writer, spaceranger=outs, mpp=mpp, slide=slide)
         if fmt == "h5ad":
             images = spatial_images(Path(image), pred.mpp_full, spatial_dir, cfg.hires_px, cfg.lowres_px)

@@ -45,6 +45,7 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         from magnet.config import config_from_saved
         from magnet.train_config import ExperimentConfig
         from magnet.geometry import Geometry
+        from magnet.models.counts import for_loss
         from magnet.models.factory import create_model
 
         info = json.loads(Path(meta).read_text())
@@ -55,9 +56,18 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         self.bin_um = info["bin_um"]
         self.geometry = Geometry(**{k: info["geometry"][k] for k in ("mpp", "global_px", "spot_px", "bin_px")})
         self.feat_dim = info["feat_dim"]
-        self.model = create_model(self.config.model, len(self.genes), self.feat_dim, self.geometry)
+        self.model = for_loss(create_model(self.config.model, len(self.genes), self.feat_dim, self.geometry),
+                              self.config.loss.bin, len(self.genes), self.normalisation, meta)
         self.model.load_state_dict(load_file(weights))
         self.model.eval()
+
+    @property
+    def rate_scale(self) -> float | None:
+        """For a count model, the ``target_sum`` that turns its normalised output ``x`` back into the rate per
+        unit exposure, ``expm1(x) / target_sum`` (magnet/models/counts.py); None for other models."""
+        from magnet.models.counts import CountModel
+
+        return self.model.target_sum if isinstance(self.model, CountModel) else None
 
     def predict_batch(self, batch, bf16: bool = False) -> dict[str, np.ndarray]:
         """Forward on the model's device (bf16 autocast when asked); float32 numpy out, all finite (else a

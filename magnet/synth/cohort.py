@@ -14,7 +14,11 @@
                                             context factor replaced by its type's mean (expression.py)
     DIR/<slide>/ground_truth/gene_groups.csv  gene,group (marker, context_mix, context_short,
                                             context_long, housekeeping), one row per gene in matrix order
-    DIR/<slide>/ground_truth/cells.parquet  every cell: centre (um and full-res px), type, size
+    DIR/<slide>/outs/segmented_outputs/     Space Ranger 4's cell segmentation of the slide's own cells
+                                            (magnet/synth/segmentation.py)
+    DIR/<slide>/ground_truth/cells.parquet  every cell: centre (um and full-res px), type, size, segmented_cell_id
+    DIR/<slide>/ground_truth/expected_cells.h5   barcodes (cellid_...-1), genes, gene_ids, expected (float32
+                                            cells x genes Poisson means of the segmented cells' counts)
 
 The whole cohort is written under a temporary name and renamed at the end: a failed run leaves
 nothing behind.
@@ -38,7 +42,7 @@ from magnet.config import save_config
 from magnet.errors import UserError
 from magnet.io import atomic_path, check_writable
 from magnet.spaceranger_layout import Outs
-from magnet.synth import expression, feature_slice, spaceranger, tissue, wsi
+from magnet.synth import expression, feature_slice, segmentation, spaceranger, tissue, wsi
 from magnet.synth.config import SynthConfig
 from magnet.synth.grid import BIN_SIZES_UM, BinGrid, random_grid
 from magnet.synth.render import random_stain, render_blocks
@@ -92,9 +96,16 @@ def _bin_level(outs: Path, bin_um: int, grid: BinGrid, fields: tissue.Fields, co
 
 
 def _write_ground_truth(folder: Path, expr: expression.SlideExpression, grid: BinGrid, in_tissue: dict,
-                        mpp: float) -> None:
+                        mpp: float, seg: segmentation.Segmentation) -> None:
     folder.mkdir()
     programs = expr.programs
+    with h5py.File(folder / "expected_cells.h5", "w") as f:
+        f.attrs["description"] = "Poisson means of the segmented cells' counts (rows follow the cell matrix)"
+        f.create_dataset("barcodes", data=segmentation.cell_barcodes(seg.ids), track_times=False)
+        f.create_dataset("genes", data=np.array(programs.gene_names, dtype="S"), track_times=False)
+        f.create_dataset("gene_ids", data=np.array(programs.gene_ids, dtype="S"), track_times=False)
+        f.create_dataset("expected", data=expression.expected_by_group(expr, grid, 2, seg.bin_cell, len(seg.source)),
+                         compression="gzip", compression_opts=1, shuffle=True, track_times=False)
     local = expr.local()
     for bin_um in GROUND_TRUTH_BINS_UM:
         rows, cols, _, _ = grid.centres_um(bin_um)
@@ -114,9 +125,14 @@ def _write_ground_truth(folder: Path, expr: expression.SlideExpression, grid: Bi
     csv.writer(buf, lineterminator="\n").writerows([["gene", "group"], *zip(programs.gene_names, programs.groups)])
     (folder / "gene_groups.csv").write_text(buf.getvalue())
     cells = expr.cells
+    segmented = np.zeros(len(cells), bool)
+    segmented[seg.source] = True
+    seg_id = np.zeros(len(cells), np.int64)
+    seg_id[seg.source] = seg.ids
     pq.write_table(pa.table({
         "x_um": cells.x, "y_um": cells.y, "pxl_col_in_fullres": cells.x / mpp, "pxl_row_in_fullres": cells.y / mpp,
         "cell_type": pa.array(np.array(tissue.TYPES)[cells.type]), "size": cells.size,
+        "segmented_cell_id": pa.array(segmentation.cell_barcodes(seg_id).astype(str), mask=~segmented),
     }), folder / "cells.parquet", compression="zstd")
 
 
@@ -161,11 +177,14 @@ def generate_slide(cfg: SynthConfig, programs: expression.Programs, index: int, 
                  for b in BIN_SIZES_UM}
     feature_slice.write_slide_outputs(outs, name, grid, cfg.mpp, counts, programs.gene_ids, programs.gene_names,
                                       in_tissue, png_bytes, png_scales)
+    seg = segmentation.segment(cells, grid, in_tissue[2])
+    segmentation.write_segmented_outputs(outs, seg, grid, cfg.mpp, counts, programs.gene_ids, programs.gene_names,
+                                         png_bytes, png_scales)
     stage("spaceranger")
-    _write_ground_truth(slide_dir / "ground_truth", expr, grid, in_tissue, cfg.mpp)
+    _write_ground_truth(slide_dir / "ground_truth", expr, grid, in_tissue, cfg.mpp, seg)
     stage("ground_truth")
     return {"times": times, "image_px": side, "cells": len(cells), "umis": int(counts[2].sum()),
-            "bins": {b: int(grid.n_side(b) ** 2) for b in BIN_SIZES_UM},
+            "bins": {b: int(grid.n_side(b) ** 2) for b in BIN_SIZES_UM}, "segmented_cells": len(seg.source),
             "in_tissue": {b: int(v.sum()) for b, v in in_tissue.items()}}
 
 

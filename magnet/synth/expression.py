@@ -242,9 +242,15 @@ def sample_counts(expr: SlideExpression, grid: BinGrid, rng: np.random.Generator
 
 def expected_counts(expr: SlideExpression, grid: BinGrid, bin_um: int, keep: np.ndarray) -> np.ndarray:
     """(keep.sum(), G) float32 Poisson means of the bins where ``keep`` (row-major flags) holds."""
+    return expected_by_group(expr, grid, bin_um, np.where(keep, np.cumsum(keep) - 1, -1), int(keep.sum()))
+
+
+def expected_by_group(expr: SlideExpression, grid: BinGrid, bin_um: int, group: np.ndarray,
+                      n_groups: int) -> np.ndarray:
+    """(n_groups, G) float32 Poisson means of the counts summed over the bins of each group; ``group``: each bin's
+    group (row-major), -1 for none (e.g. the 2 um bins of each segmented cell)."""
     n = grid.n_side(bin_um)
-    index = np.cumsum(keep) - 1
-    out = np.zeros((int(keep.sum()), len(expr.programs.gene_ids)), np.float32)
+    out = np.zeros((n_groups, len(expr.programs.gene_ids)), np.float32)
     for sel in expr.chunks():
         live = expr.library[sel] > 0
         if not live.any():
@@ -265,7 +271,7 @@ def expected_counts(expr: SlideExpression, grid: BinGrid, bin_um: int, keep: np.
         inside = (row[:, :, None] >= 0) & (row[:, :, None] < n) & (col[:, None, :] >= 0) & (col[:, None, :] < n)
         flat = np.where(inside, row[:, :, None] * n + col[:, None, :], 0)
         w = wy[:, :, None] * wx[:, None, :]
-        target = np.where(inside & keep[flat], index[flat], -1)
+        target = np.where(inside, group[flat], -1)
         ok = (target >= 0) & (w > 1e-7)
         cell_idx = np.broadcast_to(np.arange(len(cells))[:, None, None], w.shape)[ok]
         rows, local = np.unique(target[ok], return_inverse=True)

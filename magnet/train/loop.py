@@ -141,10 +141,15 @@ def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
     """The model and its DeepSpeed engine; biases and norms are not weight-decayed (:func:`param_groups`)."""
     import deepspeed
 
+    from magnet.models.counts import COUNT_LOSSES, for_loss
     from magnet.models.factory import create_model
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model, len(shard_set.genes), shard_set.manifest.feat_dim, shard_set.geometry)
+    model = for_loss(model, cfg.loss.bin, len(shard_set.genes), shard_set.normalisation, str(shard_set.manifest.path))
+    if cfg.loss.bin in COUNT_LOSSES and not shard_set.manifest.extra.get("raw_counts"):
+        raise UserError(f"{shard_set.manifest.path}: raw_counts: loss.bin {cfg.loss.bin} needs the raw counts in the "
+                        f"shards (shard them with shard.keep_counts: true)")
     if cfg.model.init_from_data and fresh:  # the same statistics on every rank; a resumed run loads its own
         from magnet.models.init import init_from_statistics, training_statistics
 

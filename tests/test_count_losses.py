@@ -1,0 +1,146 @@
+"""Count likelihoods (``loss.bin``: poisson / nb): the negative log-likelihood against torch.distributions and
+scipy, the count model's normalised output against sharding's ``normalise``, and the real commands: shards with
+raw counts, an ``mse_pcc`` and a ``poisson`` model trained 2 steps each, ``magnet predict`` of both in the same
+units (same columns, same normalisation, finite), the count model's rates in ``layers['rate']``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from magnet.cli import main
+from magnet.loss_config import LossConfig
+from magnet.losses import compute_loss, count_nll
+from magnet.models.counts import CountModel, normalised
+from magnet.models.predictions import Predictions
+from sharding.config import GeneConfig
+from sharding.genes import normalise
+from tests.conftest import REPO, train_env
+
+
+def _small_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n, genes = 7, 5
+    log_rate = torch.randn(n, genes, generator=g) - 4.0
+    libsize = torch.randint(1, 400, (n,), generator=g).float()
+    counts = torch.poisson(torch.exp(log_rate) * libsize[:, None] * 3, generator=g)  # over-dispersed-ish
+    return log_rate, counts, libsize
+
+
+def test_poisson_nll_is_the_poisson_log_likelihood():
+    log_rate, counts, libsize = _small_batch()
+    mu = torch.exp(log_rate) * libsize[:, None]
+    want = -torch.distributions.Poisson(mu).log_prob(counts)
+    torch.testing.assert_close(count_nll(log_rate, counts, libsize), want, rtol=1e-5, atol=1e-5)
+    scipy_want = -stats.poisson(mu.double().numpy()).logpmf(counts.numpy())
+    np.testing.assert_allclose(count_nll(log_rate, counts, libsize).numpy(), scipy_want, rtol=1e-4, atol=1e-4)
+
+
+def test_nb_nll_is_the_negative_binomial_log_likelihood():
+    log_rate, counts, libsize = _small_batch(1)
+    log_theta = torch.tensor([-1.0, 0.0, 0.5, 2.0, 4.0])
+    mu = torch.exp(log_rate) * libsize[:, None]
+    theta = torch.exp(log_theta)[None, :]
+    # torch: total_count = theta, logits = log(mu / theta) (mean theta * p / (1 - p) = mu)
+    want = -torch.distributions.NegativeBinomial(theta.expand_as(mu), logits=torch.log(mu / theta)).log_prob(counts)
+    got = count_nll(log_rate, counts, libsize, log_theta)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    th, m = theta.double().numpy(), mu.double().numpy()
+    np.testing.assert_allclose(got.numpy(), -stats.nbinom(th, th / (th + m)).logpmf(counts.numpy()), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_count_loss_replaces_the_squared_error():
+    log_rate, counts, libsize = _small_batch(2)
+    target = torch.from_numpy(normalise(counts.numpy(), libsize.numpy(), GeneConfig()).astype(np.float32))
+    batch = SimpleNamespace(bin_expr=target, bin_counts=counts, bin_libsize=libsize)
+    pred = Predictions(bin=normalised(log_rate, 1e4), bin_log_rate=log_rate, log_dispersion=torch.zeros(5))
+    for name in ("poisson", "nb"):
+        total, parts = compute_loss(pred, batch, LossConfig(bin=name, bin_nll=2.0, bin_pcc=0.0))
+        assert set(parts) == {"bin_nll", "bin_pcc"}
+        nll = count_nll(log_rate, counts, libsize, torch.zeros(5) if name == "nb" else None).mean()
+        torch.testing.assert_close(total, 2.0 * nll)
+    with pytest.raises(ValueError, match="raw counts"):
+        no_counts = SimpleNamespace(bin_expr=target, bin_counts=None, bin_libsize=None)
+        compute_loss(pred, no_counts, LossConfig(bin="poisson"))
+
+
+def test_count_model_output_is_the_normalised_expected_count():
+    """``log1p(rate * target_sum)`` is sharding's normalise of the expected counts ``rate * libsize``, at any
+    library size; the log-rate stays for the likelihood."""
+    log_rate, _, libsize = _small_batch(3)
+
+    class Heads(torch.nn.Module):
+        def forward(self, batch):
+            return Predictions(bin=log_rate, spot=log_rate[:2], glob=None)
+
+    model = CountModel(Heads(), 5, 1e4, dispersion=True)
+    pred = model(None)
+    expected = normalise((torch.exp(log_rate) * libsize[:, None]).double().numpy(), libsize.numpy(), GeneConfig())
+    np.testing.assert_allclose(pred.bin.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert pred.glob is None and pred.spot.shape == (2, 5) and pred.log_dispersion.shape == (5,)
+    torch.testing.assert_close(pred.bin_log_rate, log_rate)
+
+
+@pytest.fixture(scope="module")
+def count_shards(tiny_cohort, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("count_shards") / "s"
+    assert main(["shard", "--samplesheet", str(tiny_cohort / "samplesheet.csv"), "--bin-um", "16", "--out", str(out),
+                 "--config", str(REPO / "configs/shard/tiny.yaml"), "shard.keep_counts=true"]) == 0
+    return out
+
+
+def _train(shards: Path, out: Path, name: str, loss: str) -> Path:
+    cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
+           f"data.shards={shards}", f"train.out_dir={out}", f"train.run_name={name}", "train.steps=2",
+           "train.deepspeed=zero1", f"loss.bin={loss}", "data.eval_split=test"]  # no test split: no evaluation
+    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out / name / "model"
+
+
+def _predict(model: Path, cohort: Path, out: Path):
+    import anndata as ad
+
+    outs, image = cohort / "synth_000" / "outs", cohort / "synth_000" / "synth_000_fullres.tif"
+    proc = subprocess.run([sys.executable, "-m", "magnet", "predict", "--model", str(model), "--spaceranger", str(outs),
+                           "--image", str(image), "--bin-um", "16", "--out", str(out), "batch_size=2",
+                           "progress=false"], env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ad.read_h5ad(out)
+
+
+@pytest.mark.slow
+def test_poisson_and_mse_models_predict_in_the_same_units(count_shards, tiny_cohort, tmp_path):
+    manifest = json.loads((count_shards / "16um" / "manifest.json").read_text())
+    assert manifest["raw_counts"] == {"counts": "bin_counts", "exposure": "bin_libsize"}
+    mse = _predict(_train(count_shards, tmp_path, "mse", "mse_pcc"), tiny_cohort, tmp_path / "mse.h5ad")
+    poisson_model = _train(count_shards, tmp_path, "poisson", "poisson")
+    poi = _predict(poisson_model, tiny_cohort, tmp_path / "poisson.h5ad")
+    assert list(mse.var_names) == list(poi.var_names) and list(mse.obs_names) == list(poi.obs_names)
+    assert mse.uns["magnet"]["units"] == poi.uns["magnet"]["units"]
+    assert mse.uns["magnet"]["units"]["method"] == "log1p_libsize"
+    for a in (mse, poi):
+        assert np.isfinite(a.X).all() and a.X.min() >= 0
+    assert "rate" not in mse.layers and "rate" in poi.layers
+    target_sum = poi.uns["magnet"]["units"]["target_sum"]
+    np.testing.assert_allclose(np.log1p(poi.layers["rate"] * target_sum), poi.X, rtol=1e-4, atol=1e-5)
+    # normalised values, not log-rates per unit exposure (those are far below 0: rates are shares of a bin's counts)
+    assert poi.X.mean() > 0 and np.log(poi.layers["rate"].mean()) < -3
+
+
+def test_count_loss_needs_raw_counts(tiny_shards, tmp_path):
+    cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
+           f"data.shards={tiny_shards}", f"train.out_dir={tmp_path}", "train.run_name=r", "train.steps=1",
+           "train.deepspeed=zero1", "loss.bin=nb"]
+    proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "raw_counts: loss.bin nb needs the raw counts" in proc.stderr.strip().splitlines()[-1]
