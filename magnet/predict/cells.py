@@ -33,10 +33,10 @@ def spaceranger_cells(outs: Path, barcodes: np.ndarray) -> tuple[np.ndarray, np.
     path = Outs(outs).barcode_mappings
     if not path.is_file():
         raise UserError(f"{path}: --cells: no Space Ranger 4 segmentation there (give the cells as GeoJSON)")
-    table = pq.read_table(path, columns=["square_002um", "cell_id"]).to_pandas()
+    table = pq.read_table(path, columns=[Outs.square(2), "cell_id"]).to_pandas()
     table = table[table["cell_id"].notna()]
     ids, code = np.unique(table["cell_id"].to_numpy(str), return_inverse=True)
-    index = dict(zip(table["square_002um"].to_numpy(str), code.tolist()))
+    index = dict(zip(table[Outs.square(2)].to_numpy(str), code.tolist()))
     return ids, np.fromiter((index.get(b, -1) for b in barcodes.astype(str)), np.int64, len(barcodes))
 
 
