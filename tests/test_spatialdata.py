@@ -230,7 +230,7 @@ def test_bad_spatialdata_output_is_refused_and_nothing_is_left(registered, tiny_
     _, run_dir = registered
     base = ["predict", "--model", str(run_dir / "model"), "--spaceranger", str(_outs(tiny_cohort)), "--format",
             "spatialdata"]
-    folder = tmp_path / "mine"
+    folder = tmp_path / "mine.zarr"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
     _refused([*base, "--image", str(_image(tiny_cohort)), "--out", str(folder)], capsys, "exists; pass --overwrite")
@@ -241,7 +241,7 @@ def test_bad_spatialdata_output_is_refused_and_nothing_is_left(registered, tiny_
     tifffile.imwrite(small, tifffile.imread(_image(tiny_cohort))[:600, :600])
     out = tmp_path / "p.zarr"
     _refused([*base, "--image", str(small), "--out", str(out)], capsys, "image size")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "small.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.zarr", "small.tif"]
 
 
 def test_image_only_png_prediction_as_spatialdata(registered, tiny_cohort, tmp_path):

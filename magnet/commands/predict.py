@@ -150,7 +150,7 @@ def _check_extension(out, fmt: str) -> None:
     want = {"h5ad": ".h5ad", "spatialdata": ".zarr"}[fmt]
     if out.suffix.lower() != want:
         raise UserError(f"{out}: --out: --format {fmt} writes a {want} {'file' if fmt == 'h5ad' else 'store'}; "
-                        f"name --out ...{want}")
+                        f"give --out a {want} name")
 
 
 def _terminated(signum, frame):
