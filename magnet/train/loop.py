@@ -241,6 +241,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     meter = LossMeter()
     last_batch = None
     t_start, steps_at_start, t_log, bins_log = time.time(), state.step, time.time(), 0.0
+    cpu_start = time.process_time()  # this rank's CPU seconds (all its threads), for learning curves against compute
     metrics: dict = {}
     ckpt_step = -1
     micro = 0
@@ -259,6 +260,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
         now = time.time()
         bins_log += sums["bins"]
         row = step_row(sums, state, engine, stream.position["epoch"])
+        row["cpu_s"] = time.process_time() - cpu_start  # since this process started training (resets on resume)
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rate = bins_log / max(now - t_log, 1e-9)
