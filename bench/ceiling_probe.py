@@ -25,6 +25,7 @@ from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from magnet.batch import _crop_patches as crop_patches  # noqa: E402
 from magnet.format.manifest import Manifest  # noqa: E402
 from magnet.format.reader import ShardReader  # noqa: E402
 from magnet.synth.config import ExpressionConfig  # noqa: E402
@@ -82,6 +83,37 @@ def bin_table(shards: Path, cohort: Path, windows: list[float]) -> dict[str, tup
     return {k: tuple(np.concatenate(a) for a in zip(*v)) for k, v in out.items()}
 
 
+def colour_table(shards: Path, k: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """slide -> (N, 2, k) shares of the patch's pixels in each of ``k`` colour clusters (k-means on a pixel
+    sample of every slide), in the bin square and in the whole patch: what a read-out of the image's colours
+    alone can give, with no learned shape."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    typed = Manifest.load(shards / "manifest.json")
+    geom, reader, mpp = typed.geometry, ShardReader(typed), typed.geometry.mpp
+    bin_px, size = int(round(typed.to_dict()["bin_um"] / mpp)), geom.bin_px
+    patches: dict[str, list] = {}
+    for shard in typed.to_dict()["shards"]:
+        for s in reader.read([str(shards / shard["name"])]):
+            out = np.empty((s.n_bins, size, size, 3), np.uint8)
+            crop_patches(s["image"], s["bin_xy"].astype(np.float32), out)
+            patches.setdefault(shard["slide"], []).append(out)
+    patches = {k_: np.concatenate(v) for k_, v in patches.items()}
+    rng = np.random.default_rng(seed)
+    pixels = np.concatenate([p.reshape(-1, 3)[rng.integers(0, p.shape[0] * size * size, 20000)]
+                             for p in patches.values()]).astype(np.float32)
+    km = MiniBatchKMeans(k, random_state=seed, n_init=3).fit(pixels)
+    lo = (size - bin_px) // 2
+    out = {}
+    for slide, p in patches.items():
+        lab = km.predict(p.reshape(-1, 3).astype(np.float32)).reshape(p.shape[:3])
+        whole = np.stack([(lab == c).mean((1, 2)) for c in range(k)], axis=1)
+        inner = lab[:, lo:lo + bin_px, lo:lo + bin_px]
+        centre = np.stack([(inner == c).mean((1, 2)) for c in range(k)], axis=1)
+        out[slide] = np.stack([centre, whole], axis=1)
+    return out
+
+
 def design(counts: np.ndarray) -> np.ndarray:
     """Counts and shares of every window, flattened: (N, windows * 2 * types)."""
     shares = counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
@@ -133,6 +165,9 @@ def main() -> None:
                     help="sides of windows wider than the bin patch: does a larger patch see more of the bin's cells")
     ap.add_argument("--context-um", nargs="+", type=float, default=[64.0, 128.0, 256.0],
                     help="sides of the neighbourhood windows of the bin+context read-out")
+    ap.add_argument("--colours", type=int, default=0,
+                    help="also a read-out of the patch's colours: shares of this many colour clusters (0: none)")
+    ap.add_argument("--colours-only", action="store_true", help="skip the composition read-outs")
     args = ap.parse_args()
     typed = Manifest.load(args.shards / "manifest.json")
     bin_um, patch_um = typed.to_dict()["bin_um"], typed.geometry.bin_px * typed.geometry.mpp
@@ -150,11 +185,18 @@ def main() -> None:
     reads = [("bin (cells in bin)", [1]), ("bin (cells in bin, patch)", [1, 2])]
     reads += [(f"bin (cells in bin ... {w:g} um)", list(range(1, 3 + i + 1))) for i, w in enumerate(args.wider_um)]
     reads += [("bin (transcript mass)", [0]), ("bin + context", [0, 1, 2, *range(3 + n_wide, len(windows) + 1)])]
-    for label, cols in reads:
+    for label, cols in reads if not args.colours_only else []:
         train = [(design(table[s][0][:, cols]), table[s][1]) for s in sorted(splits) if splits[s] == "train"]
         f, alpha = fit(train)
         pcc = np.mean([gene_pcc(f(design(table[s][0][:, cols])), table[s][1]) for s in slides], axis=0)
         print(f"{label} a={alpha:g}".ljust(34), f"{np.nanmean(pcc):6.3f}",
+              *(f"{np.nanmean(pcc[group == k]):18.3f}" for k in names))
+    if args.colours:
+        colours = colour_table(args.shards, args.colours)
+        train = [(colours[s].reshape(len(colours[s]), -1), table[s][1]) for s in sorted(splits) if splits[s] == "train"]
+        f, alpha = fit(train)
+        pcc = np.mean([gene_pcc(f(colours[s].reshape(len(colours[s]), -1)), table[s][1]) for s in slides], axis=0)
+        print(f"image colours (k={args.colours}) a={alpha:g}".ljust(34), f"{np.nanmean(pcc):6.3f}",
               *(f"{np.nanmean(pcc[group == k]):18.3f}" for k in names))
 
 
