@@ -167,6 +167,8 @@ def main() -> None:
                     help="sides of the neighbourhood windows of the bin+context read-out")
     ap.add_argument("--colours", type=int, default=0,
                     help="also a read-out of the patch's colours: shares of this many colour clusters (0: none)")
+    ap.add_argument("--mlp", action="store_true",
+                    help="an MLP read-out of the bin + context features instead of the ridge rows")
     ap.add_argument("--colours-only", action="store_true", help="skip the composition read-outs")
     args = ap.parse_args()
     typed = Manifest.load(args.shards / "manifest.json")
@@ -185,11 +187,24 @@ def main() -> None:
     reads = [("bin (cells in bin)", [1]), ("bin (cells in bin, patch)", [1, 2])]
     reads += [(f"bin (cells in bin ... {w:g} um)", list(range(1, 3 + i + 1))) for i, w in enumerate(args.wider_um)]
     reads += [("bin (transcript mass)", [0]), ("bin + context", [0, 1, 2, *range(3 + n_wide, len(windows) + 1)])]
-    for label, cols in reads if not args.colours_only else []:
+    for label, cols in reads if not (args.colours_only or args.mlp) else []:
         train = [(design(table[s][0][:, cols]), table[s][1]) for s in sorted(splits) if splits[s] == "train"]
         f, alpha = fit(train)
         pcc = np.mean([gene_pcc(f(design(table[s][0][:, cols])), table[s][1]) for s in slides], axis=0)
         print(f"{label} a={alpha:g}".ljust(34), f"{np.nanmean(pcc):6.3f}",
+              *(f"{np.nanmean(pcc[group == k]):18.3f}" for k in names))
+    if args.mlp:  # is the ridge's smooth read-out what caps the composition? a flexible one on the same features
+        from sklearn.neural_network import MLPRegressor
+
+        cols = reads[-1][1]
+        xs = [design(table[s][0][:, cols]) for s in sorted(splits) if splits[s] == "train"]
+        ys = [table[s][1] for s in sorted(splits) if splits[s] == "train"]
+        scaler = StandardScaler().fit(np.concatenate(xs))
+        net = MLPRegressor(hidden_layer_sizes=(256, 256), alpha=1e-3, early_stopping=True, max_iter=300, random_state=0)
+        net.fit(scaler.transform(np.concatenate(xs)), np.concatenate(ys))
+        pcc = np.mean([gene_pcc(net.predict(scaler.transform(design(table[s][0][:, cols]))), table[s][1])
+                       for s in slides], axis=0)
+        print("bin + context, MLP".ljust(34), f"{np.nanmean(pcc):6.3f}",
               *(f"{np.nanmean(pcc[group == k]):18.3f}" for k in names))
     if args.colours:
         colours = colour_table(args.shards, args.colours)
