@@ -113,6 +113,9 @@ def test_no_credential_from_the_environment_is_recorded(zero2_run):
 def test_zero2_trains_logs_to_mlflow_and_registers(zero2_run, tiny_shards):
     run_dir, uri = zero2_run
     _assert_trained(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cpu = [r["cpu_s"] for r in rows if r["kind"] == "train"]  # the learning curves' compute axis
+    assert cpu[0] > 0 and all(b >= a for a, b in zip(cpu, cpu[1:])), cpu
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)

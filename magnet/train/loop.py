@@ -276,6 +276,7 @@ def _train(cfg, world, run_dir, fresh, engine, zero_stage, shard_set, stream, st
     meter = LossMeter()
     last_batch = None
     t_start, steps_at_start, t_log, bins_log = time.time(), state.step, time.time(), 0.0
+    cpu_start = time.process_time()  # this rank's CPU seconds (all its threads), for learning curves against compute
     metrics: dict = {}
     ckpt_step = -1
     micro = 0
@@ -304,6 +305,7 @@ def _train(cfg, world, run_dir, fresh, engine, zero_stage, shard_set, stream, st
         now = time.time()
         bins_log += sums["bins"]
         row = step_row(sums, state, engine, stream.position["epoch"])
+        row["cpu_s"] = time.process_time() - cpu_start  # since this process started training (resets on resume)
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rate = bins_log / max(now - t_log, 1e-9)
