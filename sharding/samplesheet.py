@@ -70,13 +70,13 @@ def read_samplesheet(path: str | Path, check_paths: bool = True) -> list[SlideEn
         if slide in seen:
             raise UserError(f"{where}: slide: duplicate slide name '{slide}'")
         seen.add(slide)
-        paths = {}
+        paths, given = {}, {}
         for col, kind in (("spaceranger", "folder"), ("image", "file")):
             value = (row[col] or "").strip()
             p = (path.parent / value).absolute()  # absolute: workers (Ray actors) run in other folders
             if not value or (check_paths and not (p.is_dir() if kind == "folder" else p.is_file())):
                 raise UserError(f"{where} (slide {slide}): {col}: {kind} not found: {p}")
-            paths[col] = p
+            paths[col], given[col] = p, value
         split = (row.get("split") or "").strip() or None
         if split is not None and split not in SPLITS:
             raise UserError(f"{where} (slide {slide}): split: '{split}' is not one of {', '.join(SPLITS)}")
@@ -87,7 +87,7 @@ def read_samplesheet(path: str | Path, check_paths: bool = True) -> list[SlideEn
             key = os.path.realpath(Outs.find(paths[col]).path if col == "spaceranger" else paths[col])
             other = files.setdefault((col, key), slide)
             if other != slide:
-                raise UserError(f"{where} (slide {slide}): {col}: {paths[col]} is also the {col} of slide '{other}'; "
+                raise UserError(f"{where} (slide {slide}): {col}: {given[col]} is also the {col} of slide '{other}'; "
                                 f"one slide under two names could land in two splits")
         entries.append(SlideEntry(
             slide=slide, spaceranger=Outs.find(paths["spaceranger"]).path, image=paths["image"], split=split,

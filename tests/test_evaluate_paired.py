@@ -12,6 +12,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from magnet.cli import main
+from model_copies import noisy_copy
 from test_evaluate import _normalised, _pcc_per_gene, _sheet, _splits
 
 SHUFFLED = "rep (context shuffled)"
@@ -29,24 +30,6 @@ def _groups_file(path, genes: list[str]) -> dict[str, str]:
     return {genes[0]: "other", **groups}
 
 
-def _replicate(model, out):
-    """A second replicate: the model with seeded noise on its weights (one model given twice is refused)."""
-    import shutil
-
-    from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(model, out)
-    path = out / "model.safetensors"
-    with safe_open(str(path), "np") as f:
-        metadata = f.metadata()
-    rng = np.random.default_rng(1)
-    weights = {k: v + (0.05 * v.std() * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f"
-               and v.size > 1 else v for k, v in load_file(str(path)).items()}
-    save_file(weights, str(path), metadata=metadata)
-    return out
-
-
 @pytest.fixture(scope="module")
 def paired_eval(registered, tiny_cohort, tiny_shards, tmp_path_factory):
     from magnet.predict.model import load_model
@@ -56,7 +39,7 @@ def paired_eval(registered, tiny_cohort, tiny_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("paired")
     genes = load_model(str(run_dir / "model"), uri).genes
     groups = _groups_file(out / "groups.csv", genes)
-    model, model2 = run_dir / "model", _replicate(run_dir / "model", out / "rep2")
+    model, model2 = run_dir / "model", noisy_copy(run_dir / "model", out / "rep2")
     argv = ["evaluate", "--model", f"rep={model},{model2}", "--tracking-uri", uri,
             "--samplesheet", str(_sheet(tiny_cohort, out, held)), "--gene-groups", str(out / "groups.csv"),
             "--out", str(out / "eval"), "top_k=5", "oracle_draws=8", "bootstrap=500", "seed=3",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import train_env
+from model_copies import noisy_copy
 
 from magnet.cli import main
 from magnet.config import config_from_saved
@@ -172,15 +173,17 @@ def test_fold_out_of_range_is_one_line(tiny_shards, tmp_path):
 
 
 def test_a_fold_given_twice_is_refused(fold_runs, tiny_cohort, tmp_path, capsys):
-    """Models of folds 0, 1, 1 under one label: the repeated fold is named, not one of its models dropped."""
+    """Models of folds 0, 1, 1 under one label (two models of fold 1): the repeated fold is named, not one of its
+    models dropped."""
     runs, _ = fold_runs
-    models = [str(runs[k] / "model") for k in (0, 1, 1)]
+    other = noisy_copy(runs[1] / "model", tmp_path / "fold1_other")
+    models = [str(runs[0] / "model"), str(runs[1] / "model"), str(other)]
     out = tmp_path / "eval"
     assert main(["evaluate", *(a for m in models for a in ("--model", m)), "--samplesheet",
                  str(tiny_cohort / "samplesheet.csv"), "--out", str(out), "mlflow=false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'magnet' is given twice for fold 1" in err[0], err
-    assert err[0].startswith(f"magnet: error: {(runs[1] / 'model').resolve()}: --model: ")
+    assert err[0].startswith(f"magnet: error: {other.resolve()}: --model: ")
     assert not out.exists()
 
 

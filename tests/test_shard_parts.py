@@ -111,8 +111,13 @@ def test_tiled_tiff_levels_are_read_tile_by_tile_as_the_zarr_store_reads_them(sl
 
 
 def write_sheet(tmp_path: Path, rows: list[str], header="slide,spaceranger,image,patient,split") -> Path:
-    for name in ("outs", "img.tif"):
-        (tmp_path / name).mkdir(exist_ok=True) if name == "outs" else (tmp_path / name).write_bytes(b"")
+    """The sheet of ``rows`` (``slide,outs,img.tif,...``), each slide given its own files ``{slide}/outs`` and
+    ``{slide}/img.tif`` (one file under two slide names is refused)."""
+    rows = [r.replace(",outs,img.tif,", f",{r.split(',')[0]}/outs,{r.split(',')[0]}/img.tif,") for r in rows]
+    for r in rows:
+        slide = tmp_path / r.split(",")[0]
+        (slide / "outs").mkdir(parents=True, exist_ok=True)
+        (slide / "img.tif").write_bytes(b"")
     sheet = tmp_path / "slides.csv"
     sheet.write_text(header + "\n" + "\n".join(rows) + "\n")
     return sheet

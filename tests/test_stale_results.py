@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO, train_env
+from model_copies import noisy_copy
 
 S = "synth_000"
 
@@ -32,18 +32,6 @@ def _predict(uri: str, model: str, sheet: Path, out: Path, *extra: str) -> subpr
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def _other_model(run_dir: Path, dst: Path) -> Path:
-    """A copy of the run's model folder with one weight changed: another model of the same shape."""
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(run_dir / "model", dst)
-    weights = load_file(dst / "model.safetensors")
-    name = sorted(k for k, v in weights.items() if v.dtype.kind == "f")[0]
-    weights[name] = weights[name] + 1
-    save_file(weights, dst / "model.safetensors")
-    return dst
-
-
 @pytest.mark.slow
 def test_cohort_refuses_to_keep_files_of_another_model_or_setting(registered, tiny_cohort, tmp_path):
     uri, run_dir = registered
@@ -55,7 +43,7 @@ def test_cohort_refuses_to_keep_files_of_another_model_or_setting(registered, ti
     assert first.returncode == 0, first.stderr[-3000:]
     kept = _sha(out / f"{S}.h5ad")
 
-    other = _other_model(run_dir, tmp_path / "other")
+    other = noisy_copy(run_dir / "model", tmp_path / "other")
     for model, extra, field in ((str(other), (), "model"), ("models:/tiny@champion", ("context=zero",), "context")):
         proc = _predict(uri, model, sheet, out, *extra)
         err = proc.stderr.strip().splitlines()

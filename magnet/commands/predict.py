@@ -14,11 +14,13 @@ from pathlib import Path
 from magnet.config import load_config
 from magnet.errors import UserError
 from magnet.io import check_not_input, check_output
+from magnet.predict.cells import write_cells
 from magnet.predict.cohort import predict_cohort
 from magnet.predict.config import PredictConfig
 from magnet.predict.model import load_model
 from magnet.predict.output import predict_to_file
 from magnet.predict.spatialdata_out import check_out
+from magnet.spaceranger_layout import Outs
 from sharding.samplesheet import read_samplesheet
 
 USAGE = """examples:
@@ -191,12 +193,9 @@ def _run(args) -> int:
                               mpp=args.mpp, chosen=chosen, maps_dir=args.maps, slide=args.slide, fmt=args.format)
     summary.pop("slide")
     if args.cells is not None:
-        from magnet.predict.cells import write_cells
-        from magnet.predict.slide import spaceranger_outs
-
         out = Path(args.out)
         summary.update(write_cells(out, out.parent / f"{out.stem}.cells.h5ad", args.cells,
-                                   spaceranger_outs(Path(args.spaceranger)) if args.spaceranger else None))
+                                   Outs.find(args.spaceranger).path if args.spaceranger else None))
     print(json.dumps(summary))
     return 0
 

@@ -72,7 +72,7 @@ def load_models(specs: list[str], tracking_uri: str | None, bin_um: list[int] | 
     from magnet.predict.model import load_model
 
     groups: dict[str, list[LoadedModel]] = {}
-    given: dict[str, str] = {}  # weights fingerprint -> the model that had them first
+    given: dict[tuple[str, str], str] = {}  # (label, weights fingerprint) -> the model that had them first
     for spec in specs:
         label, _, uris = spec.partition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
         if REPLICATE in label or "(" in label:
@@ -82,11 +82,12 @@ def load_models(specs: list[str], tracking_uri: str | None, bin_um: list[int] | 
             if not uri.strip():
                 raise UserError(f"{spec}: --model: an empty model in the list")
             model = load_model(uri.strip(), tracking_uri)
-            if model.weights in given:
-                raise UserError(f"{spec}: --model: {uri.strip()} has the weights of {given[model.weights]} "
+            name = label or model.python_model.config.model.name
+            if (name, model.weights) in given:  # under two labels a model may be compared with itself
+                raise UserError(f"{spec}: --model: {uri.strip()} has the weights of {given[name, model.weights]} "
                                 f"(model.safetensors); one model given twice is not two replicates")
-            given[model.weights] = uri.strip()
-            groups.setdefault(label or model.python_model.config.model.name, []).append(model)
+            given[name, model.weights] = uri.strip()
+            groups.setdefault(name, []).append(model)
     out: Models = {}
     for label, group in groups.items():
         folds = [fold_of(m) for m in group]

@@ -139,10 +139,10 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
         if len(names) != 2 or not all(n.split(" (")[0] in cfg.models + ["oracle", "local oracle"] for n in names):
             raise UserError(f"{origin}: evaluate.compare: '{pair}' is not A:B of models {', '.join(cfg.models)}")
     scfg = absolute_paths(sweep_config(cfg))
-    check_evaluation(cfg, scfg)
     sweep_dir = Path(scfg.out_dir) / scfg.name
     check_not_input(sweep_dir, "name", [("evaluate.samplesheet", e.samplesheet),
                                         ("evaluate.gene_groups", e.gene_groups)])
+    check_evaluation(cfg, scfg)
     summary = summary_of(scfg, origin, resume)
     save_config(cfg, sweep_dir / "experiment.yaml")
     models = trained_models(summary, sweep_dir, cfg)
