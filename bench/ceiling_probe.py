@@ -25,7 +25,7 @@ from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from magnet.batch import crop_patches as crop_patches  # noqa: E402
+from magnet.batch import crop_patches  # noqa: E402
 from magnet.format.manifest import Manifest  # noqa: E402
 from magnet.format.reader import ShardReader  # noqa: E402
 from magnet.synth.config import ExpressionConfig  # noqa: E402
