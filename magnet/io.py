@@ -154,6 +154,7 @@ def check_not_input(out: str | Path, flag: str, inputs: list[tuple[str, str | Pa
 
 
 def sha256_file(path: str | Path) -> str:
+    """sha256 of the whole file, read in 1 MiB blocks."""
     sha = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

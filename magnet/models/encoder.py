@@ -12,13 +12,13 @@ The one builder of every level's encoder: the sharding stage's frozen one (``enc
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from magnet.errors import UserError
+from magnet.io import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,7 +42,7 @@ def weights_id(weights: str | None, seed: int) -> str:
         return f"random-seed-{seed}"
     p = Path(weights)
     if p.is_file():
-        return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+        return "sha256:" + sha256_file(p)  # in blocks: a foundation encoder's file is GBs
     return weights
 
 

@@ -30,7 +30,11 @@ class LoadedModel:
     encoder: dict  # name, feat_dim, weights (id), input_px, precision (fp32 when not recorded)
     source: dict  # what to record: uri, registered version / run id where known
     slides: dict = dataclasses.field(default_factory=dict)  # slide -> split, fingerprint as trained ({}: older models)
-    weights: str = ""  # sha256 of model.safetensors: the same model, however named
+
+    @property
+    def weights(self) -> str:
+        """sha256 of model.safetensors: the same model, however named."""
+        return self.source["weights_sha256"]
 
     @property
     def genes(self) -> list[str]:
@@ -100,7 +104,7 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
         k = int(ex["nbr_mask"].shape[0]) - 1
     sha = meta.get("weights_sha256") or sha256_file(art / "model.safetensors")  # checked at load; older models: hashed
     return LoadedModel(uri=uri, python_model=python_model, k_neighbours=k, encoder=dict(meta["encoder"]),
-                       source={**source, "weights_sha256": sha}, slides=dict(meta.get("slides", {})), weights=sha)
+                       source={**source, "weights_sha256": sha}, slides=dict(meta.get("slides", {})))
 
 
 def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
