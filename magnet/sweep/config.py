@@ -69,6 +69,15 @@ class RayConfig:
     object_store_mb: int = 0  # local instance only; 0 = Ray's default (30% of RAM)
 
 
+def check_variants(variants: dict[str, list[str]]) -> None:
+    """Each variant is a non-empty list of key=value overrides that leaves the shards to the space."""
+    for label, overrides in variants.items():
+        if not overrides or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise ValueError(f"variants.{label}: expected a non-empty list of key=value overrides")
+        if any(o.split("=", 1)[0].strip() in ("data.bin_um", "data.shards") for o in overrides):
+            raise ValueError(f"variants.{label}: data.bin_um and data.shards are set by the space and shards")
+
+
 @dataclasses.dataclass(kw_only=True)
 class SweepConfig:
     name: str = "sweep"
@@ -79,6 +88,8 @@ class SweepConfig:
     space: dict[str, Any] = dataclasses.field(default_factory=dict)
     tie: dict[str, str] = dataclasses.field(default_factory=dict)  # experiment key -> swept key whose value it takes
     # in each trial, e.g. {model.seed: train.seed}: one grid axis setting two keys
+    variants: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # label -> key=value overrides: the
+    # space's key `variant` takes labels, e.g. {magnet_nb: [model.name=magnet, loss.bin=nb]} (several keys per value)
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
     asha: AshaConfig = dataclasses.field(default_factory=AshaConfig)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
@@ -90,3 +101,4 @@ class SweepConfig:
             if not str(key).isdigit():
                 raise ValueError(f"shards: key {key!r} is not a bin size in um (e.g. 8)")
         self.shards = {str(k): str(v) for k, v in self.shards.items()}
+        check_variants(self.variants)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from magnet.errors import UserError
 from magnet.registry.tracking import refuse_credentials
-from magnet.sweep.config import RayConfig, ResourcesConfig
+from magnet.sweep.config import RayConfig, ResourcesConfig, check_variants
+from magnet.sweep.space import VARIANT
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -48,7 +49,10 @@ class ReplicatesConfig:
     train_config: str = "configs/train/demo.yaml"  # the recipe every model is trained with
     train_overrides: list[str] = dataclasses.field(default_factory=list)
     shards: dict[str, str] = dataclasses.field(default_factory=dict)  # bin_um -> root holding {bin_um}um/
-    models: list[str] = dataclasses.field(default_factory=lambda: ["magnet", "stnet"])  # model.name values
+    models: list[str] = dataclasses.field(default_factory=lambda: ["magnet", "stnet"])  # labels: model.name values,
+    # or labels of variants
+    variants: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # label -> key=value overrides of its
+    # trials, e.g. {magnet_nb: [model.name=magnet, loss.bin=nb]}: one model trained several ways
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # train.seed = model.seed per replicate
     max_concurrent: int = 0  # trials at a time; 0 = as many as the resources allow
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
@@ -63,18 +67,24 @@ class ReplicatesConfig:
             raise ValueError(f"seeds: give distinct seeds, got {self.seeds}")
         if self.max_concurrent < 0:
             raise ValueError("max_concurrent must be >= 0")
+        check_variants(self.variants)
+        unused = [label for label in self.variants if label not in self.models]
+        if unused:
+            raise ValueError(f"variants.{unused[0]}: not a label of models {self.models}")
         self.shards = {str(k): str(v) for k, v in self.shards.items()}
 
 
 def sweep_config(cfg: ReplicatesConfig):
-    """The Tune grid: ``model.name`` x ``train.seed`` (``model.seed`` tied to it), no scheduler, nothing registered."""
+    """The Tune grid: ``variant`` (a label of ``models``: its ``variants`` overrides, else ``model.name=label``) x
+    ``train.seed`` (``model.seed`` tied to it), no scheduler, nothing registered."""
     from magnet.sweep.config import AshaConfig, SearchConfig, SweepConfig, SweepMlflowConfig
 
     return SweepConfig(
         name=cfg.name, out_dir=cfg.out_dir, train_config=cfg.train_config, train_overrides=list(cfg.train_overrides),
-        shards=dict(cfg.shards), space={"model": {"name": {"grid": list(cfg.models)}},
+        shards=dict(cfg.shards), space={VARIANT: {"grid": list(cfg.models)},
                                         "train": {"seed": {"grid": list(cfg.seeds)}}},
         tie={"model.seed": "train.seed"},
+        variants={m: list(cfg.variants.get(m, [f"model.name={m}"])) for m in cfg.models},
         search=SearchConfig(algorithm="grid", num_samples=1, metric="val/loss", mode="min",
                             max_concurrent=cfg.max_concurrent),
         asha=AshaConfig(enabled=False), resources=cfg.resources,
@@ -91,7 +101,7 @@ def trained_models(summary: dict, sweep_dir: Path, cfg: ReplicatesConfig) -> dic
                         f"{', ' + bad[0]['error'] if bad[0]['error'] else ''}); see summary.md")
     out: dict[str, dict[int, Path]] = {m: {} for m in cfg.models}
     for r in summary["trials"]:
-        out[str(r["model.name"])][int(r["train.seed"])] = sweep_dir / "runs" / r["trial"] / "model"
+        out[str(r[VARIANT])][int(r["train.seed"])] = sweep_dir / "runs" / r["trial"] / "model"
     return {m: [seeds[s] for s in sorted(seeds)] for m, seeds in out.items()}
 
 

@@ -38,8 +38,20 @@ def leaves(space: dict, prefix: str = "") -> dict[str, tuple[str, list]]:
     return out
 
 
-def _check_key(key: str) -> None:
-    """The dotted key names a field of the experiment config."""
+VARIANT = "variant"  # the space's key whose values are labels of SweepConfig.variants
+
+
+def overrides_of(cfg: SweepConfig, key: str, value: Any) -> list[str]:
+    """The experiment overrides one swept value sets: a variant's list, else ``key=value``."""
+    return list(cfg.variants[value]) if key == VARIANT else [f"{key}={json.dumps(value)}"]
+
+
+def _check_key(key: str, cfg: SweepConfig | None = None) -> None:
+    """The dotted key names a field of the experiment config (or is ``variant``, where variants are given)."""
+    if key == VARIANT and cfg is not None:
+        if not cfg.variants:
+            raise UserError(f"config: space.{VARIANT}: no variants given (variants: {{label: [key=value, ...]}})")
+        return
     cls: Any = ExperimentConfig
     for part in key.split("."):
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
@@ -57,8 +69,10 @@ def _check_values(cfg: SweepConfig, key: str, kind: str, values: list) -> None:
         if kind == "loguniform" and not low > 0:
             raise UserError(f"config: space.{key}.loguniform: low must be > 0, got {low}")
     for v in values:
+        if key == VARIANT and v not in cfg.variants:
+            raise UserError(f"config: space.{key}.{kind}: {v!r} is not a label of variants ({', '.join(cfg.variants)})")
         try:
-            load_config(ExperimentConfig, cfg.train_config, [*cfg.train_overrides, f"{key}={json.dumps(v)}"])
+            load_config(ExperimentConfig, cfg.train_config, [*cfg.train_overrides, *overrides_of(cfg, key, v)])
         except UserError as e:
             raise UserError(f"config: space.{key}.{kind}: {v!r} is not a valid value ({e})") from None
 
@@ -72,7 +86,7 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
     if not leaves(cfg.space):
         raise UserError("config: space: empty; a sweep varies at least one key (one run is `magnet train`)")
     for key, (kind, values) in leaves(cfg.space).items():
-        _check_key(key)
+        _check_key(key, cfg)
         _check_values(cfg, key, kind, values)
         if algorithm == "grid" and kind != "grid":
             raise UserError(f"config: space.{key}: search.algorithm grid needs 'grid' values, got '{kind}'")
@@ -136,7 +150,7 @@ def check_no_fold(cfg: SweepConfig, base: ExperimentConfig, origin: str) -> None
 def trial_config(cfg: SweepConfig, params: dict[str, Any], run_root: Path, run_name: str,
                  parent_run_id: str) -> ExperimentConfig:
     """The base experiment with the trial's values, its resolution's shards, and MLflow as a child run."""
-    trial = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    trial = [o for k, v in params.items() for o in overrides_of(cfg, k, v)]
     trial += [f"{k}={json.dumps(params[source])}" for k, source in cfg.tie.items()]
     bin_um = int(params.get("data.bin_um", base_config(cfg).data.bin_um))
     m = cfg.mlflow
