@@ -32,7 +32,8 @@ class FeatureExtractor:
         self.torch = torch
         self.cfg, self.geom = cfg, geom
         self.device = torch.device(device)
-        self.encoder = Encoder(cfg.name, cfg.weights, seed=seed, kwargs=cfg.kwargs).eval()
+        self.encoder = Encoder(cfg.name, cfg.weights, seed=seed, kwargs=cfg.kwargs,
+                               keys=("encoder.name", "encoder.weights")).eval()
         prepare_encoder(self.encoder, encoder_batch=cfg.batch_size if self.device.type == "cpu" else 0)
         self.encoder.to(self.device)
         self.dim = self.encoder.num_features

@@ -99,6 +99,17 @@ def test_a_weights_file_of_another_architecture_is_refused(tmp_path):
         Encoder("test_resnet", str(path))
 
 
+def test_the_sharding_stage_names_its_own_encoder_keys(tmp_path):
+    """A weights file of another model, given to the sharding stage, is refused naming encoder.name and
+    encoder.weights (the keys the user set), not the training config's model.encoder."""
+    path = tmp_path / "resnet.safetensors"
+    save_file({"other.weight": torch.ones(2)}, str(path))
+    with pytest.raises(UserError, match=r"no tensor matches model 'test_resnet' \(keys encoder.name, "
+                                        r"encoder.weights\)"):
+        FeatureExtractor(EncoderConfig(name="test_resnet", weights=str(path), input_px=0),
+                         Geometry(mpp=0.5, global_px=64, spot_px=32, bin_px=32), 0, 1)
+
+
 def test_a_foundation_style_vit_loads_with_its_constructor_arguments(tmp_path):
     """As UNI loads offline (``vit_large_patch16_224`` + ``init_values``, ``dynamic_img_size``): here timm's
     ``test_vit`` with layer scale, from a local file, at the sharding stage and at the end-to-end bin level."""

@@ -54,12 +54,13 @@ class Encoder(nn.Module):
     beyond fp32 rounding."""
 
     def __init__(self, name: str, weights: str | None = None, seed: int = 0, channels_last: bool = True,
-                 kwargs: dict | None = None):
+                 kwargs: dict | None = None,
+                 keys: tuple[str, str] = ("model.encoder", "model.encoder_weights")):  # config keys, for errors
         super().__init__()
         import timm
 
         if name not in timm.list_models() and not name.startswith("hf-hub:"):
-            raise UserError(f"encoder: unknown timm model name '{name}' (key model.encoder)")
+            raise UserError(f"encoder: unknown timm model name '{name}' (key {keys[0]})")
         pretrained = weights is not None and not Path(weights).exists()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -77,7 +78,8 @@ class Encoder(nn.Module):
             missing, unexpected = self.backbone.load_state_dict(state, strict=False)
             loaded = len(state) - len(unexpected)
             if loaded == 0:
-                raise UserError(f"encoder: {weights}: no tensor matches model '{name}' (key model.encoder_weights)")
+                raise UserError(f"encoder: {weights}: no tensor matches model '{name}' (keys {keys[0]}, "
+                                f"{keys[1]})")
             # a checkpoint's classifier head is dropped (num_classes=0); any other mismatch means another
             # architecture or other constructor arguments (e.g. a ViT's layer scale), which must not load silently
             head = str(getattr(self.backbone, "pretrained_cfg", {}).get("classifier") or "head")
