@@ -120,3 +120,16 @@ def test_a_resumed_experiment_replaces_its_evaluation():
     models = {"magnet": [Path("runs/t0/model")]}
     assert "--overwrite" not in evaluate_argv(cfg, models, Path("eval"), "parent")
     assert evaluate_argv(cfg, models, Path("eval"), "parent", overwrite=True)[:2] == ["evaluate", "--overwrite"]
+
+
+def test_seeds_that_give_the_same_weights_are_one_replicate(tmp_path):
+    """A closed-form model (ridge) trains the same weights for every seed: the experiment scores it once, where
+    magnet evaluate would refuse one model given twice."""
+    from magnet.sweep.replicates import distinct_weights
+
+    paths = []
+    for seed, weights in enumerate([b"ridge", b"ridge", b"other"]):
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "model.safetensors").write_bytes(weights)
+        paths.append(tmp_path / str(seed))
+    assert distinct_weights(paths) == [paths[0], paths[2]]
