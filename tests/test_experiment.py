@@ -162,3 +162,16 @@ def test_every_experiment_config_loads_and_its_grid_is_valid(path):
     cfg = load_config(ReplicatesConfig, str(path), [])
     cfg.train_config = str(REPO / cfg.train_config)
     assert set(param_space(sweep_config(cfg))) == {"variant", "train.seed"}
+
+
+def test_seeds_that_give_the_same_weights_are_one_replicate(tmp_path):
+    """A closed-form model (ridge) trains the same weights for every seed: the experiment scores it once, where
+    magnet evaluate would refuse one model given twice."""
+    from magnet.sweep.replicates import distinct_weights
+
+    paths = []
+    for seed, weights in enumerate([b"ridge", b"ridge", b"other"]):
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "model.safetensors").write_bytes(weights)
+        paths.append(tmp_path / str(seed))
+    assert distinct_weights(paths) == [paths[0], paths[2]]

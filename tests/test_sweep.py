@@ -344,3 +344,23 @@ def test_a_child_run_left_running_by_a_killed_sweep_is_closed_on_resume(tmp_path
     assert record_children(client, rows, parent, exp, "val/loss") == {"t0": finished, "t1": fresh}
     assert client.get_run(fresh).info.status == "FINISHED"
     assert client.get_run(stale).info.status == "KILLED"
+
+
+def test_a_closed_form_trial_without_sgd_steps_is_finished(tmp_path):
+    """A trial's status comes from its reports, and a closed-form model (model.name=ridge: fitted, step 0) counts
+    as finished once its model folder is written; a trial interrupted before that is unfinished. The grid rows
+    stand in for Ray's Result objects (the attributes trial_rows reads)."""
+    from types import SimpleNamespace
+
+    from magnet.sweep.config import SweepConfig
+    from magnet.sweep.results import trial_rows
+
+    cfg = SweepConfig()
+    (tmp_path / "runs/t_ridge/model").mkdir(parents=True)
+    (tmp_path / "runs/t_ridge/model/model_meta.json").write_text("{}")
+    grid = [SimpleNamespace(config={"model.name": name}, metrics={"step": step, "val/loss": 1.0}, error=None,
+                            path=str(tmp_path / trial)) for name, step, trial in
+            (("ridge", 0, "t_ridge"), ("stnet", 8, "t_stnet"), ("magnet", 4, "t_magnet"))]
+    base = SimpleNamespace(train=SimpleNamespace(steps=8))
+    status = {r["model.name"]: r["status"] for r in trial_rows(grid, cfg, base, tmp_path)}
+    assert status == {"ridge": "finished", "stnet": "finished", "magnet": "unfinished"}

@@ -19,6 +19,7 @@ import dataclasses
 from pathlib import Path
 
 from magnet.errors import UserError
+from magnet.io import sha256_file
 from magnet.registry.tracking import refuse_credentials
 from magnet.sweep.config import RayConfig, ResourcesConfig, check_variants
 from magnet.sweep.space import VARIANT
@@ -102,7 +103,16 @@ def trained_models(summary: dict, sweep_dir: Path, cfg: ReplicatesConfig) -> dic
     out: dict[str, dict[int, Path]] = {m: {} for m in cfg.models}
     for r in summary["trials"]:
         out[str(r[VARIANT])][int(r["train.seed"])] = sweep_dir / "runs" / r["trial"] / "model"
-    return {m: [seeds[s] for s in sorted(seeds)] for m, seeds in out.items()}
+    return {m: distinct_weights([seeds[s] for s in sorted(seeds)]) for m, seeds in out.items()}
+
+
+def distinct_weights(paths: list[Path]) -> list[Path]:
+    """The models whose weights differ, first seed first: a closed-form model (model.name=ridge) is the same for
+    every seed, and one model given twice is not two replicates (magnet evaluate refuses it)."""
+    seen: dict[str, Path] = {}
+    for p in paths:
+        seen.setdefault(sha256_file(p / "model.safetensors"), p)
+    return list(seen.values())
 
 
 def evaluate_argv(cfg: ReplicatesConfig, models: dict[str, list[Path]], out: Path, parent_run_id: str,

@@ -33,8 +33,8 @@ def trial_rows(grid, cfg: SweepConfig, base, sweep_dir: Path) -> list[dict]:
             status = "failed"
         elif trial in stopped:
             status = "stopped_early"
-        elif metrics.get("step", 0) >= steps:
-            status = "finished"
+        elif metrics.get("step", 0) >= steps or (sweep_dir / "runs" / trial / "model" / "model_meta.json").is_file():
+            status = "finished"  # its last step reported, or a closed-form model (no SGD step) written
         else:
             status = "unfinished"  # the sweep was interrupted (Tune saved its state)
         error = ""
