@@ -22,7 +22,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from magnet.cli import main as magnet  # noqa: E402
+from magnet.data.pipeline import ShardSet, TrainStream  # noqa: E402
 from magnet.dist import WorldInfo  # noqa: E402
+from magnet.loss_config import LossConfig  # noqa: E402
+from magnet.losses import compute_loss  # noqa: E402
+from magnet.models.config import ModelConfig  # noqa: E402
+from magnet.models.factory import create_model  # noqa: E402
+from magnet.models.init import init_from_statistics, training_statistics  # noqa: E402
+from magnet.train_config import DataConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,14 +48,6 @@ def shards_with_bin_features(work: Path, size_um: float) -> Path:
 
 def rate(shards: Path, bin_input: str, steps: int, warmup: int, max_bins: int, encoder: str) -> float:
     """Bins/s of ``steps`` training steps (stream, forward, loss, backward, Adam) with ``model.bin_input``."""
-    from magnet.data.pipeline import ShardSet, TrainStream
-    from magnet.train_config import DataConfig
-    from magnet.loss_config import LossConfig
-    from magnet.losses import compute_loss
-    from magnet.models.config import ModelConfig
-    from magnet.models.factory import create_model
-    from magnet.models.init import init_from_statistics, training_statistics
-
     torch.manual_seed(0)
     mcfg = ModelConfig(name="magnet", bin_input=bin_input, encoder=encoder, width=64, heads=4, gat_layers=1,
                        channels_last=False)

@@ -19,7 +19,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from magnet.cli import main as magnet  # noqa: E402
+from magnet.data.pipeline import ShardSet, TrainStream  # noqa: E402
 from magnet.dist import WorldInfo  # noqa: E402
+from magnet.train_config import DataConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KNN = {"k_bin": 8, "k_spot": 8, "k_global": 8}
@@ -38,8 +40,6 @@ def cohort(work: Path) -> Path:
 
 def decode_only(shards: Path, bin_um: int, n_samples: int) -> float:
     """Bins/s of reading and decoding samples through the checked reader, nothing else (the baseline)."""
-    from magnet.data.pipeline import ShardSet
-
     sset = ShardSet(str(shards), bin_um, None, None)
     it = sset.reader("fail").read([u for u, _ in sset.shards("train")] * 100)
     t, bins = time.perf_counter(), 0
@@ -50,9 +50,6 @@ def decode_only(shards: Path, bin_um: int, n_samples: int) -> float:
 
 def stream_rate(shards: Path, bin_um: int, workers: int, batches: int) -> tuple[float, float]:
     """(bins/s of the full training stream, mean bins per tile delivered)."""
-    from magnet.data.pipeline import ShardSet, TrainStream
-    from magnet.train_config import DataConfig
-
     cfg = DataConfig(shards=str(shards), bin_um=bin_um, micro_batch=8, max_bins=256, shuffle_buffer=64,
                      shuffle_initial=16, workers=workers, prefetch=4, epoch_samples=10**6)
     stream = TrainStream(ShardSet(cfg.shards, bin_um, None, None), cfg, WorldInfo(0, 1, 0), 0, KNN)

@@ -71,6 +71,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import yaml
 
@@ -82,8 +83,6 @@ BASELINE = "fold_bn=false channels_last=false batch_bins=0 encoder_px=0 mmap_thr
 
 def _output(out: Path) -> tuple[int, float]:
     """Bins written and size in MB of an .h5ad or SpatialData store."""
-    import h5py
-
     if out.suffix == ".zarr":
         bins = json.loads(next(out.glob("tables/magnet_square_*/X/zarr.json")).read_text())["shape"][0]
     else:

@@ -36,6 +36,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tifffile
+from PIL import Image
+
+from magnet.geometry import Geometry
+from sharding.binned_outputs import BinFiles, read_bins, read_mpp
+from sharding.samplesheet import read_samplesheet
+from sharding.tiles import make_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
@@ -80,14 +87,6 @@ def magnet_shard(sheet: Path, bins: list[int], out: Path, overrides: list[str]) 
 
 def naive(sheet: Path, bin_um: int, out: Path) -> dict:
     """In this (fresh) process: one PNG per bin patch, spot tile and global tile at the slide's pixel size."""
-    import tifffile
-    from PIL import Image
-
-    from magnet.geometry import Geometry
-    from sharding.binned_outputs import BinFiles, read_bins, read_mpp
-    from sharding.samplesheet import read_samplesheet
-    from sharding.tiles import make_tiles
-
     entry = read_samplesheet(sheet)[0]
     t0, c0 = time.perf_counter(), time.process_time()
     files = BinFiles.of(entry.spaceranger, bin_um)

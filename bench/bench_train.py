@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +28,6 @@ from bench_loader import cohort  # noqa: E402
 
 def train_rate(shards: Path, out: Path, nproc: int, steps: int, max_bins: int) -> tuple[float, float]:
     """(median bins/s over steps after the first 3, wall seconds of the whole command)."""
-    import time
-
     name = f"p{nproc}"
     cmd = [sys.executable, "-m", "magnet", "train", "--nproc", str(nproc), "--config", str(REPO / "configs/train/tiny.yaml"),
            f"data.shards={shards}", f"train.out_dir={out}", f"train.run_name={name}", f"train.steps={steps}",
@@ -51,8 +51,6 @@ def run() -> None:
     shards = cohort(work)
     out = work / "train_runs"
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     print(f"cpu cores: {os.cpu_count()}; tiny MagNet (test_resnet, width 32), 112 px patches, "
           f"micro-batch 2 tiles x <= {args.max_bins} bins, ZeRO-2 fp32, {args.steps} steps")

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 from scipy import ndimage
+from sklearn.cluster import MiniBatchKMeans
+from sklearn.neural_network import MLPRegressor
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -87,8 +89,6 @@ def colour_table(shards: Path, k: int, seed: int = 0) -> dict[str, np.ndarray]:
     """slide -> (N, 2, k) shares of the patch's pixels in each of ``k`` colour clusters (k-means on a pixel
     sample of every slide), in the bin square and in the whole patch: what a read-out of the image's colours
     alone can give, with no learned shape."""
-    from sklearn.cluster import MiniBatchKMeans
-
     typed = Manifest.load(shards / "manifest.json")
     geom, reader, mpp = typed.geometry, ShardReader(typed), typed.geometry.mpp
     bin_px, size = int(round(typed.to_dict()["bin_um"] / mpp)), geom.bin_px
@@ -194,8 +194,6 @@ def main() -> None:
         print(f"{label} a={alpha:g}".ljust(34), f"{np.nanmean(pcc):6.3f}",
               *(f"{np.nanmean(pcc[group == k]):18.3f}" for k in names))
     if args.mlp:  # is the ridge's smooth read-out what caps the composition? a flexible one on the same features
-        from sklearn.neural_network import MLPRegressor
-
         cols = reads[-1][1]
         xs = [design(table[s][0][:, cols]) for s in sorted(splits) if splits[s] == "train"]
         ys = [table[s][1] for s in sorted(splits) if splits[s] == "train"]

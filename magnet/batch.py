@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from magnet.errors import UserError
-from magnet.format.sample import Sample
 from magnet.format.check import Dims, check_sample
+from magnet.format.sample import Sample
 from magnet.geometry import Geometry
-
 
 
 @dataclasses.dataclass
@@ -149,8 +149,6 @@ def _edges_from_knn(idx: np.ndarray, ok: np.ndarray) -> np.ndarray:
 def _bin_edges(pos: np.ndarray, starts: np.ndarray, k: int) -> np.ndarray:
     """kNN edges among the bins of each sample (source = neighbour, target = bin), via cKDTree; sample ``i``
     holds bins ``starts[i]:starts[i + 1]``. Each sample's edges depend on its own bins alone."""
-    from scipy.spatial import cKDTree
-
     edges = []
     for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
         n = b - a

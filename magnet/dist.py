@@ -48,7 +48,7 @@ def world_info() -> WorldInfo:
 
 def device():
     """``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
-    import torch
+    import torch  # start-up time: the CLI imports this module
 
     if torch.cuda.is_available():
         return torch.device("cuda", world_info().local_rank)
@@ -56,13 +56,14 @@ def device():
 
 
 def backend() -> str:
-    import torch
+    import torch  # start-up time: the CLI imports this module
 
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def init() -> WorldInfo:
     """Fill in the environment, pin the device, start the process group (idempotent)."""
+    # start-up time: the CLI imports this module
     import torch
     import torch.distributed as td
 
@@ -75,7 +76,7 @@ def init() -> WorldInfo:
 
 
 def _initialized() -> bool:
-    import torch.distributed as td
+    import torch.distributed as td  # start-up time: the CLI imports this module
 
     return td.is_available() and td.is_initialized()
 
@@ -87,7 +88,7 @@ def is_primary() -> bool:
 
 def barrier() -> None:
     if _initialized():
-        import torch.distributed as td
+        import torch.distributed as td  # start-up time: the CLI imports this module
 
         td.barrier()
 
@@ -96,7 +97,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (e.g. run names and resume paths decided on rank 0)."""
     if not _initialized():
         return obj
-    import torch.distributed as td
+    import torch.distributed as td  # start-up time: the CLI imports this module
 
     box = [obj]
     td.broadcast_object_list(box, src=src)
@@ -107,7 +108,7 @@ def all_reduce_sum(tensor):
     """Sum a tensor over ranks in place (moved to the backend's device and back) and return it."""
     if not _initialized():
         return tensor
-    import torch.distributed as td
+    import torch.distributed as td  # start-up time: the CLI imports this module
 
     dev = device()
     t = tensor.to(dev)

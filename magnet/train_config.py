@@ -15,6 +15,7 @@ from typing import Any, Literal
 from magnet.errors import UserError
 from magnet.loss_config import LossConfig
 from magnet.models.config import ModelConfig
+from magnet.registry.tracking import refuse_credentials
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -122,8 +123,6 @@ class MlflowConfig:
     parent_run_id: str = ""  # nest this run under that run (a sweep sets it for each trial)
 
     def __post_init__(self):  # the config is recorded (run folder, MLflow params, the model): no secrets in it
-        from magnet.registry.tracking import refuse_credentials
-
         refuse_credentials(self.tracking_uri, "mlflow.tracking_uri")
 
 

@@ -76,7 +76,7 @@ def read_mpp(path: Path, bin_um: int) -> float:
 
 
 def _open_h5(path: Path):
-    import h5py
+    import h5py  # start-up time: the CLI imports this module
 
     try:
         return h5py.File(path, "r")
@@ -112,7 +112,7 @@ def read_genes(path: Path) -> tuple[list[str], list[str]]:
 
 
 def check_positions_columns(path: Path) -> None:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # start-up time: the CLI imports this module
 
     try:
         names = pq.read_schema(path).names
@@ -124,7 +124,7 @@ def check_positions_columns(path: Path) -> None:
 
 
 def _parquet(path: Path):
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # start-up time: the CLI imports this module
 
     try:
         return pq.ParquetFile(path)
@@ -147,7 +147,7 @@ def _position_batches(path: Path):
 def _fixed_bytes(arr) -> np.ndarray:
     """An arrow string array as a fixed-width bytes (``S``) array: a view of its data when all values have
     one length (barcodes do), else through Python objects."""
-    import pyarrow as pa
+    import pyarrow as pa  # start-up time: the CLI imports this module
 
     arr = arr.cast(pa.large_binary()).fill_null(b"")
     offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
@@ -164,7 +164,7 @@ def _increasing(s: np.ndarray) -> bool:
 
 def _duplicate_positions(path: Path) -> bool:
     """Whether the positions' barcodes repeat (read whole: only for files whose barcodes are not sorted)."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # start-up time: the CLI imports this module
 
     col = _parquet(path).read(columns=["barcode"])["barcode"]
     return pc.count_distinct(col).as_py() != len(col)
@@ -233,7 +233,7 @@ def read_bins(files: BinFiles, image_size: tuple[int, int], genes: np.ndarray | 
     leaves ``Bins.barcodes`` None (sharding does not need them; 2 um slides have millions).
     The counts are written into CSR arrays block by block (no COO triplets of the whole slide).
     """
-    import scipy.sparse as sp
+    import scipy.sparse as sp  # start-up time: the CLI imports this module
 
     with _open_h5(files.matrix) as f:
         if "matrix" not in f:

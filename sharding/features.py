@@ -23,8 +23,9 @@ class FeatureExtractor:
     ``cfg.batch_size`` images at a time (a GPU takes a whole block)."""
 
     def __init__(self, cfg: EncoderConfig, geom: Geometry, seed: int, threads: int, device: str = "cpu"):
-        import torch
+        import torch  # start-up time: the CLI imports this module
 
+        # start-up time: the CLI imports this module
         from magnet.models.encoder import Encoder
         from magnet.models.inference import prepare_encoder
 
@@ -42,7 +43,7 @@ class FeatureExtractor:
     def bins(self, image: np.ndarray, bin_xy: np.ndarray) -> np.ndarray:
         """(n, F) float16 features of the bin patches centred on ``bin_xy`` (tile-local px) of a stored tile image,
         cut as the end-to-end model cuts them (:func:`magnet.batch.crop_patches`), resized to ``bin_input_px``."""
-        from magnet.batch import crop_patches
+        from magnet.batch import crop_patches  # start-up time: the CLI imports this module
 
         px = self.geom.bin_px
         patches = np.empty((len(bin_xy), px, px, 3), np.uint8)
@@ -56,7 +57,7 @@ class FeatureExtractor:
     def _resize(self, images: np.ndarray, px: int) -> np.ndarray:
         if not px or px == images.shape[1]:
             return images
-        import torch.nn.functional as F
+        import torch.nn.functional as F  # start-up time: the CLI imports this module
 
         t = self.torch.from_numpy(images).permute(0, 3, 1, 2).float()
         t = F.interpolate(t, size=(px, px), mode="bilinear", antialias=True, align_corners=False)

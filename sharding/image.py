@@ -10,6 +10,7 @@ whole. Grayscale images are refused; RGBA is converted to RGB. Outside the image
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ class SlideImage:
         return UserError(f"{self.path}: image: grayscale (shape {tuple(shape)}); an RGB H&E image is needed")
 
     def _open_tiff(self) -> None:
+        # start-up time: the CLI imports this module
         import tifffile
         import zarr
 
@@ -106,11 +108,11 @@ class SlideImage:
 
     def full_resolution(self):
         """Level 0 as (c, y, x) RGB, a dask array whose chunks read only their own tiles (while open)."""
-        import dask.array as da
+        import dask.array as da  # optional extra [spatialdata]
 
         arr = self._levels[0][1]
         if isinstance(arr, _Tiles):
-            import zarr
+            import zarr  # start-up time: the CLI imports this module
 
             arr = zarr.open(self._tif.series[0].aszarr(level=0), mode="r")
         chunks = (3, 1024, 1024) if self._planar else (1024, 1024, 3)
@@ -137,8 +139,6 @@ class _Tiles:
     with theirs), and tifffile's zarr store decodes every tile a slice touches each time it is sliced."""
 
     def __init__(self, tif, page):
-        from collections import OrderedDict
-
         self.fh, self.page = tif.filehandle, page
         self.th, self.tw = page.tilelength, page.tilewidth
         self.shape = page.shape  # (h, w, samples)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from magnet.errors import UserError
 from magnet.spaceranger_layout import Outs
@@ -22,16 +23,12 @@ COMPARE_PX = 512  # longest side of the comparison
 
 
 def _darkness(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
     small = Image.fromarray(np.ascontiguousarray(rgb[..., :3])).resize(size, Image.Resampling.BOX)
     return 255.0 - np.asarray(small, np.float32).mean(-1)
 
 
 def _reference(spatial: Path):
     """(path, scale) of the Space Ranger image to compare against, or None when there is none."""
-    from PIL import Image
-
     try:
         factors = json.loads((spatial / Outs.SCALEFACTORS).read_text())
     except (OSError, ValueError):
@@ -53,8 +50,6 @@ def _reference(spatial: Path):
 def check_pairing(image: SlideImage, spatial: Path) -> None:
     """Refuse ``image`` when it is not the full-resolution image behind ``spatial/tissue_{lowres,hires}_image.png``
     (``spatial/scalefactors_json.json`` gives the scales). Nothing to compare against: nothing is checked."""
-    from PIL import Image
-
     found = _reference(spatial)
     if found is None:
         return

@@ -12,7 +12,7 @@ def ray_session(address: str | None, num_cpus: int = 0, object_store_mb: int = 2
     never joining a cluster already running on the machine unless asked; reuse a session already started.
     Workers get everything as values or absolute paths from the driver (their folder and environment are not
     the driver's)."""
-    import ray
+    import ray  # start-up time: the CLI imports this module
 
     if ray.is_initialized():
         yield ray

@@ -35,6 +35,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from ray.exceptions import RayTaskError
+from tqdm import tqdm
+
 from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
 from magnet.format.manifest import Manifest, write_manifest
@@ -43,12 +47,12 @@ from magnet.io import atomic_write_text, check_not_input, remove_stale
 
 from . import tuned_encoder
 from .bin_features import encoder_record
+from .binned_outputs import BinFiles, check_positions_columns, read_genes, read_mpp
 from .config import ShardConfig
 from .genes import GeneStats, genes_from_file, normalisation_record, select_genes
 from .image import SlideImage
 from .pairing import check_pairing
 from .ray_cluster import ray_session
-from .binned_outputs import BinFiles, check_positions_columns, read_genes, read_mpp
 from .samplesheet import SPLITS, SlideEntry, read_samplesheet
 from .slide import DONE, Clock, SlideWorker
 from .splits import assign_splits
@@ -106,8 +110,6 @@ class Workers:
                 if bar is not None:
                     bar(name, out[name])
             return out
-        from ray.exceptions import RayTaskError
-
         queue, running = list(reversed(calls.items())), {}
 
         def submit(actor) -> None:
@@ -157,8 +159,6 @@ def workers(cfg: ShardConfig, address: str | None, n_slides: int):
     local_slots = (cfg.ray.num_cpus or os.cpu_count() or 1) // cfg.ray.cpus_per_task
     if address is None and not _ray_started() and min(n_slides, local_slots) <= 1:
         if cfg.ray.device == "cuda":
-            import torch
-
             if not torch.cuda.is_available():
                 raise UserError("config: ray.device: cuda, but this machine has no CUDA device; "
                                 "use ray.device=auto or cpu")
@@ -381,8 +381,6 @@ def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, 
 def _overall_bar(progress: bool, n_slides: int):
     if not progress or n_slides == 0:
         return None
-    from tqdm import tqdm
-
     bar = tqdm(total=n_slides, desc="slides", unit="slide")
     started, totals = time.perf_counter(), {"tiles": 0, "bins": 0}
 

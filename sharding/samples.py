@@ -24,14 +24,14 @@ import numpy as np
 
 from magnet.format.sample import Meta, Sample
 
+from .bin_features import with_bin_features
+from .binned_outputs import BinFiles, Bins, read_bins, read_genes, read_mpp
 from .config import EncoderConfig, GeneConfig, SampleConfig, ShardConfig
 from .features import FeatureExtractor, centre_on_slide
 from .genes import normalise
 from .image import SlideImage, thumbnail
 from .pairing import check_pairing
 from .ray_cluster import ray_session
-from .bin_features import with_bin_features
-from .binned_outputs import BinFiles, Bins, read_bins, read_genes, read_mpp
 from .samplesheet import SlideEntry, read_samplesheet
 from .tile_images import EncodedTiles
 from .tiles import TileSet, make_tiles
@@ -90,7 +90,7 @@ class Level:
         n_tiles, s = len(self.tiles.grid), geom.n_spots
         tile_of = np.repeat(np.arange(n_tiles), np.diff(self.tiles.bin_start))
         group = tile_of * s + self.tiles.spot[self.tiles.bin_order]
-        import scipy.sparse as sp
+        import scipy.sparse as sp  # start-up time: the CLI imports this module
 
         member = sp.csr_matrix((np.ones(len(group), np.float32), (group, self.tiles.bin_order)),
                                shape=(n_tiles * s, len(self.bins.libsize)))

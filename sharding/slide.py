@@ -15,16 +15,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from ray.experimental import tqdm_ray
+from tqdm import tqdm
 
-from magnet.format.tar import PartWriter
 from magnet.format.check import Dims
+from magnet.format.tar import PartWriter
 from magnet.io import atomic_path
 
+from .binned_outputs import BinFiles, read_bins
 from .config import ShardConfig
+from .features import FeatureExtractor
 from .fingerprint import slide_fingerprints
 from .genes import GeneStats
 from .image import SlideImage
-from .binned_outputs import BinFiles, read_bins
 from .samples import Clock, Level, slide_samples, tile_grid
 from .samplesheet import SlideEntry
 
@@ -64,10 +68,6 @@ class SlideWorker:
         """:func:`shard_slide` with this worker's encoder; the first slide's records also count its build."""
         built = 0.0
         if self._extractor is None:
-            import torch
-
-            from .features import FeatureExtractor
-
             t0 = time.perf_counter()
             device = "cuda" if self.cfg.ray.device != "cpu" and torch.cuda.is_available() else "cpu"
             self._extractor = FeatureExtractor(self.cfg.encoder, self.cfg.shard.geometry(), self.cfg.seed,
@@ -130,9 +130,5 @@ class _NoBar:
 def _bar(progress: bool, in_ray: bool, slide: str, total: int):
     if not progress:
         return _NoBar()
-    if in_ray:
-        from ray.experimental.tqdm_ray import tqdm
-    else:
-        from tqdm import tqdm
-
-    return tqdm(desc=f"slide {slide}", total=total, unit="tile")
+    bar = tqdm_ray.tqdm if in_ray else tqdm
+    return bar(desc=f"slide {slide}", total=total, unit="tile")

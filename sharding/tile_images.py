@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,8 +19,6 @@ class EncodedTiles:
     after)."""
 
     def __init__(self, image, geom, mpp_full: float, fmt: str, quality: int, folder: Path | None = None):
-        import tempfile
-
         self.image, self.geom, self.mpp_full, self.fmt, self.quality = image, geom, mpp_full, fmt, quality
         self.spill = tempfile.TemporaryFile(prefix="magnet-tiles-", dir=folder)
         self.spans: list[tuple[int, int]] = []

@@ -53,7 +53,7 @@ def make_tiles(xy_model: np.ndarray, rc: np.ndarray, geom: Geometry, min_bins: i
 
 def nearest_tiles(grid: np.ndarray, k: int) -> np.ndarray:
     """(T, k + 1) indices of the k nearest tiles of each tile (itself first), padded with -1."""
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # start-up time: the CLI imports this module
 
     n = len(grid)
     out = np.full((n, k + 1), -1, np.int64)

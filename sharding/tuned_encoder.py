@@ -17,8 +17,12 @@ import os
 import tempfile
 from pathlib import Path
 
+import yaml
+from safetensors.torch import load_file, save_file
+
 from magnet.errors import UserError
 from magnet.io import atomic_path
+from magnet.registry.tracking import check_tracking_uri, resolve_tracking_uri
 
 PREFIX = "encoder.backbone."
 FILE = "tuned_encoder.safetensors"
@@ -40,9 +44,6 @@ def _artifacts(folder: Path, where: str) -> Path:
 
 def _export(art: Path, out: Path, where: str) -> tuple[str, dict]:
     """Write the bin encoder of the model in ``art`` to ``out``; return its timm name and constructor arguments."""
-    import yaml
-    from safetensors.torch import load_file, save_file
-
     model = (yaml.safe_load((art / "config.yaml").read_text()) or {}).get("config", {}).get("model", {})
     if model.get("bin_input", "image") != "image" or "encoder" not in model:
         raise UserError(f"{where}: encoder.weights: the model has no bin encoder trained end to end "
@@ -65,10 +66,9 @@ def resolve(cfg, out: Path):
     if Path(weights).is_dir():
         name, kwargs = _export(_artifacts(Path(weights), weights), out / FILE, weights)
     else:
+        # start-up time: mlflow (over 1 s) loads only for an encoder from the registry, not for every magnet shard
         import mlflow
         from mlflow.exceptions import MlflowException
-
-        from magnet.registry.tracking import check_tracking_uri, resolve_tracking_uri
 
         uri = resolve_tracking_uri(cfg.encoder.tracking_uri)
         check_tracking_uri(uri, "encoder.tracking_uri", existing=True)

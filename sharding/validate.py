@@ -15,11 +15,11 @@ from magnet.errors import UserError
 from magnet.format.manifest import Manifest
 from magnet.format.reader import ShardReader
 
+from .run import summary
+
 
 def validate(folder: str | Path) -> dict:
     """Check every shard of a bin-size folder; return the summary of ``sharding.run.summary``."""
-    from .run import summary
-
     folder = Path(folder)
     manifest = Manifest.load(folder / "manifest.json")
     reader = ShardReader(manifest, "fail", setting=None, finite=True)

@@ -119,7 +119,7 @@ def run(args) -> int:
     genes = genes or next(each_model(models))[2].genes
     slides = select_slides(args.samplesheet, args.split, models)
     from magnet.evaluate import report  # start-up time: these load torch; the other commands and --help do not
-    from magnet.evaluate.table import Table
+    from magnet.evaluate.table import Table  # start-up time: the CLI imports this module
 
     groups_path = args.gene_groups or next((str(gene_groups_file(e.spaceranger)) for e, _, _ in slides
                                             if gene_groups_file(e.spaceranger).is_file()), None)

@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-import webdataset as wds
-
+from magnet.batch import collate as model_collate
 from magnet.data.manifest_view import check_manifest, fold_view
 from magnet.data.transforms import augment, chunk_bins, window_bins
 from magnet.dist import WorldInfo
@@ -158,8 +158,6 @@ def chunk(cap: int) -> Stage:
 def collate(batch_size: int, geometry, partial: bool, knn: dict, reader: ShardReader) -> Stage:
     """Group samples into the model's :class:`magnet.batch.Batch` (``knn``: its ``k_bin/k_spot/k_global``);
     ``batch.corrupt_samples``: samples skipped in this loader process since its previous batch."""
-    from magnet.batch import collate as model_collate
-
     def stage(src: Iterator) -> Iterator:
         while True:
             group = list(itertools.islice(src, batch_size))

@@ -20,7 +20,9 @@ slide, ``pcc[r, s, g]`` for replicate ``r`` (``LABEL#r``; one without replicates
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
 import re
 from pathlib import Path
@@ -30,6 +32,7 @@ import numpy as np
 from magnet.errors import UserError
 from magnet.evaluate.select import replicate_of
 from magnet.evaluate.truth import ALL
+from magnet.io import atomic_write_bytes
 
 MIN_SLIDES_FOR_SLIDE_BOOTSTRAP = 3
 MIN_GENES_FOR_GENE_BOOTSTRAP = 5  # fewer (and fewer than 3 slides): no interval, the verdict "too few to tell"
@@ -88,7 +91,7 @@ def pairs_to_compare(pccs: dict[tuple[int, str], GenePcc], controls: list[str],
                      chosen: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """``chosen`` (``--compare``), else the first model against every other one of its bin size (oracles
     aside); then every model against each of its context controls."""
-    from magnet.evaluate.table import CONTROL_NAMES, LOCAL_ORACLE, ORACLE
+    from magnet.evaluate.table import CONTROL_NAMES, LOCAL_ORACLE, ORACLE  # start-up time: the CLI imports this module
 
     pairs = list(chosen or [])
     names_by_bin: dict[int, list[str]] = {}
@@ -120,7 +123,7 @@ def parse_pairs(specs: list[str], pccs: dict[tuple[int, str], GenePcc]) -> list[
 
 def compare(a: GenePcc, b: GenePcc, index: dict[str, np.ndarray], seed: int, n_boot: int) -> list[dict]:
     """The paired statistics of A minus B per group (module docstring)."""
-    from scipy.stats import wilcoxon
+    from scipy.stats import wilcoxon  # start-up time: the CLI imports this module
 
     if a.slides != b.slides or a.pcc.shape[2] != b.pcc.shape[2]:
         raise UserError(f"--compare: '{a.name}' and '{b.name}' were not scored on the same slides and genes")
@@ -161,12 +164,10 @@ def mlflow_key(text: str) -> str:
 
 def scatter(a: GenePcc, b: GenePcc, genes: list[str], groups: dict[str, str] | None, path: Path) -> Path:
     """PNG: per-gene PCC of A (x) against B (y), means over slides and replicates, coloured by group."""
-    import matplotlib
+    import matplotlib  # here, not at import: use("Agg") must not switch the backend of a program importing us
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from magnet.io import atomic_write_bytes
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     x, y = a.pcc.mean((0, 1)), b.pcc.mean((0, 1))
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
@@ -180,8 +181,6 @@ def scatter(a: GenePcc, b: GenePcc, genes: list[str], groups: dict[str, str] | N
     ax.set_ylabel(f"PCC per gene: {b.name}")
     ax.set_title(f"{a.bin_um} um bins, {len(a.slides)} slide(s)")
     ax.legend(fontsize=7, loc="upper left")
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
@@ -191,9 +190,6 @@ def scatter(a: GenePcc, b: GenePcc, genes: list[str], groups: dict[str, str] | N
 
 def genes_csv(pccs: dict[tuple[int, str], GenePcc], genes: list[str], groups: dict[str, str] | None) -> str:
     """CSV: bin_um, model, gene, group, PCC per gene (mean over slides and replicates), sd over replicates."""
-    import csv
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["bin_um", "model", "gene", "group", "pcc", "pcc_sd_replicates", "n_replicates"])

@@ -13,9 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from magnet.evaluate.paired import slug
+from magnet.evaluate.select import REPLICATE, replicate_of
 from magnet.evaluate.table import CELL_VS_EXPECTED, FINE_POOLED, SPOT_HEAD
 from magnet.io import atomic_write_text
 from magnet.metrics import METRICS
+from magnet.registry.tracking import Tracker
+from magnet.train_config import MlflowConfig
 
 HEADERS = {"mse": "MSE", "mae": "MAE", "pcc_bin": "PCC per bin", "pcc_gene": "PCC per gene",
            "pcc_gene_topk": "PCC per gene (top {k})"}
@@ -93,8 +97,6 @@ def slides_csv(rows: list[dict]) -> str:
 def over_replicates(rows: list[dict]) -> list[dict]:
     """Rows of replicated models (``LABEL#k``) as mean and sample sd over replicates of each metric (a
     replicate's value: its mean over slides), one per (level, bin size, source, label)."""
-    from magnet.evaluate.select import REPLICATE, replicate_of
-
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if REPLICATE in r["model"]:
@@ -189,8 +191,6 @@ def _records_csv(records: list[dict]) -> str:
 def metric_name(row: dict, metric: str) -> str:
     """MLflow metric key, e.g. ``magnet/16um/pcc_gene``, ``oracle/spot16um/pcc_gene``, ``magnet/spot16um_head/mse``."""
     level = f"{row['bin_um']}um" if row["level"] == "bins" else f"{row['level']}{row['bin_um']}um"
-    from magnet.evaluate.paired import slug
-
     level += "_head" if row["source"] == SPOT_HEAD else ""
     level += "_pooled" if row["source"] == FINE_POOLED else ""
     level += "_vs_expected" if row["source"] == CELL_VS_EXPECTED else ""
@@ -200,8 +200,6 @@ def metric_name(row: dict, metric: str) -> str:
 def analysis_metrics(groups: list[dict], paired: list[dict]) -> dict[str, float]:
     """MLflow keys: ``{model}/{bin}um/group/{group}/pcc_gene`` (and ``_sd`` over replicates), and per pair
     ``paired/{A}_vs_{B}/{bin}um/{group}/`` ``delta``, ``ci_low``, ``ci_high``, ``wilcoxon_p``."""
-    from magnet.evaluate.paired import slug
-
     out = {}
     for r in groups:
         key = f"{slug(r['model'])}/{r['bin_um']}um/group/{slug(r['group'])}/pcc_gene"
@@ -218,9 +216,6 @@ def log_mlflow(tracking_uri: str, experiment: str, run_name: str, rows: list[dic
     """One MLflow run (with ``run_id``: that existing run, its params untouched) holding the metrics (means;
     sds as ``..._sd``; over folds ``..._fold_mean`` and ``..._fold_sd``; ``extra_metrics``) and the files
     (artifact folder ``evaluation``); returns its id."""
-    from magnet.train_config import MlflowConfig
-    from magnet.registry.tracking import Tracker
-
     tracker = Tracker(MlflowConfig(tracking_uri=tracking_uri, experiment=experiment), active=True)
     run_id = tracker.start(run_name, params, tags={"magnet.evaluation": "true"} if run_id else
                            {"magnet.kind": "evaluation"}, run_id=run_id or None)

@@ -20,11 +20,13 @@ labelled ``LABEL#1``, ``LABEL#2``...; the report adds mean ± sd over them (:fun
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from magnet.errors import UserError
-from magnet.predict.model import LoadedModel
+from magnet.format.manifest import Manifest, manifest_path
+from magnet.predict.model import LoadedModel, load_model
 from sharding.samplesheet import SlideEntry, read_samplesheet
 
 
@@ -50,8 +52,6 @@ REPLICATE = "#"  # LABEL#k: the k-th replicate of LABEL
 
 def replicate_of(label: str) -> str:
     """The label of the replicate group (``magnet#2 (context zeroed)`` -> ``magnet (context zeroed)``)."""
-    import re
-
     return re.sub(rf"{REPLICATE}\d+", "", label)
 
 
@@ -69,8 +69,6 @@ def load_models(specs: list[str], tracking_uri: str | None, bin_um: list[int] | 
     """``[LABEL=]MODEL`` -> {label: {fold: model}}; the label defaults to the model's name (``magnet``,
     ``stnet``...). Models of one label each trained on another ``data.fold`` (same bin size) are one
     cross-validation entry; other models sharing a label are suffixed by their bin size."""
-    from magnet.predict.model import load_model
-
     groups: dict[str, list[LoadedModel]] = {}
     given: dict[tuple[str, str], str] = {}  # (label, weights fingerprint) -> the model that had them first
     for spec in specs:
@@ -136,8 +134,6 @@ def _check_fold_group(label: str, group: list[LoadedModel]) -> None:
 
 def _shard_manifest(model: LoadedModel):
     """The manifest of the shards the model trained on (its ``data.shards``), None when not reachable."""
-    from magnet.format.manifest import Manifest, manifest_path
-
     path = manifest_path(model.python_model.config.data.shards, int(model.python_model.bin_um))
     return Manifest.load(path) if path.is_file() else None
 
@@ -148,7 +144,7 @@ def training_view(model: LoadedModel) -> tuple[dict[str, str], dict[str, dict[st
     of its shard manifest. Splits: for a fold model (``data.fold=k``), ``train`` for the slides of the other folds
     and ``fold<k>`` for its own (its recorded ``data.folds``); else the shard set's splits. Both {} for an older
     model whose manifest is not there; one that is there but unreadable is an error."""
-    from magnet.data.manifest_view import fold_roles
+    from magnet.data.manifest_view import fold_roles  # start-up time: the CLI imports this module
 
     data = model.python_model.config.data
     slides = model.slides  # slide -> split, fingerprint
@@ -177,7 +173,7 @@ def select_slides(samplesheet: str, split: str | None,
                   models: Models) -> list[tuple[SlideEntry, str, dict[str, int | None]]]:
     """(slide, its split, ``{label: fold of the model that scores it}``) for every slide to score; a
     training slide of a model (of every model of a fold entry) is a one-line error."""
-    from sharding.fingerprint import slide_fingerprints
+    from sharding.fingerprint import slide_fingerprints  # start-up time: the CLI imports this module
 
     views = {label: {fold: training_view(m) for fold, m in group.items()} for label, group in models.items()}
     known = {label: {fold: v[0] for fold, v in group.items()} for label, group in views.items()}

@@ -22,7 +22,9 @@ from magnet.evaluate import truth
 from magnet.evaluate.config import EvaluateConfig
 from magnet.evaluate.select import Models, each_model
 from magnet.metrics import METRICS, ExpressionMetrics
+from magnet.predict.cells import spaceranger_cells
 from magnet.predict.model import LoadedModel
+from magnet.predict.slide import predict_slide, shard_config
 from magnet.spaceranger_layout import Outs
 from sharding.genes import normalise
 from sharding.samplesheet import SlideEntry
@@ -72,8 +74,6 @@ def gene_columns(model: LoadedModel, label: str, genes: list[str]) -> list[int]:
 
 def gene_config(model: LoadedModel, cfg: EvaluateConfig):
     """The model's target normalisation (as its shards were built)."""
-    from magnet.predict.slide import shard_config
-
     return shard_config(model, cfg.predict).genes
 
 
@@ -125,8 +125,6 @@ class Table:
                         bin_um: int, pcfg, cols: list[int]) -> tuple:
         """One model (or one of its controls, ``pcfg.context``) on one slide; returns what the oracles are
         scored against: (bins, measured, spot measured, spot cells, each bin's cell)."""
-        from magnet.predict.slide import predict_slide
-
         pred = predict_slide(model, entry.image, bin_um, pcfg, spaceranger=entry.spaceranger, slide=entry.slide)
         if pred.measured is None:
             raise UserError(f"{entry.spaceranger}: {Outs.MATRIX}: genes: the matrix lacks genes "
@@ -160,8 +158,6 @@ class Table:
         per cell (Space Ranger's 2 um barcode mappings; :mod:`magnet.predict.cells`): against the measured
         counts summed alike and, on synthetic slides, each cell against its expected target (the oracle's) with
         the oracle row beside it."""
-        from magnet.predict.cells import spaceranger_cells
-
         names = [entry.slide]
         groups = [(b, f"{b} um bins", FINE_POOLED, bins.rc // (b // 2)) for b in COARSER_UM]
         for b, _, source, rc in groups:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,6 @@ def gene_groups_file(spaceranger: Path) -> Path:
 def read_gene_groups(path: Path, genes: list[str]) -> dict[str, str]:
     """``gene -> group`` for ``genes`` from a CSV with header ``gene,group``; a gene the file does not list
     is in group ``other``. A bad file is a one-line error naming the field."""
-    import csv
-
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -78,7 +77,7 @@ def read_gene_groups(path: Path, genes: list[str]) -> dict[str, str]:
 
 def read_expected(path: Path, barcodes: np.ndarray, genes: list[str]) -> tuple[np.ndarray, list[int]]:
     """(means of all genes (n, G_all) for ``barcodes``, in that order; columns of ``genes`` among them)."""
-    import h5py
+    import h5py  # start-up time: the CLI imports this module
 
     with h5py.File(path, "r") as f:
         names = [g.decode() for g in f["genes"][:]]

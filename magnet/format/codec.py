@@ -15,19 +15,19 @@ import io
 import json
 
 import numpy as np
+import zstandard
+from PIL import Image
 
 from magnet.errors import UserError
+from magnet.format.check import Dims
 from magnet.format.sample import Meta, Sample
 from magnet.format.schema import BY_NAME, META, MEMBERS, Encoding, member_of
-from magnet.format.check import Dims
 
 ZSTD_LEVEL = 3
 NPY_HEADER_MAX = 4096  # bytes allowed for a .npy header (numpy writes 128 for the schema's arrays)
 
 
 def encode_npy(arr: np.ndarray) -> bytes:
-    import zstandard
-
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(buf.getvalue())
@@ -38,8 +38,6 @@ def decode_npy(data: bytes, dtype: str | None = None, shape: tuple[int, ...] | N
     may decode to at most that array's bytes plus the header, read as a stream that stops there, and the
     header must declare them before the array is read; a ValueError otherwise. Own bound: zstandard's
     one-shot ``decompress`` allocates the size a frame declares, and ``np.load`` the size its header declares."""
-    import zstandard
-
     if shape is None:
         return np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), allow_pickle=False)
     want = np.dtype(dtype)
@@ -62,8 +60,6 @@ def decode_npy(data: bytes, dtype: str | None = None, shape: tuple[int, ...] | N
 
 
 def encode_image(img: np.ndarray, fmt: str, quality: int) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     im = Image.fromarray(img)
     if fmt == "jpg":
@@ -78,8 +74,6 @@ def encode_image(img: np.ndarray, fmt: str, quality: int) -> bytes:
 def decode_image(data: bytes, side: int | None = None) -> np.ndarray:
     """RGB pixels of an image member; with ``side``, its header must declare ``side x side`` pixels before
     any pixel is decoded (a ValueError otherwise)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         if side is not None and im.size != (side, side):
             raise ValueError(f"image of {im.size[0]}x{im.size[1]} pixels, expected {side}x{side}")
@@ -102,9 +96,6 @@ def decode_sample(raw: dict, dims: Dims | None = None, max_bins: int | None = No
     UserError naming shard, key and member for a member outside the format or one that cannot decode.
     With ``dims`` (the manifest's sizes) every member is decoded bounded by the shape the schema gives it
     for ``meta.n_bins`` bins, which must lie in ``[0, max_bins]`` (the shard's bins, from the manifest)."""
-    import zstandard
-    from PIL import Image
-
     url = raw.get("__url__", "?")
     arrays: dict[str, np.ndarray] = {}
     meta = None

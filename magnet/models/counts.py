@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from magnet.errors import UserError
 from magnet.models.predictions import Predictions
 
 COUNT_LOSSES = ("poisson", "nb")
@@ -68,8 +69,6 @@ def for_loss(model: nn.Module, loss_bin: str, n_genes: int, normalisation: dict,
     if loss_bin not in COUNT_LOSSES:
         return model
     if normalisation.get("method") != "log1p_libsize":
-        from magnet.errors import UserError
-
         raise UserError(f"{where}: normalisation: loss.bin {loss_bin} needs shards normalised with log1p_libsize, "
                         f"not {normalisation.get('method')}")
     return CountModel(model, n_genes, float(normalisation["target_sum"]), dispersion=loss_bin == "nb")

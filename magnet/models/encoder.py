@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from magnet.errors import UserError
@@ -26,8 +28,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _load_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
@@ -57,8 +57,6 @@ class Encoder(nn.Module):
                  kwargs: dict | None = None,
                  keys: tuple[str, str] = ("model.encoder", "model.encoder_weights")):  # config keys, for errors
         super().__init__()
-        import timm
-
         if name not in timm.list_models() and not name.startswith("hf-hub:"):
             raise UserError(f"encoder: unknown timm model name '{name}' (key {keys[0]})")
         pretrained = weights is not None and not Path(weights).exists()

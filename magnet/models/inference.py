@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from magnet.models.encoder import Encoder
+
 TOLERANCE = 1e-4  # max |difference| / max |output| on a random batch for a fold to be kept
 
 
@@ -75,8 +77,6 @@ def for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool
                   encoder_batch: int = 0, input_px: int = 64) -> dict:
     """Ready ``model`` (eval mode) for prediction in place: its image encoder (``model.encoder``, a
     :class:`magnet.models.encoder.Encoder`) through :func:`prepare_encoder`. Returns what was done."""
-    from magnet.models.encoder import Encoder
-
     model.eval()
     if hasattr(model, "inference_ready"):  # a cohort worker predicts slide after slide with one model
         return model.inference_ready

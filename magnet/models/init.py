@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from magnet.errors import UserError
 from magnet.models.counts import CountModel, log_rate_of
 
 
@@ -36,8 +37,6 @@ def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
     """Per-gene mean of the bin targets and per-dimension mean/sd of the centre tiles' spot and global
     features, over every ``split`` shard's first samples (``max_samples`` in all), read through the
     checked reader under ``on_corrupt`` (``data.on_corrupt``) like the training stream."""
-    from magnet.errors import UserError
-
     shards = shard_set.shards(split)
     reader = shard_set.reader(on_corrupt)
     per_shard = max(1, max_samples // max(len(shards), 1))

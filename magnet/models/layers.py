@@ -44,7 +44,7 @@ class GraphBlock(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.graph = graph
         if graph:
-            from torch_geometric.nn import GATConv, GATv2Conv
+            from torch_geometric.nn import GATConv, GATv2Conv  # start-up time: about 2 s, only for a bin graph
 
             conv = {"gat": GATConv, "gatv2": GATv2Conv}[gat_type]
             self.conv = conv(dim, dim // heads, heads=heads, concat=True, dropout=dropout, edge_dim=edge_dim)

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from magnet.predict.slide import SlidePrediction
 from magnet.spaceranger_layout import Outs
@@ -25,8 +26,6 @@ from sharding.samples import SlideImage, thumbnail
 
 def spatial_images(image_path: Path, mpp_full: float, spatial_dir: Path | None, hires_px: int, lowres_px: int) -> dict:
     """Space Ranger's ``tissue_{hires,lowres}_image.png`` and scale factors when given, else made from the image."""
-    from PIL import Image
-
     if spatial_dir is not None:
         sf = json.loads((spatial_dir / Outs.SCALEFACTORS).read_text())
         paths = {k: Outs.image(spatial_dir, k) for k in Outs.IMAGES}
@@ -53,7 +52,7 @@ def spatial_images(image_path: Path, mpp_full: float, spatial_dir: Path | None, 
 
 def bin_obs(pred: SlidePrediction):
     """The bins' obs, rows in ``pred.order``: barcodes, in_tissue, array indices, tile and spot rows."""
-    import pandas as pd
+    import pandas as pd  # start-up time: the CLI imports this module
 
     b, o = pred.bins, pred.order
     return pd.DataFrame({
@@ -78,7 +77,7 @@ class H5adWriter:
     rate_scale: float | None = None  # a count model's target_sum: layers['rate'] = expm1(X) / rate_scale
 
     def __init__(self, path: Path, keep: list[int] = (), rate_scale: float | None = None):
-        import h5py
+        import h5py  # start-up time: the CLI imports this module
 
         self.file = h5py.File(path, "w")
         self.keep = list(keep)
@@ -94,7 +93,7 @@ class H5adWriter:
         self.file.close()
 
     def open(self, n: int, n_genes: int, measured: bool) -> None:
-        from anndata.io import write_elem
+        from anndata.io import write_elem  # start-up time: the CLI imports this module
 
         f = self.file
         f.create_dataset("X", (n, n_genes), np.float32).attrs.update(ARRAY)
@@ -147,6 +146,7 @@ class H5adWriter:
     def finish(self, pred: SlidePrediction, genes: list[str], gene_ids: list[str], units: dict, images: dict,
                info: dict) -> None:
         """Write obs, var, obsm and uns (rows in ``pred.order``); every row must have been written."""
+        # start-up time: the CLI imports this module
         import pandas as pd
         from anndata.io import write_elem
 

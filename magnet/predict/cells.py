@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from magnet.spaceranger_layout import Outs
 from magnet.errors import UserError
+from magnet.io import atomic_path
+from magnet.spaceranger_layout import Outs
 
 SEGMENTATION = "spaceranger"  # --cells spaceranger: Space Ranger 4's own segmentation
 BLOCK_ROWS = 1 << 16
@@ -28,7 +29,7 @@ BLOCK_ROWS = 1 << 16
 
 def spaceranger_cells(outs: Path, barcodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cell ids, each barcode's index among them or -1) from Space Ranger 4's 2 um barcode mappings."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # start-up time: the CLI imports this module
 
     path = Outs(outs).barcode_mappings
     if not path.is_file():
@@ -86,7 +87,7 @@ def geojson_cells(path: Path, xy_px: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def pool_cells(bins_h5ad: Path, cell: np.ndarray, n_cells: int, target_sum: float) -> tuple[np.ndarray, np.ndarray]:
     """(mean rate (n_cells, G) float32, bins per cell) from the bins' ``X`` read block by block."""
-    import h5py
+    import h5py  # start-up time: the CLI imports this module
 
     with h5py.File(bins_h5ad, "r") as f:
         X = f["X"]
@@ -105,12 +106,11 @@ def write_cells(bins_h5ad: Path, out: Path, cells: str, spaceranger: Path | None
     """The per-cell .h5ad of the 2 um prediction ``bins_h5ad`` (written atomically): ``X`` normalised like the
     bins, ``layers['rate']``, ``obs`` (cell_id, n_bins), ``obsm['spatial']`` (mean bin centre, full-res px),
     ``var`` and ``uns['magnet']`` as the bins'."""
+    # start-up time: the CLI imports this module
     import anndata as ad
     import h5py
     import pandas as pd
     from anndata.io import read_elem
-
-    from magnet.io import atomic_path
 
     with h5py.File(bins_h5ad, "r") as f:
         obs, var = read_elem(f["obs"]), read_elem(f["var"])

@@ -20,9 +20,16 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from magnet.config import to_dict
 from magnet.errors import UserError
+from magnet.io import atomic_write_text, remove_stale
 from magnet.predict.config import PredictConfig
-from sharding.samples import SlideEntry
+from magnet.predict.model import load_model
+from magnet.predict.output import predict_to_file
+from magnet.registry.tracking import absolute_tracking_uri, resolve_tracking_uri
+from sharding.samples import SlideEntry, ray_session, read_samplesheet
 
 SUMMARY_COLUMNS = ("slide", "bins", "seconds", "status", "error")
 
@@ -38,9 +45,7 @@ class SlideWorker:
     """A Ray actor: the model is loaded once, in ``__init__``; ``predict`` never raises (a failed slide is a row)."""
 
     def __init__(self, spec: str, tracking_uri: str | None, source: dict, cfg: PredictConfig):
-        import torch
-
-        from magnet.predict.model import load_model
+        import torch  # start-up time: the CLI imports this module
 
         self.cfg = dataclasses.replace(cfg, progress=False, threads=cfg.threads or cfg.cohort.cpus_per_worker)
         torch.set_num_threads(self.cfg.threads)
@@ -48,8 +53,6 @@ class SlideWorker:
         self.model.source = source  # the user's URI and the pinned version, as the single-slide command records
 
     def predict(self, entry: SlideEntry, bin_um: int, out: str, chosen: list[str], maps_dir: str | None) -> dict:
-        from magnet.predict.output import predict_to_file
-
         t0 = time.perf_counter()
         row = {"slide": entry.slide, "bins": 0, "seconds": 0.0, "status": "failed", "error": ""}
         try:
@@ -70,7 +73,7 @@ class SlideWorker:
 def _finished(out: Path) -> dict:
     """Bins and seconds of an ``.h5ad`` written by an earlier run; any other file there is a one-line error (it is
     no finished slide, and it is not ours to replace)."""
-    import h5py
+    import h5py  # start-up time: the CLI imports this module
 
     try:
         with h5py.File(out, "r") as f:
@@ -90,10 +93,6 @@ def check_made_alike(out: Path, source: dict, bin_um: int, cfg: PredictConfig) -
     """Refuse to keep a slide's file of an earlier run made otherwise than this run would make it: by other model
     weights (sha256), at another bin size, or with a setting that changes predictions; as recorded beside it
     (``{slide}.config.yaml``, written with the file)."""
-    import yaml
-
-    from magnet.config import to_dict
-
     record = out.parent / f"{out.stem}.config.yaml"
     made = yaml.safe_load(record.read_text()) if record.is_file() else None
     hint = "; pass --overwrite to predict every slide again, or choose another --out"
@@ -120,8 +119,6 @@ def check_made_alike(out: Path, source: dict, bin_um: int, cfg: PredictConfig) -
 
 
 def _write_summary(path: Path, rows: list[dict]) -> None:
-    from magnet.io import atomic_write_text
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -152,10 +149,6 @@ def predict_cohort(samplesheet: Path, model_spec: str, tracking_uri: str | None,
                    maps_dir: Path | None, overwrite: bool = False) -> list[dict]:
     """Predict every slide of ``samplesheet`` not yet in ``out_dir`` (``overwrite``: every slide, each file replaced
     when its new one is complete); return the summary rows (samplesheet order)."""
-    from magnet.io import remove_stale
-    from sharding.samples import ray_session, read_samplesheet
-    from magnet.registry.tracking import absolute_tracking_uri, resolve_tracking_uri
-
     entries = read_samplesheet(samplesheet, check_paths=False)
     out_dir = out_dir.absolute()  # workers get absolute paths and the tracking URI this process resolved,
     maps_dir = maps_dir.absolute() if maps_dir else None  # never their own folder's or environment's defaults
@@ -190,6 +183,7 @@ def predict_cohort(samplesheet: Path, model_spec: str, tracking_uri: str | None,
 def _run_workers(ray, todo: list[SlideEntry], spec, tracking_uri, source, bin_um, cfg, out_dir, chosen,
                  maps_dir) -> dict[str, dict]:
     """Hand slides to actors one at a time as each finishes; a worker that dies fails its slide and is replaced."""
+    # start-up time: the CLI imports this module
     from ray.exceptions import RayActorError
     from tqdm import tqdm
 

@@ -5,6 +5,7 @@ barcodes ``s_008um_00012_00034-1``)."""
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from sharding.samples import Bins, SlideImage, thumbnail
 
@@ -36,8 +37,6 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
 def tissue_bins(image: SlideImage, mpp_full: float, bin_um: int, level_um: float, min_fraction: float,
                 n_genes: int) -> tuple[Bins, np.ndarray]:
     """Bins of ``bin_um`` over the tissue; returns them (no counts) and the tissue mask at ``level_um``."""
-    import scipy.sparse as sp
-
     mask = tissue_mask(thumbnail(image, mpp_full, level_um))
     step = bin_um / mpp_full  # full-res px per bin
     n_cols, n_rows = (int(n // step) for n in image.size)

@@ -10,10 +10,10 @@ from magnet.io import atomic_path
 
 
 def gene_map(xy_um: np.ndarray, pred: np.ndarray, measured: np.ndarray | None, gene: str, title: str, bin_um: float):
-    import matplotlib
+    import matplotlib  # here, not at import: use("Agg") must not switch the backend of a program importing us
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     panels = [("measured", measured), ("predicted", pred)] if measured is not None else [("predicted", pred)]
     ref = measured if measured is not None else pred
@@ -36,7 +36,7 @@ def gene_map(xy_um: np.ndarray, pred: np.ndarray, measured: np.ndarray | None, g
 def write_maps(folder: Path, xy_um: np.ndarray, pred: np.ndarray, measured: np.ndarray | None, genes: list[str],
                chosen: list[str], title: str, bin_um: float) -> list[Path]:
     """``folder/{gene}.png`` for each of ``chosen`` (names in ``genes``); each written atomically."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here, not at import: gene_map chooses the backend when drawing
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from magnet.errors import UserError
+from magnet.format.schema import FORMAT_VERSION
 from magnet.io import sha256_file
-from magnet.registry.tracking import mask_credentials
-
+from magnet.registry.tracking import check_tracking_uri, mask_credentials, resolve_tracking_uri
 
 
 @dataclasses.dataclass
@@ -72,14 +72,12 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
     for name in ("model_meta.json", "example_input.npz", "model.safetensors", "config.yaml"):
         if not (art / name).is_file():
             raise UserError(f"{art / name}: --model: file missing (not a MagNet model folder)")
-    from magnet.format.schema import FORMAT_VERSION
-
     meta = json.loads((art / "model_meta.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{uri}: format_version: the model was trained on shards of format "
                         f"{meta.get('format_version')}, prediction computes format {FORMAT_VERSION} inputs; retrain it")
     if (model_dir / "MLmodel").is_file():
-        import mlflow.pyfunc
+        import mlflow.pyfunc  # start-up time: the CLI imports this module
 
         try:
             python_model = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model()
@@ -88,7 +86,7 @@ def _from_folder(model_dir: Path, uri: str, source: dict) -> LoadedModel:
         except Exception as e:  # mlflow raises several types for a broken model folder
             raise (_weights_error(uri, e) or _mlflow_error(uri, e)) from None
     else:
-        from magnet.registry.pyfunc import MagnetPyfunc
+        from magnet.registry.pyfunc import MagnetPyfunc  # start-up time: the CLI imports this module
 
         python_model = MagnetPyfunc()
         try:
@@ -115,10 +113,9 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
             raise UserError(f"{spec}: --model: folder not found (expected models:/NAME@ALIAS, runs:/ID/model or a folder)")
         return _from_folder(local, str(local.resolve()), {"uri": str(local.resolve())})
 
+    # start-up time: the CLI imports this module
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from magnet.registry.tracking import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if spec.startswith(("models:/", "runs:/")):  # resolved through the tracking store (s3://, file:// are not)
@@ -141,7 +138,7 @@ def load_model(spec: str, tracking_uri: str | None = None) -> LoadedModel:
 
 def _registry_version(spec: str) -> dict:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> name, version, run id (raises when unknown)."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # start-up time: the CLI imports this module
 
     ref = spec[len("models:/"):]
     client = MlflowClient()

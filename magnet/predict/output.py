@@ -3,11 +3,18 @@ the single-slide ``magnet predict`` and each cohort worker call the same functio
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
+from magnet.config import save_config
+from magnet.io import atomic_path
+from magnet.predict.anndata_out import H5adWriter, spatial_images
 from magnet.predict.config import PredictConfig
 from magnet.predict.model import LoadedModel
+from magnet.predict.slide import stream_slide
+from magnet.predict.spatialdata_out import SpatialDataWriter
 from magnet.spaceranger_layout import Outs
+from sharding.samples import read_genes
 
 
 def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictConfig, out: Path, *,
@@ -17,21 +24,12 @@ def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictCo
     ``{stem}.config.yaml`` beside it and, for ``chosen`` genes, PNG maps in ``maps_dir``; return the summary.
     ``slide`` names the slide in ``uns['spatial']`` (default: the image name up to its first dot). ``fmt``:
     ``h5ad`` or ``spatialdata`` (a zarr store, magnet/predict/spatialdata_out.py)."""
-    import resource
-
-    from magnet.config import save_config
-    from magnet.io import atomic_path
-    from magnet.predict.anndata_out import H5adWriter, spatial_images
-    from magnet.predict.slide import stream_slide
-
     genes = model.genes
     layout = Outs.find(spaceranger) if spaceranger else None
     outs = layout.path if layout else None
     spatial_dir = layout.bin_spatial(bin_um) if layout else None
     gene_ids = genes
     if layout is not None:
-        from sharding.samples import read_genes
-
         ids, names = read_genes(layout.bin_matrix(bin_um))
         id_of = dict(zip(names, ids))
         gene_ids = [id_of.get(g, g) for g in genes]
@@ -39,8 +37,6 @@ def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictCo
             "spaceranger": str(outs.resolve()) if outs else None, "geometry": model.python_model.geometry.to_dict()}
     out = Path(out)
     keep = [genes.index(g) for g in chosen]
-    if fmt == "spatialdata":
-        from magnet.predict.spatialdata_out import SpatialDataWriter
     rate_scale = model.python_model.rate_scale
     with atomic_path(out) as tmp, (H5adWriter(tmp, keep, rate_scale) if fmt == "h5ad"
                                    else SpatialDataWriter(tmp, Path(image), bin_um, keep)) as writer:
@@ -53,7 +49,7 @@ def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictCo
     save_config(cfg, out.parent / f"{out.stem}.config.yaml", model=model.source, bin_um=bin_um)
     maps = []
     if chosen:
-        from magnet.predict.maps import write_maps
+        from magnet.predict.maps import write_maps  # start-up time: the CLI imports this module
 
         maps = write_maps(Path(maps_dir), pred.bins.xy[pred.order] * pred.mpp_full, writer.kept_pred,
                           writer.kept_measured, list(chosen), list(chosen), f"{pred.slide} ({bin_um} um bins)", bin_um)

@@ -10,6 +10,7 @@ the slide's features (float16, T x (S+1) x F), spot/global outputs (T x (S+1) x 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import sys
 import time
@@ -65,7 +66,7 @@ def shard_config(model: LoadedModel, cfg: PredictConfig):
         if not cfg.encoder_weights:
             raise UserError(f"{model.uri}: encoder.weights: the shards' encoder was the local file {weights}; "
                             f"pass encoder_weights=FILE")
-        from magnet.models.encoder import weights_id
+        from magnet.models.encoder import weights_id  # start-up time: the CLI imports this module
 
         if weights_id(cfg.encoder_weights, 0) != weights:
             raise UserError(f"{cfg.encoder_weights}: encoder_weights: sha256 differs from the model's {weights}")
@@ -120,8 +121,6 @@ def fixed_mmap_threshold(nbytes: int) -> None:
     with a fixed threshold). But a block above the threshold is page-faulted anew at every allocation: at
     256 KB the bin encoder ran at 0.55x the speed it has when its activations are reused from the heap
     (``mmap_threshold_mb``). No-op where the C library is not glibc."""
-    import ctypes
-
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -133,7 +132,7 @@ def fixed_mmap_threshold(nbytes: int) -> None:
 
 
 def _device(cfg: PredictConfig):
-    import torch
+    import torch  # start-up time: the CLI imports this module
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("config: device: cuda requested but no CUDA device is available")
@@ -150,7 +149,7 @@ class _Runner:
         self.pm = model.python_model
         self.device, self.bf16 = _device(cfg)
         self.pm.model.to(self.device)
-        from magnet.models.inference import for_inference
+        from magnet.models.inference import for_inference  # start-up time: the CLI imports this module
 
         px = self.pm.geometry.bin_px
         pieces = max(1, cfg.encoder_px // px**2) if cfg.encoder_px and self.device.type == "cpu" else 0
@@ -197,6 +196,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
     bin indices) running through ``order`` of the result, tile after tile; the result holds the rest
     (``bin_pred``/``measured`` left None). ``samples_out``, when a list, receives the collated batches and
     their outputs (for checks)."""
+    # start-up time: the CLI imports this module
     import torch
     from tqdm import tqdm
 
@@ -223,7 +223,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
             t_feat = time.perf_counter()
             control = None
             if cfg.context != "keep":
-                from magnet.predict.context import ContextControl
+                from magnet.predict.context import ContextControl  # start-up time: the CLI imports this module
 
                 control = ContextControl(cfg.context, lv.tiles.grid, *samples.features(bin_um), geom,
                                          cfg.context_seed)
@@ -245,7 +245,7 @@ def _level(image: SlideImage, image_path: Path, bin_um: int, genes: list[str], s
     Ranger's (``spaceranger``), else laid over the tissue of the image of ``mpp`` um/px."""
     geom = scfg.shard.geometry()
     if spaceranger is None:
-        from magnet.predict.image_only import tissue_bins
+        from magnet.predict.image_only import tissue_bins  # start-up time: the CLI imports this module
 
         mpp_full = float(mpp)
         check_extent(image, mpp_full, geom.mpp, f"{image_path}: --mpp")
@@ -260,7 +260,7 @@ def _level(image: SlideImage, image_path: Path, bin_um: int, genes: list[str], s
     index = _gene_index(files.matrix, genes)
     bins = read_bins(files, image.size, index)
     if index is None:
-        import scipy.sparse as sp
+        import scipy.sparse as sp  # start-up time: the CLI imports this module
 
         bins.counts = sp.csr_matrix((len(bins.libsize), len(genes)), dtype=np.float32)
     return Level(bins, mpp_full, scfg), index is not None

@@ -26,6 +26,7 @@ other elements are written by anndata's and spatialdata's own writers at the end
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def check_out(out: Path) -> None:
 
 def squares(xy: np.ndarray, e_col: np.ndarray, e_row: np.ndarray):
     """Polygons (shapely) of parallelogram cells centred on ``xy`` (n, 2) with edge vectors ``e_col``, ``e_row``."""
-    import shapely
+    import shapely  # optional extra [spatialdata]
 
     corners = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5], [-0.5, -0.5]])
     offsets = corners[:, :1] * e_col + corners[:, 1:] * e_row  # (5, 2)
@@ -81,10 +82,10 @@ def write_squares(sdata, name: str, xy: np.ndarray, e_col: np.ndarray, e_row: np
     SHAPE_BATCH at a time: spatialdata writes the element with the first batch (metadata, parquet schema),
     then the whole set is streamed into its parquet file in row groups. (A GeoDataFrame of every bin, which
     spatialdata's writer needs, costs ~0.8 kB per bin: 350 MB for a 6.5 mm slide at 8 um.)"""
-    import os
-
+    # start-up time: the CLI imports this module
     import pyarrow as pa
     import pyarrow.parquet as pq
+    # optional extra [spatialdata]
     import shapely
     from geopandas import GeoDataFrame
     from spatialdata.models import ShapesModel
@@ -124,7 +125,7 @@ def grid_axes(rc: np.ndarray, xy: np.ndarray, side: float) -> tuple[np.ndarray, 
 
 def annotating(obs, region: str):
     """``obs`` with the columns that tie a table's rows to the shapes ``region`` (row i: shape i)."""
-    import pandas as pd
+    import pandas as pd  # start-up time: the CLI imports this module
 
     obs["region"] = pd.Categorical.from_codes(np.zeros(len(obs), np.int8), categories=[region])
     obs["instance_id"] = np.arange(len(obs), dtype=np.int64)
@@ -137,8 +138,8 @@ class SpatialDataWriter(H5adWriter):
     :meth:`finish` writes the rest."""
 
     def __init__(self, path: Path, image: Path, bin_um: int, keep: list[int] = ()):
-        import zarr
-        from spatialdata import SpatialData
+        import zarr  # start-up time: the CLI imports this module
+        from spatialdata import SpatialData  # optional extra [spatialdata]
 
         self.path = Path(path)
         self.image = image
@@ -174,14 +175,15 @@ class SpatialDataWriter(H5adWriter):
 
     def finish(self, pred: SlidePrediction, genes: list[str], gene_ids: list[str], units: dict, info: dict) -> None:
         """Write the bin table's O(n) parts, the image, every shapes element and the spot and tile tables."""
-        import anndata as ad
+        import anndata as ad  # start-up time: the CLI imports this module
 
         with ad.settings.override(auto_shard_zarr_v3=False):  # plain chunks, as the streamed arrays (no warning)
             self._finish(pred, genes, gene_ids, units, info)
 
     def _finish(self, pred: SlidePrediction, genes: list[str], gene_ids: list[str], units: dict, info: dict) -> None:
-        import dask
-        import pandas as pd
+        import dask  # optional extra [spatialdata]
+        import pandas as pd  # start-up time: the CLI imports this module
+        # optional extra [spatialdata]
         from geopandas import GeoDataFrame
         from spatialdata import SpatialData
         from spatialdata.models import ShapesModel
@@ -215,8 +217,8 @@ class SpatialDataWriter(H5adWriter):
 
     def _bin_table(self, pred: SlidePrediction, var, magnet: dict, region: str) -> None:
         """The bin table's O(n) parts through anndata's element writer (X and measured are on disk already)."""
-        from anndata.io import write_elem
-        from spatialdata._io.format import CurrentTablesFormat
+        from anndata.io import write_elem  # start-up time: the CLI imports this module
+        from spatialdata._io.format import CurrentTablesFormat  # optional extra [spatialdata]
 
         f = self.file
         keys = {"region": region, "region_key": "region", "instance_key": "instance_id"}
@@ -234,9 +236,10 @@ class SpatialDataWriter(H5adWriter):
 
 def level_elements(pred: SlidePrediction, geom: Geometry, var, magnet: dict, el: dict) -> dict:
     """{"spots"|"tiles": (square polygons, table)} for the levels the model predicts (spot cells tile a tile)."""
+    # start-up time: the CLI imports this module
     import anndata as ad
     import pandas as pd
-    from spatialdata.models import TableModel
+    from spatialdata.models import TableModel  # optional extra [spatialdata]
 
     scale = geom.mpp / pred.mpp_full  # full-res px per model px
     levels = {"spots": (pred.spot_pred, pred.spot_xy, geom.global_px / geom.spots_per_side * scale,
@@ -258,7 +261,7 @@ def level_elements(pred: SlidePrediction, geom: Geometry, var, magnet: dict, el:
 
 def multiscale(slide_image: SlideImage, cs: dict):
     """The slide's full-resolution image as a lazy multiscale image, halved until it fits SMALLEST_LEVEL."""
-    from spatialdata.models import Image2DModel
+    from spatialdata.models import Image2DModel  # optional extra [spatialdata]
 
     full = slide_image.full_resolution()
     k = 1

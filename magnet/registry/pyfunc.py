@@ -17,12 +17,22 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+from safetensors.torch import load_file, save_file
 
+from magnet.batch import collate
+from magnet.config import config_from_saved, save_config
 from magnet.errors import UserError
+from magnet.format.check import Dims, check_sample
 from magnet.format.sample import Meta, Sample
 from magnet.format.schema import MEMBERS, Axis
 from magnet.format.tar import sha256_file
-from magnet.format.check import Dims, check_sample
+from magnet.geometry import Geometry
+from magnet.models.counts import CountModel, for_loss
+from magnet.models.factory import create_model
+from magnet.train_config import ExperimentConfig
 
 INPUT_MEMBERS = tuple(m.name for m in MEMBERS if not m.optional)  # members fed to a model with bin_input=image
 
@@ -40,14 +50,6 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         self.load(context.artifacts["weights"], context.artifacts["meta"], context.artifacts["config"])
 
     def load(self, weights: str, meta: str, config: str) -> None:
-        from safetensors.torch import load_file
-
-        from magnet.config import config_from_saved
-        from magnet.train_config import ExperimentConfig
-        from magnet.geometry import Geometry
-        from magnet.models.counts import for_loss
-        from magnet.models.factory import create_model
-
         info = json.loads(Path(meta).read_text())
         check_weights(weights, info)
         self.config = config_from_saved(ExperimentConfig, config)
@@ -65,15 +67,11 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
     def rate_scale(self) -> float | None:
         """For a count model, the ``target_sum`` that turns its normalised output ``x`` back into the rate per
         unit exposure, ``expm1(x) / target_sum`` (magnet/models/counts.py); None for other models."""
-        from magnet.models.counts import CountModel
-
         return self.model.target_sum if isinstance(self.model, CountModel) else None
 
     def predict_batch(self, batch, bf16: bool = False) -> dict[str, np.ndarray]:
         """Forward on the model's device (bf16 autocast when asked); float32 numpy out, all finite (else a
         :class:`UserError`: a model that gives NaN must not pass for a prediction)."""
-        import torch
-
         device = next(self.model.parameters()).device
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             pred = self.model(batch.to(device))
@@ -87,8 +85,6 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         return out
 
     def predict(self, context, model_input, params=None):
-        from magnet.batch import collate
-
         gx, gy = (int(v) for v in np.asarray(model_input["tile"]).ravel()[:2])
         meta = Meta(slide="input", gx=gx, gy=gy, mpp=self.geometry.mpp, bin_um=self.bin_um)
         names = input_members(self.config.model.bin_input)
@@ -127,9 +123,6 @@ def model_input(sample: Sample, bin_input: str = "image") -> dict[str, np.ndarra
 
 
 def signature(example: dict, output: dict):
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
     def spec(name: str, a: np.ndarray, variable=()) -> TensorSpec:
         shape = tuple(-1 if i in variable else n for i, n in enumerate(a.shape))
         return TensorSpec(a.dtype, shape, name)
@@ -142,10 +135,6 @@ def signature(example: dict, output: dict):
 def write_model_files(folder: Path, state_dict: dict, cfg, shard_set, example: dict, output: dict) -> dict[str, str]:
     """Weights, meta, config and a reference example (the engine's output on it) into ``folder``;
     returns the pyfunc ``artifacts`` mapping."""
-    from safetensors.torch import save_file
-
-    from magnet.config import save_config
-
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
     man = shard_set.manifest

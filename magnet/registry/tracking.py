@@ -9,17 +9,21 @@ wherever the URI is recorded.
 from __future__ import annotations
 
 import atexit
+import os
 import re
+import socket
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from magnet.errors import UserError
 
 LONG_LIST = 32  # longer lists (e.g. the gene list) are logged as artifacts, not params
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """The command-line URI, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store."""
-    import os
-
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
 
 
@@ -38,12 +42,6 @@ def check_tracking_uri(uri: str, field: str, existing: bool) -> str:
     """Fail in seconds, naming ``field``, for a store that cannot answer (an unreachable server took about
     4 minutes of MLflow's retries; a mistyped sqlite path created folders and an empty database). ``existing``:
     the store must already hold something (a model to load, a version to promote)."""
-    import os
-    import socket
-    from urllib.parse import urlsplit
-
-    from magnet.errors import UserError
-
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if existing and not db.is_file():
@@ -107,8 +105,6 @@ MODEL_REQUIREMENTS = ("torch", "torchvision", "timm", "torch-geometric", "safete
 
 
 def model_requirements() -> list[str]:
-    from importlib.metadata import version
-
     return [f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
 
 
@@ -125,7 +121,7 @@ class Tracker:
         """Start (or, with ``run_id``, continue) a run; returns its id (None where inactive)."""
         if not self.active:
             return None
-        import mlflow
+        import mlflow  # start-up time: the CLI imports this module
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.cfg.tracking_uri)
@@ -157,7 +153,7 @@ class Tracker:
     def log_figure(self, fig, name: str) -> None:
         """A matplotlib figure as a PNG artifact (then closed)."""
         if self.active:
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt  # start-up time: the CLI imports this module
 
             self._mlflow.log_figure(fig, name)
             plt.close(fig)
@@ -194,7 +190,7 @@ class Tracker:
 
 
 def set_alias(name: str, version: str, alias: str) -> None:
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # start-up time: the CLI imports this module
 
     MlflowClient().set_registered_model_alias(name, alias, version)
 

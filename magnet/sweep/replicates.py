@@ -15,14 +15,24 @@ plus ``evaluation/`` (``magnet evaluate``'s files) and ``experiment.yaml`` (this
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 from pathlib import Path
 
+from magnet.commands import evaluate, main
+from magnet.config import load_config, save_config
 from magnet.errors import UserError
-from magnet.io import sha256_file
+from magnet.evaluate.config import EvaluateConfig
+from magnet.evaluate.truth import gene_groups_file, read_gene_groups
+from magnet.format.manifest import Manifest, manifest_path
+from magnet.io import check_not_input, sha256_file
 from magnet.registry.tracking import refuse_credentials
-from magnet.sweep.config import RayConfig, ResourcesConfig, check_variants
-from magnet.sweep.space import VARIANT
+from magnet.sweep.config import (AshaConfig, RayConfig, ResourcesConfig, SearchConfig, SweepConfig, SweepMlflowConfig,
+                                 check_variants)
+from magnet.sweep.run import STATE_FILE, absolute_paths, run_sweep
+from magnet.sweep.space import VARIANT, base_config
+from sharding.samplesheet import read_samplesheet
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -78,8 +88,6 @@ class ReplicatesConfig:
 def sweep_config(cfg: ReplicatesConfig):
     """The Tune grid: ``variant`` (a label of ``models``: its ``variants`` overrides, else ``model.name=label``) x
     ``train.seed`` (``model.seed`` tied to it), no scheduler, nothing registered."""
-    from magnet.sweep.config import AshaConfig, SearchConfig, SweepConfig, SweepMlflowConfig
-
     return SweepConfig(
         name=cfg.name, out_dir=cfg.out_dir, train_config=cfg.train_config, train_overrides=list(cfg.train_overrides),
         shards=dict(cfg.shards), space={VARIANT: {"grid": list(cfg.models)},
@@ -135,11 +143,6 @@ def evaluate_argv(cfg: ReplicatesConfig, models: dict[str, list[Path]], out: Pat
 
 def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> dict:
     """Train the grid (or continue it), then evaluate; returns the sweep summary plus ``evaluation`` (folder)."""
-    from magnet.commands import evaluate, main
-    from magnet.config import save_config
-    from magnet.io import check_not_input
-    from magnet.sweep.run import absolute_paths
-
     e = cfg.evaluate
     if not e.samplesheet:
         raise UserError(f"{origin}: evaluate.samplesheet: required (the slides the models are scored on)")
@@ -147,9 +150,6 @@ def run_experiment(cfg: ReplicatesConfig, origin: str, resume: bool = False) -> 
         raise UserError(f"{origin}: evaluate.samplesheet: no file {e.samplesheet}")
     if e.gene_groups and not Path(e.gene_groups).is_file():
         raise UserError(f"{origin}: evaluate.gene_groups: no file {e.gene_groups}")
-    from magnet.config import load_config
-    from magnet.evaluate.config import EvaluateConfig
-
     try:  # the evaluation's keys are checked now, not after the whole grid has trained
         load_config(EvaluateConfig, None, e.overrides)
     except UserError as err:
@@ -179,11 +179,6 @@ def check_evaluation(cfg: ReplicatesConfig, scfg) -> None:
     every path), at least one slide of ``evaluate.split`` and none that the shards train on (the split of a
     slide without one is the manifest's, as magnet evaluate takes it from the models), and the gene groups
     (``evaluate.gene_groups``, else the first scored slide's ground truth where present)."""
-    from magnet.evaluate.truth import gene_groups_file, read_gene_groups
-    from magnet.format.manifest import Manifest, manifest_path
-    from magnet.sweep.space import base_config
-    from sharding.samplesheet import read_samplesheet
-
     e = cfg.evaluate
     manifests = [Manifest.load(manifest_path(root, int(b))) for b, root in sorted(scfg.shards.items())]
     scored = []
@@ -207,11 +202,6 @@ def check_evaluation(cfg: ReplicatesConfig, scfg) -> None:
 
 def summary_of(scfg, origin: str, resume: bool) -> dict:
     """The sweep's summary with its trials: run it (``resume``: continue it, or read the finished one back)."""
-    import csv
-    import json
-
-    from magnet.sweep.run import STATE_FILE, run_sweep
-
     summary = run_sweep(scfg, origin, resume=resume)
     if "trials" in summary:
         return summary

@@ -10,18 +10,22 @@ import io
 import math
 from pathlib import Path
 
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Param
+
 from magnet.errors import UserError
 from magnet.io import atomic_write_text
 from magnet.registry.tracking import flatten, set_alias
 from magnet.sweep.config import SweepConfig
+from magnet.sweep.scheduler import stopped_trials
+from magnet.sweep.space import leaves
 
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}
 
 
 def trial_rows(grid, cfg: SweepConfig, base, sweep_dir: Path) -> list[dict]:
     """One row per trial: id, status, values, steps, last metric, error (last line)."""
-    from magnet.sweep.scheduler import stopped_trials
-
     stopped = stopped_trials(sweep_dir)
     rows = []
     for result in grid:
@@ -59,8 +63,6 @@ def close_interrupted(tracking_uri: str, parent_id: str) -> list[str]:
     killed with the sweep. A trial resumed from its checkpoint reopens its run; one killed before its
     first checkpoint starts over in a new run of the same name, and this one stays KILLED. Returns
     the closed run ids."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=tracking_uri)
     closed = [r.info.run_id for r in _children(client, parent_id) if r.info.status == "RUNNING"]
     for run_id in closed:
@@ -73,8 +75,6 @@ def record_children(client, rows: list[dict], parent_id: str, experiment_id: str
     """Each trial's child run ends with its status (a trial that failed before its run started gets
     one now, with its values); returns trial -> child run id. Of a trial's runs, the latest started
     is its own (older ones were interrupted, see :func:`close_interrupted`)."""
-    from mlflow.entities import Param
-
     by_name: dict = {}
     for r in _children(client, parent_id):
         by_name.setdefault(r.info.run_name, r)
@@ -124,10 +124,10 @@ def tables(rows: list[dict]) -> tuple[str, str]:
 
 def metric_plot(rows: list[dict], params: list[str], metric: str):
     """The metric against each hyperparameter, one panel each, marker by status."""
-    import matplotlib
+    import matplotlib  # here, not at import: use("Agg") must not switch the backend of a program importing us
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     fig, axes = plt.subplots(1, max(len(params), 1), figsize=(3.2 * max(len(params), 1), 3), squeeze=False)
     markers = {"finished": "o", "stopped_early": "x", "failed": "s"}
@@ -154,8 +154,6 @@ def metric_plot(rows: list[dict], params: list[str], metric: str):
 def _register(client, cfg: SweepConfig, model_uri: str, run_id: str) -> str:
     """Register the model and set the alias; a resumed sweep whose alias already names this run's
     model keeps that version."""
-    import mlflow
-
     name, alias = cfg.mlflow.register_as, cfg.mlflow.alias
     found = client.search_registered_models(filter_string=f"name = '{name}'")
     if alias and found and alias in found[0].aliases:
@@ -170,10 +168,6 @@ def _register(client, cfg: SweepConfig, model_uri: str, run_id: str) -> str:
 
 
 def finish_sweep(grid, cfg: SweepConfig, base, parent_id: str, sweep_dir: Path, tracker) -> dict:
-    from mlflow import MlflowClient
-
-    from magnet.sweep.space import leaves
-
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     rows = trial_rows(grid, cfg, base, sweep_dir)
     unfinished = sum(r["status"] == "unfinished" for r in rows)
@@ -195,8 +189,6 @@ def finish_sweep(grid, cfg: SweepConfig, base, parent_id: str, sweep_dir: Path, 
     best = best_row(rows, cfg)
     tracker.set_tags({f"sweep.{k}": v for k, v in counts.items()})
     if best is not None:
-        import mlflow
-
         run_id = children[best["trial"]]
         model_uri = client.get_run(run_id).data.tags.get("model_uri")
         version = None

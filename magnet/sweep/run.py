@@ -17,9 +17,10 @@ import yaml
 from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
 from magnet.io import atomic_write_text, check_not_input
+from magnet.registry.tracking import Tracker, absolute_tracking_uri, check_tracking_uri
 from magnet.sweep.config import SweepConfig
 from magnet.sweep.space import base_config, check_no_fold, check_resolutions, param_space
-from magnet.registry.tracking import absolute_tracking_uri, check_tracking_uri
+from magnet.train_config import MlflowConfig
 
 STATE_FILE = "sweep.json"
 
@@ -72,7 +73,7 @@ def _trial_name(trial) -> str:
 def _scheduler(cfg: SweepConfig, last_step: int, sweep_dir: Path):
     if not cfg.asha.enabled:
         return None
-    from magnet.sweep.scheduler import SweepASHA
+    from magnet.sweep.scheduler import SweepASHA  # start-up time: the CLI imports this module
 
     a = cfg.asha
     return SweepASHA(last_step=last_step, sweep_dir=str(sweep_dir), grace_period=a.grace_period,
@@ -85,23 +86,23 @@ def _search_alg(cfg: SweepConfig):
     s = cfg.search
     if s.algorithm == "optuna":
         try:
-            from ray.tune.search.optuna import OptunaSearch
+            from ray.tune.search.optuna import OptunaSearch  # start-up time: the CLI imports this module
 
             searcher = OptunaSearch(seed=s.seed)
         except (ImportError, AssertionError):
             raise UserError("config: search.algorithm: optuna is not installed (pip install optuna), "
                             "use random or grid") from None
-        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search import ConcurrencyLimiter  # start-up time: the CLI imports this module
 
         return ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent) if s.max_concurrent else searcher
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator  # start-up time: the CLI imports this module
 
     return BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)
 
 
 def _init_ray(cfg: SweepConfig) -> bool:
     """Start (or join) Ray; True if this call started it."""
-    import ray
+    import ray  # start-up time: the CLI imports this module
 
     if ray.is_initialized():
         return False
@@ -137,10 +138,9 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
     if "finished" in saved:  # a restore would run no trial and log the same results again
         return {**saved["finished"], "already_finished": True}
 
-    from ray import tune
+    from ray import tune  # start-up time: the CLI imports this module
 
-    from magnet.train_config import MlflowConfig
-    from magnet.registry.tracking import Tracker
+    # start-up time: the CLI imports this module
     from magnet.sweep.results import close_interrupted, finish_sweep
     from magnet.sweep.trial import run_trial
 
@@ -186,7 +186,7 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
         raise
     finally:
         if started:
-            import ray
+            import ray  # start-up time: the CLI imports this module
 
             ray.shutdown()
     tracker.finish()

@@ -11,9 +11,9 @@ from typing import Any
 
 from magnet.config import load_config
 from magnet.errors import UserError
-from magnet.train_config import ExperimentConfig
 from magnet.format.manifest import Manifest, manifest_path
 from magnet.sweep.config import DISTRIBUTIONS, SweepConfig
+from magnet.train_config import ExperimentConfig
 
 
 def leaves(space: dict, prefix: str = "") -> dict[str, tuple[str, list]]:
@@ -79,7 +79,7 @@ def _check_values(cfg: SweepConfig, key: str, kind: str, values: list) -> None:
 
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
     """Tune's param space, keyed by dotted experiment keys; every value checked before any trial starts."""
-    from ray import tune
+    from ray import tune  # start-up time: the CLI imports this module
 
     algorithm = cfg.search.algorithm
     out: dict[str, Any] = {}

@@ -14,17 +14,20 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch.distributed as td
+from ray import tune
+
+from magnet import dist
+from magnet.errors import UserError
+from magnet.io import atomic_write_text
+from magnet.sweep.space import trial_config
+from magnet.train import checkpoint
+from magnet.train.loop import train
+
 TRIAL_FILE = "trial.json"
 
 
 def run_trial(params: dict, *, sweep, sweep_dir: str, parent_run_id: str) -> None:
-    from ray import tune
-
-    from magnet import dist
-    from magnet.sweep.space import trial_config
-    from magnet.train import checkpoint
-    from magnet.train.loop import train
-
     trial_id = tune.get_context().get_trial_id()
     run_root = Path(sweep_dir) / "runs"
     cfg = trial_config(sweep, params, run_root, trial_id, parent_run_id)
@@ -43,8 +46,6 @@ def run_trial(params: dict, *, sweep, sweep_dir: str, parent_run_id: str) -> Non
     def report(step: int, metrics: dict) -> None:
         dist.release_shm()  # a world of one: no peer maps the buffer; a stopped trial would leave it behind
         if sweep.search.metric not in metrics:
-            from magnet.errors import UserError
-
             raise UserError(f"config: search.metric: '{sweep.search.metric}' is not reported; known: {', '.join(sorted(metrics))}")
         row = {"step": step, **metrics}
         tag = checkpoint.read_pointer(run_dir / "checkpoints")
@@ -54,8 +55,6 @@ def run_trial(params: dict, *, sweep, sweep_dir: str, parent_run_id: str) -> Non
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / TRIAL_FILE).write_text(json.dumps({"run_dir": str(run_dir), "step": step, "tag": tag}))
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
-
-    import torch.distributed as td
 
     try:
         train(cfg, resume=resume, report=report)
@@ -68,8 +67,5 @@ def run_trial(params: dict, *, sweep, sweep_dir: str, parent_run_id: str) -> Non
 def _rewind(ckpt_dir: Path, tag: str) -> None:
     """Point ``latest`` at the checkpoint of Tune's last report: an interrupted trial may have trained
     (and checkpointed) past it; it redoes those steps and reports them this time."""
-    from magnet.io import atomic_write_text
-    from magnet.train import checkpoint
-
     if (ckpt_dir / tag).is_dir() and checkpoint.read_pointer(ckpt_dir) != tag:
         atomic_write_text(ckpt_dir / "latest", tag)

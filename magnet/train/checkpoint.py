@@ -8,6 +8,7 @@ from the previous complete checkpoint. The best checkpoint is a ``best-step%08d`
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -70,6 +71,7 @@ def read_pointer(ckpt_dir: Path, pointer: str = "latest") -> str | None:
 def _weights_only_load(path, map_location=None):
     """``torch.load(weights_only=True)``, allowing only the DeepSpeed classes its ZeRO 1/2/3 checkpoints
     pickle besides tensors and plain containers (DeepSpeed itself loads with ``weights_only=False``)."""
+    # start-up time: the CLI imports this module
     import torch
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -81,8 +83,6 @@ def _weights_only_load(path, map_location=None):
 
 def load(engine, ckpt_dir: Path, tag: str) -> dict:
     """Module, optimizer and scheduler state into ``engine`` (no arbitrary unpickling); returns the client state."""
-    import pickle
-
     engine.checkpoint_engine.load = _weights_only_load
     try:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)

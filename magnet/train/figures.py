@@ -6,10 +6,10 @@ import numpy as np
 
 
 def _figure(*args, **kw):
-    import matplotlib
+    import matplotlib  # here, not at import: use("Agg") must not switch the backend of a program importing us
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     return plt.subplots(*args, **kw)
 

@@ -21,18 +21,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from magnet import dist
+from magnet.batch import collate
 from magnet.config import config_from_saved, git_revision, load_yaml, save_config, to_dict
 from magnet.data.pipeline import EvalStream, ShardSet, TrainStream
+from magnet.data.transforms import chunk_bins
 from magnet.errors import UserError
-from magnet.train_config import ExperimentConfig
 from magnet.io import atomic_write_text, check_not_input
+from magnet.losses import compute_loss
+from magnet.models.counts import COUNT_LOSSES, for_loss
+from magnet.models.factory import create_model
+from magnet.models.init import init_from_statistics, training_statistics
 from magnet.registry.tracking import Tracker, mask_credentials
 from magnet.train import checkpoint, finite, rundir
 from magnet.train.ds_config import deepspeed_config
+from magnet.train.figures import gene_maps, loss_curves
 from magnet.train.schedule import make_scheduler
 from magnet.train.state import LossMeter, TrainState, param_groups
+from magnet.train.validation import evaluate
+from magnet.train_config import ExperimentConfig
 
 
 def _run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, str | None]:
@@ -139,10 +148,7 @@ def write_run_config(cfg: ExperimentConfig, run_dir: Path, world) -> None:
 
 def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
     """The model and its DeepSpeed engine; biases and norms are not weight-decayed (:func:`param_groups`)."""
-    import deepspeed
-
-    from magnet.models.counts import COUNT_LOSSES, for_loss
-    from magnet.models.factory import create_model
+    import deepspeed  # start-up time: a bad config fails before deepspeed (1.5 s) loads
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model, len(shard_set.genes), shard_set.manifest.feat_dim, shard_set.geometry)
@@ -151,8 +157,6 @@ def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
         raise UserError(f"{shard_set.manifest.path}: raw_counts: loss.bin {cfg.loss.bin} needs the raw counts in the "
                         f"shards (shard them with shard.keep_counts: true)")
     if cfg.model.init_from_data and fresh:  # the same statistics on every rank; a resumed run loads its own
-        from magnet.models.init import init_from_statistics, training_statistics
-
         init_from_statistics(model, training_statistics(shard_set, cfg.data.train_split, cfg.data.on_corrupt))
     if getattr(model, "fitted", False) and fresh:  # closed form (model.name=ridge): fitted here, no SGD step
         fit = model.fit(shard_set, cfg.data)
@@ -170,8 +174,6 @@ def train_step(engine, batch, cfg: ExperimentConfig, meter: LossMeter) -> bool |
     """Forward, backward and (at an accumulation boundary) the optimizer step of one micro-batch; its loss
     parts go to ``meter``. True at the boundary; None: its loss is not finite on some rank, so every rank
     skipped its backward and step (:mod:`magnet.train.finite`)."""
-    from magnet.losses import compute_loss
-
     n_bins, skipped = batch.num_bins, batch.corrupt_samples
     batch = batch.to(engine.device)
     engine.train()
@@ -199,8 +201,6 @@ def step_row(sums: dict[str, float], state: TrainState, engine, epoch: int) -> d
 def evaluate_step(engine, evaluator, cfg: ExperimentConfig, step: int, spare_batch, zero3: bool, log: MetricsLog,
                   tracker: Tracker, genes: list[str]) -> dict:
     """Evaluate on the evaluation split; metrics logged, table and gene maps to MLflow."""
-    from magnet.train.validation import evaluate
-
     metrics, table, maps = evaluate(engine, evaluator, cfg, spare_batch, zero3, cfg.mlflow.figure_genes)
     log.write(cfg.data.eval_split, step, metrics)
     _log_eval_artifacts(tracker, step, table, maps, genes)
@@ -268,8 +268,6 @@ def _train(cfg, world, run_dir, fresh, engine, zero_stage, shard_set, stream, st
         print(f"magnet train: run {run_dir} | world {world.world_size} | ZeRO-{zero_stage} | "
               f"{stream.batches_per_epoch} micro-batches per epoch per rank | stages {' > '.join(n for n, _ in stream.stages(0))}",
               flush=True)
-
-    from tqdm import tqdm
 
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not (primary and cfg.train.progress),
                file=sys.stderr, dynamic_ncols=True)
@@ -375,8 +373,6 @@ def _log_eval_artifacts(tracker: Tracker, step: int, table: dict, maps, genes: l
     if table:
         tracker.log_table(table, f"eval/step{step:08d}.json")
     if maps is not None:
-        from magnet.train.figures import gene_maps
-
         fig = gene_maps(maps["pos"], maps["pred"], maps["true"], genes, maps["slide"])
         tracker.log_figure(fig, f"figures/gene_maps_step{step:08d}.png")
 
@@ -388,7 +384,7 @@ def _hms(seconds: float) -> str:
 
 def full_state_dict(engine) -> dict:
     """The whole model's weights on every rank (ZeRO-3 gathers its partitions; a collective)."""
-    import deepspeed
+    import deepspeed  # start-up time: a bad config fails before deepspeed (1.5 s) loads
 
     module = engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
@@ -400,7 +396,7 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
     """Figures and the registry model (rank 0), only if its weights, reference output and last evaluation's
     predictions are finite. The weight gather and the reference forward on the example input run on every rank
     (collectives under ZeRO-3)."""
-    from magnet.batch import collate
+    # start-up time: mlflow (about 1 s, and a warning on stderr) loads when the model is written, not on every start
     from magnet.registry.pyfunc import MagnetPyfunc, model_input, signature, write_model_files
 
     state_dict = full_state_dict(engine)
@@ -420,8 +416,6 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
     artifacts = write_model_files(run_dir / "model", state_dict, cfg, shard_set, example, output)
     if not tracker.active:
         return {}
-    from magnet.train.figures import loss_curves
-
     tracker.log_figure(loss_curves(log.read("train"), log.read(cfg.data.eval_split)), "figures/loss_curves.png")
     uri, version = tracker.log_model(MagnetPyfunc(), artifacts, signature(example, output))
     tracker.set_tags({"model_uri": uri, "model_version": version or ""})
@@ -430,8 +424,6 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
 
 def example_sample(shard_set: ShardSet, cfg) -> dict:
     """The first readable sample of the evaluation (else training) shards, decoded, bins capped."""
-    from magnet.data.transforms import chunk_bins
-
     split = cfg.data.eval_split if shard_set.manifest.has_split(cfg.data.eval_split) else cfg.data.train_split
     sample = next(shard_set.reader(cfg.data.on_corrupt).read(u for u, _ in shard_set.shards(split)), None)
     if sample is None:

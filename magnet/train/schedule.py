@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from torch.optim.lr_scheduler import LambdaLR
+
 
 def lr_factor(step: int, total: int, name: str, warmup: int, min_ratio: float, power: float) -> float:
     """Factor on the base lr before optimizer step ``step`` (0-based) of ``total``."""
@@ -19,7 +21,5 @@ def lr_factor(step: int, total: int, name: str, warmup: int, min_ratio: float, p
 
 def make_scheduler(optimizer, cfg, total: int):
     """A ``LambdaLR`` over ``optimizer`` (DeepSpeed steps it once per optimizer step and checkpoints it)."""
-    from torch.optim.lr_scheduler import LambdaLR
-
     s = cfg.schedule
     return LambdaLR(optimizer, lambda step: lr_factor(step, total, s.name, s.warmup_steps, s.min_lr_ratio, s.power))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from magnet import dist
+from magnet.losses import compute_loss
 from magnet.metrics import ExpressionMetrics
 
 LEVELS = ("bin", "spot", "glob")
@@ -59,8 +60,6 @@ class MapSample:
 
 def evaluate(engine, stream, cfg, spare_batch, lockstep_forward: bool, map_genes: int = 0):
     """``(metrics, per-slide table, map)``: flat means (``loss``, ``pcc_bin``, ``spot_pcc_gene`` ...)."""
-    from magnet.losses import compute_loss
-
     slides = sorted(s for s, v in stream.set.manifest.splits.items() if v == cfg.data.eval_split)
     n_genes = len(stream.set.genes)
     acc = {lvl: ExpressionMetrics(n_genes, slides) for lvl in LEVELS}
