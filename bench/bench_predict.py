@@ -52,6 +52,11 @@ because the bin graph crossed chunks (now built within each sample: magnet/batch
   batch_bins, default otherwise, bins per CPU-s of the prediction (one process, 2 interleaved runs): tiny
       model 128 (its eval_batch) 485, 256 506, 512 515, 1024 519; demo model (resnet10t, 48 px patches)
       256 (its eval_batch) 506, 512 526, 1024 531; 512 without the encoder's calls (encoder_px=0) 352 / 489
+Issue 24 (2026-12-06, 2 cores shared with training runs; demo-architecture MagNet: resnet10t bin encoder on 48 px
+patches, width 256, regnetx_002 frozen features; 2 mm synthetic slide, 10,549 16 um bins; --threads 1, 2
+interleaved runs, medians), default settings against the baseline (the settings before issue 15):
+  bins per CPU-s of the process 267 -> 401 (x1.50), of the prediction 335 -> 571 (x1.70), wall bins/s x1.68
+  (prediction x1.95); peak RSS 1250 -> 1412 MB (the second default run 1310 MB)
 .h5ad vs SpatialData store, same slide and model (2-step tiny model on the tiny cohort's 16 um shards, 32 genes,
 --default-only --threads 1, load 14-16 on the 2 cores, 2026-11-29):
   1.5 mm slide,  6,059 16 um bins:  peak RSS .h5ad 1216 MB, spatialdata 1267 MB (x1.04)
