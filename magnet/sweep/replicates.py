@@ -26,7 +26,7 @@ from magnet.errors import UserError
 from magnet.evaluate.config import EvaluateConfig
 from magnet.evaluate.truth import gene_groups_file, read_gene_groups
 from magnet.format.manifest import Manifest, manifest_path
-from magnet.io import check_not_input, sha256_file
+from magnet.io import check_not_input
 from magnet.registry.tracking import refuse_credentials
 from magnet.sweep.config import (AshaConfig, RayConfig, ResourcesConfig, SearchConfig, SweepConfig, SweepMlflowConfig,
                                  check_variants)
@@ -115,11 +115,12 @@ def trained_models(summary: dict, sweep_dir: Path, cfg: ReplicatesConfig) -> dic
 
 
 def distinct_weights(paths: list[Path]) -> list[Path]:
-    """The models whose weights differ, first seed first: a closed-form model (model.name=ridge) is the same for
-    every seed, and one model given twice is not two replicates (magnet evaluate refuses it)."""
+    """The models whose weights differ (by the sha256 each model folder records, which magnet evaluate checks at
+    load), first seed first: a closed-form model (model.name=ridge) is the same for every seed, and one model given
+    twice is not two replicates (magnet evaluate refuses it)."""
     seen: dict[str, Path] = {}
     for p in paths:
-        seen.setdefault(sha256_file(p / "model.safetensors"), p)
+        seen.setdefault(json.loads((p / "model_meta.json").read_text())["weights_sha256"], p)
     return list(seen.values())
 
 
