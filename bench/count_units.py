@@ -29,6 +29,8 @@ import anndata as ad
 import h5py
 import numpy as np
 
+from magnet.metrics import ExpressionMetrics
+
 
 def truth(slide: Path, bin_um: int, barcodes: list[str], genes: list[str], target_sum: float) -> np.ndarray:
     """``log1p(p * target_sum)`` of the true proportions, rows in ``barcodes`` order, columns in ``genes`` order."""
@@ -43,9 +45,11 @@ def truth(slide: Path, bin_um: int, barcodes: list[str], genes: list[str], targe
     return np.log1p(share * target_sum)
 
 
-def pcc_per_gene(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0) + 1e-12)
+def pcc_per_gene(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-gene PCC across the bins, as magnet evaluate computes it."""
+    m = ExpressionMetrics(pred.shape[1])
+    m.update(pred, target)
+    return m.pcc_per_gene()[0]
 
 
 def scores(pred: ad.AnnData, slide: Path, bin_um: int, target_sum: float) -> dict[str, float]:
