@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from magnet.dist import WorldInfo
 from magnet.errors import UserError
 from magnet.train_config import DataConfig
 from magnet.format.manifest import write_manifest
+from tests.conftest import REPO
 
 KNN = {"k_bin": 4, "k_spot": 3, "k_global": 3}
 
@@ -174,3 +177,29 @@ def test_training_windows_have_the_shape_of_evaluation_chunks(tiny_shards):
     chunks = chunk_bins(sample, cap)
     assert [tuple(r) for c in chunks for r in c["bin_rc"].tolist()] == rc
     assert window_bins(sample, n, np.random.default_rng(0)) is sample
+
+
+_HANDOVER_CUT = """
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+if sys.argv[1] == "worker":
+    from magnet.data.pipeline import _worker_init
+    _worker_init(0)
+resource_sharer.DupFd(os.pipe()[0])  # a batch's file descriptor, waiting for the main process
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(resource_sharer._resource_sharer._address)
+time.sleep(0.5)
+conn.close()  # the main process stops mid-handover (its unread challenge makes this a reset)
+time.sleep(0.5)
+sys.excepthook(ValueError, ValueError("another error"), None)
+"""
+
+
+@pytest.mark.parametrize("process", ["worker", "plain"])
+def test_a_worker_cut_off_mid_handover_prints_no_traceback(process):
+    """Ctrl-C during training printed a ConnectionResetError traceback from a loader worker's fd-sharing
+    thread under the one-line message (seen in CI). A plain process shows what the worker now hides."""
+    err = subprocess.run([sys.executable, "-c", _HANDOVER_CUT, process], cwd=REPO, capture_output=True, text=True,
+                         timeout=60).stderr
+    assert ("ConnectionResetError" in err) is (process == "plain"), err
+    assert "ValueError: another error" in err  # every other error still prints

@@ -19,6 +19,8 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import sys
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -312,7 +314,7 @@ class EvalStream:
 
 def _loader(pipe: Pipeline, cfg) -> Iterator:
     kw = {"prefetch_factor": cfg.prefetch} if cfg.workers > 0 else {}
-    loader = DataLoader(pipe, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_threads,
+    loader = DataLoader(pipe, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_init,
                         pin_memory=torch.cuda.is_available(), **kw)
     try:
         yield from loader
@@ -323,5 +325,16 @@ def _loader(pipe: Pipeline, cfg) -> Iterator:
         raise UserError(last[len(prefix):]) from None
 
 
-def _worker_threads(_: int) -> None:
+def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    sys.excepthook = _quiet_when_the_consumer_left
+
+
+def _quiet_when_the_consumer_left(exc_type, exc, tb) -> None:
+    """A worker hands each batch over as a file descriptor, served by multiprocessing's resource_sharer
+    thread, which reports its errors through ``sys.excepthook``. When the main process stops mid-handover
+    (Ctrl-C, an error), that connection is reset: the batch is moot, and its traceback would bury the run's
+    one-line message. Every other error prints as usual."""
+    if not (issubclass(exc_type, ConnectionError)
+            and any(f.filename.endswith("multiprocessing/resource_sharer.py") for f in traceback.extract_tb(tb))):
+        sys.__excepthook__(exc_type, exc, tb)
