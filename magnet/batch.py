@@ -85,6 +85,10 @@ class Batch:
     bin_feat: torch.Tensor | None = None  # float32 (Nb, F) cached frozen features (member bin_feat), when stored
     bin_counts: torch.Tensor | None = None  # float32 (Nb, G) raw counts, when every sample holds them
     bin_libsize: torch.Tensor | None = None  # float32 (Nb,) total count of all genes: count losses' exposure
+    spot_counts: torch.Tensor | None = None  # float32 (Ns, G) raw counts summed per spot cell, when stored
+    spot_libsize: torch.Tensor | None = None  # float32 (Ns,)
+    glob_counts: torch.Tensor | None = None  # float32 (Ng, G) raw counts summed per tile, when stored
+    glob_libsize: torch.Tensor | None = None  # float32 (Ng,)
 
     @property
     def num_bins(self) -> int:
@@ -298,9 +302,15 @@ def collate(samples: list[Sample], geometry: Geometry, *, k_bin: int = 8, k_spot
 
 
 def _counts(samples: list[Sample], n_genes: int) -> dict:
-    """``bin_counts`` and ``bin_libsize`` where every sample holds both (shards with ``shard.keep_counts``)."""
-    if not all("bin_counts" in s and "bin_libsize" in s for s in samples):
-        return {}
-    return {"bin_counts": torch.from_numpy(np.concatenate([s["bin_counts"] for s in samples]).reshape(-1, n_genes)
-                                           .astype(np.float32)),
-            "bin_libsize": torch.from_numpy(np.concatenate([s["bin_libsize"] for s in samples]).astype(np.float32))}
+    """Raw counts and exposures of the bins, spot cells and tiles, each where every sample holds both (shards
+    with ``shard.keep_counts``; spot and tile counts from shards written since they were added)."""
+    out = {}
+    for level, counts, exposure, join in (("bin", "bin_counts", "bin_libsize", np.concatenate),
+                                          ("spot", "spot_counts", "spot_libsize", np.stack),
+                                          ("glob", "global_counts", "global_libsize", np.stack)):
+        if all(counts in s and exposure in s for s in samples):
+            out[f"{level}_counts"] = torch.from_numpy(join([s[counts] for s in samples]).reshape(-1, n_genes)
+                                                      .astype(np.float32))
+            out[f"{level}_libsize"] = torch.from_numpy(join([s[exposure] for s in samples]).reshape(-1)
+                                                       .astype(np.float32))
+    return out

@@ -14,12 +14,21 @@ class LossConfig:
     ``bin``: ``mse_pcc`` (the paper's: ``bin_mse`` x squared error on the normalised values), ``poisson`` or
     ``nb`` (negative binomial, one learned dispersion per gene): ``bin_nll`` x the mean negative log-likelihood
     of the raw counts (shards written with ``shard.keep_counts``), the bin's total count as exposure. The PCC,
-    spot, global and consistency terms are the same for every ``bin`` (on the normalised values)."""
+    spot, global and consistency terms are the same for every ``bin`` (on the normalised values).
+
+    ``spot`` and ``glob``: ``pcc`` (the paper's: ``spot_pcc`` / ``glob_pcc`` x (1 - PCC) only), ``poisson`` or
+    ``nb``, which add ``spot_nll`` / ``glob_nll`` x the mean negative log-likelihood of the spot cell's (tile's)
+    summed raw counts, its total count as exposure (one learned dispersion per gene and level for ``nb``). They
+    need a count ``bin`` likelihood: a count model's heads all output log-rates."""
 
     bin: Literal["mse_pcc", "poisson", "nb"] = "mse_pcc"
     bin_mse: float = 0.75
     bin_nll: float = 1.0
     bin_pcc: float = 0.1
+    spot: Literal["pcc", "poisson", "nb"] = "pcc"
+    glob: Literal["pcc", "poisson", "nb"] = "pcc"
+    spot_nll: float = 0.05
+    glob_nll: float = 0.05
     spot_pcc: float = 0.05
     glob_pcc: float = 0.05
     consistency: float = 0.05
@@ -27,6 +36,14 @@ class LossConfig:
     eps: float = 1e-8  # in the PCC denominator; a constant row scores PCC 0
 
     def __post_init__(self):
-        for key in ("bin_mse", "bin_nll", "bin_pcc", "spot_pcc", "glob_pcc", "consistency"):
+        for key in ("bin_mse", "bin_nll", "bin_pcc", "spot_nll", "glob_nll", "spot_pcc", "glob_pcc", "consistency"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for level in ("spot", "glob"):
+            if getattr(self, level) != "pcc" and self.bin == "mse_pcc":
+                raise ValueError(f"{level} {getattr(self, level)} needs a count likelihood for bin (poisson or nb): "
+                                 f"a count model's heads all output log-rates, an mse_pcc model's normalised values")
+
+    def levels(self) -> dict[str, str]:
+        """The count likelihood of each level that has one: ``{"bin": "nb", "spot": "poisson"}``."""
+        return {k: v for k, v in (("bin", self.bin), ("spot", self.spot), ("glob", self.glob)) if v in ("poisson", "nb")}

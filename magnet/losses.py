@@ -18,7 +18,9 @@ Count likelihoods (``bin``: ``poisson`` or ``nb``, magnet/models/counts.py): the
 negative log-likelihood of the raw counts ``y`` (``Batch.bin_counts``) with mean ``mu = exp(log_rate) *
 libsize`` (``Batch.bin_libsize``), in place of the squared error; the other terms read the normalised
 predictions as for ``mse_pcc``. Negative binomial (NB2, ``theta = exp(log_dispersion)`` per gene, variance
-``mu + mu^2 / theta``).
+``mu + mu^2 / theta``). ``spot`` / ``glob`` count likelihoods add the same negative log-likelihood of each
+labelled spot cell's (tile's) summed counts (``Batch.spot_counts`` / ``glob_counts``, exposure
+``spot_libsize`` / ``glob_libsize``), weighted ``spot_nll`` / ``glob_nll``, beside their PCC terms.
 
 Each form sums its spot and global terms (as the reference does), each weighted by
 ``consistency``. Terms of a level the model does not predict (``None``) are left out.
@@ -66,6 +68,16 @@ def count_nll(log_rate: torch.Tensor, counts: torch.Tensor, libsize: torch.Tenso
              + theta * (log_theta - log_sum) + y * (log_mu - log_sum))
 
 
+def _node_nll(pred, batch, name: str, likelihood: str, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the labelled spot (``name`` spot) or global (glob) nodes' summed counts."""
+    log_rate, counts = getattr(pred, f"{name}_log_rate"), getattr(batch, f"{name}_counts", None)
+    if log_rate is None or counts is None:
+        raise ValueError(f"loss.{name} {likelihood} needs a count model's log-rates and the batch's {name} counts")
+    dispersion = getattr(pred, f"{name}_log_dispersion") if likelihood == "nb" else None
+    nll = count_nll(log_rate, counts, getattr(batch, f"{name}_libsize"), dispersion).mean(-1)
+    return _masked_mean(nll, mask)
+
+
 def compute_loss(pred, batch, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its unweighted parts (detached scalars, for logging).
 
@@ -92,6 +104,9 @@ def compute_loss(pred, batch, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, 
         mask = getattr(batch, f"{name}_mask")
         parts[f"{name}_pcc"] = 1.0 - _masked_mean(row_pcc(node_pred, getattr(batch, f"{name}_expr"), cfg.eps), mask)
         total = total + weight * parts[f"{name}_pcc"]
+        if getattr(cfg, name) != "pcc":
+            parts[f"{name}_nll"] = _node_nll(pred, batch, name, getattr(cfg, name), mask)
+            total = total + getattr(cfg, f"{name}_nll") * parts[f"{name}_nll"]
         bin_node = getattr(batch, f"bin_{name}")
         if cfg.consistency_form == "aggregate":
             agg, count = _group_mean(pred.bin, bin_node, node_pred.shape[0])

@@ -24,7 +24,7 @@ class SampleConfig:
     max_bins_per_sample: int = 0  # 0 = all; else a seeded subsample (2 um bins: ~16k per 256 um tile)
     image_format: Literal["jpg", "png", "webp"] = "jpg"  # png / webp are lossless
     jpeg_quality: int = 90
-    keep_counts: bool = False  # also store raw counts and library sizes (bin_counts, bin_libsize)
+    keep_counts: bool = False  # also store raw counts and library sizes of bins, spot cells and tiles (*_counts, *_libsize)
     k_neighbours: int = 8
     samples_per_shard: int = 256
     bytes_per_shard: int = 256 * 2**20  # a shard is closed at whichever limit comes first

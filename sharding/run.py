@@ -42,7 +42,7 @@ from tqdm import tqdm
 from magnet.config import git_revision, save_config, to_dict
 from magnet.errors import UserError
 from magnet.format.manifest import Manifest, write_manifest
-from magnet.format.schema import FORMAT_VERSION
+from magnet.format.schema import FORMAT_VERSION, RAW_COUNTS
 from magnet.io import atomic_write_text, check_not_input, remove_stale
 
 from . import tuned_encoder
@@ -371,7 +371,7 @@ def _manifest(cfg, bin_um, genes, gene_ids, gene_names, splits, folds, records, 
                    for r in sorted(records, key=lambda r: r["slide"])},
         "seed": cfg.seed,
         # optional members (magnet/format/schema.py) that every sample holds: count losses need them
-        "raw_counts": {"counts": "bin_counts", "exposure": "bin_libsize"} if cfg.shard.keep_counts else None,
+        "raw_counts": RAW_COUNTS if cfg.shard.keep_counts else None,
         "config": _recorded_config(cfg),
         "git_revision": git_revision(),
         "plan": plan,

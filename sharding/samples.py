@@ -98,6 +98,9 @@ class Level:
         spot_lib = np.bincount(group, self.bins.libsize[self.tiles.bin_order], n_tiles * s).reshape(n_tiles, s)
         self.spot_mask = np.bincount(group, minlength=n_tiles * s).reshape(n_tiles, s) > 0
         self.spot_expr = normalise(spot_counts, spot_lib, cfg.genes).astype(np.float16)
+        # raw sums for the spot and global count likelihoods (shard.keep_counts)
+        self.spot_counts = np.rint(spot_counts).astype(np.int32) if cfg.shard.keep_counts else None
+        self.spot_lib = spot_lib
         self.global_expr = normalise(spot_counts.sum(1), spot_lib.sum(1), cfg.genes).astype(np.float16)
 
 
@@ -145,6 +148,10 @@ def make_sample(slide: str, split: str, bin_um: int, lv: Level, t: int, feats: t
     if sc.keep_counts:
         arrays["bin_counts"] = np.rint(counts).astype(np.int32)
         arrays["bin_libsize"] = lv.bins.libsize[idx].astype(np.float32)
+        arrays["spot_counts"] = np.where(m3, lv.spot_counts[nb], 0).astype(np.int32)
+        arrays["spot_libsize"] = np.where(m2, lv.spot_lib[nb], 0).astype(np.float32)
+        arrays["global_counts"] = np.where(m2, lv.spot_counts[nb].sum(1), 0).astype(np.int32)
+        arrays["global_libsize"] = np.where(mask, lv.spot_lib[nb].sum(1), 0).astype(np.float32)
     meta = Meta(slide=slide, split=split, gx=gx, gy=gy, bin_um=bin_um, mpp=geom.mpp, n_bins=len(idx),
                 n_bins_tile=n_tile)
     return Sample(meta=meta, arrays=arrays), idx

@@ -5,6 +5,7 @@ units (same columns, same normalisation, finite), the count model's rates in ``l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,6 +18,9 @@ import torch
 from scipy import stats
 
 from magnet.cli import main
+from magnet.format.manifest import Manifest, manifest_path
+from magnet.format.reader import ShardReader
+from magnet.format.schema import RAW_COUNTS
 from magnet.loss_config import LossConfig
 from magnet.losses import compute_loss, count_nll
 from magnet.models.counts import CountModel, normalised
@@ -98,10 +102,10 @@ def count_shards(tiny_cohort, tmp_path_factory) -> Path:
     return out
 
 
-def _train(shards: Path, out: Path, name: str, loss: str) -> Path:
+def _train(shards: Path, out: Path, name: str, loss: str, *overrides: str) -> Path:
     cmd = [sys.executable, "launch/train.py", "--config", str(REPO / "configs/train/tiny.yaml"),
            f"data.shards={shards}", f"train.out_dir={out}", f"train.run_name={name}", "train.steps=2",
-           "train.deepspeed=zero1", f"loss.bin={loss}", "data.eval_split=test"]  # no test split: no evaluation
+           "train.deepspeed=zero1", f"loss.bin={loss}", "data.eval_split=test", *overrides]  # no test split: no evaluation
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out / name / "model"
@@ -121,7 +125,7 @@ def _predict(model: Path, cohort: Path, out: Path):
 @pytest.mark.slow
 def test_poisson_and_mse_models_predict_in_the_same_units(count_shards, tiny_cohort, tmp_path):
     manifest = json.loads((count_shards / "16um" / "manifest.json").read_text())
-    assert manifest["raw_counts"] == {"counts": "bin_counts", "exposure": "bin_libsize"}
+    assert manifest["raw_counts"] == RAW_COUNTS
     mse = _predict(_train(count_shards, tmp_path, "mse", "mse_pcc"), tiny_cohort, tmp_path / "mse.h5ad")
     poisson_model = _train(count_shards, tmp_path, "poisson", "poisson")
     poi = _predict(poisson_model, tiny_cohort, tmp_path / "poisson.h5ad")
@@ -144,3 +148,73 @@ def test_count_loss_needs_raw_counts(tiny_shards, tmp_path):
     proc = subprocess.run(cmd, env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "raw_counts: loss.bin nb needs the raw counts" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_spot_and_tile_likelihoods_add_their_nll():
+    """``loss.spot`` / ``loss.glob``: the negative log-likelihood of each labelled node's summed counts (against
+    torch.distributions), weighted, beside the PCC terms; unlabelled nodes count for nothing."""
+    log_rate, counts, libsize = _small_batch(4)
+    g = torch.Generator().manual_seed(5)
+    spot_rate, spot_lib = torch.randn(6, 5, generator=g) - 4.0, torch.randint(500, 3000, (6,), generator=g).float()
+    spot_counts = torch.poisson(torch.exp(spot_rate) * spot_lib[:, None], generator=g)
+    spot_mask = torch.tensor([True, True, False, True, False, True])
+    norm = GeneConfig()
+    batch = SimpleNamespace(
+        bin_expr=torch.from_numpy(normalise(counts.numpy(), libsize.numpy(), norm).astype(np.float32)),
+        bin_counts=counts, bin_libsize=libsize, bin_spot=torch.tensor([0, 0, 1, 3, 3, 5, 5]),
+        spot_expr=torch.from_numpy(normalise(spot_counts.numpy(), spot_lib.numpy(), norm).astype(np.float32)),
+        spot_mask=spot_mask, spot_counts=spot_counts, spot_libsize=spot_lib)
+    theta = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0])
+    pred = Predictions(bin=normalised(log_rate, 1e4), bin_log_rate=log_rate, spot=normalised(spot_rate, 1e4),
+                       spot_log_rate=spot_rate, spot_log_dispersion=torch.log(theta))
+    mu = torch.exp(spot_rate) * spot_lib[:, None]
+    want = {"poisson": -torch.distributions.Poisson(mu).log_prob(spot_counts),
+            "nb": -torch.distributions.NegativeBinomial(theta.expand_as(mu), logits=torch.log(mu / theta))
+            .log_prob(spot_counts)}
+    base = LossConfig(bin="poisson", spot_nll=0.5)
+    total_pcc, parts_pcc = compute_loss(pred, batch, base)
+    assert "spot_nll" not in parts_pcc
+    for name, nll in want.items():
+        total, parts = compute_loss(pred, batch, dataclasses.replace(base, spot=name))
+        torch.testing.assert_close(parts["spot_nll"], nll.mean(-1)[spot_mask].mean(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(total, total_pcc + 0.5 * parts["spot_nll"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="spot counts"):
+        compute_loss(pred, SimpleNamespace(**{**vars(batch), "spot_counts": None}), dataclasses.replace(base, spot="nb"))
+    with pytest.raises(ValueError, match="glob poisson needs a count likelihood for bin"):
+        LossConfig(bin="mse_pcc", glob="poisson")
+
+
+def test_shards_keep_the_summed_counts_of_spot_cells_and_tiles(count_shards):
+    """With every bin of a tile stored (16 um), a spot cell's counts are its bins' counts summed, the tile's its
+    cells' summed, and their normalised values are the stored ``spot_expr`` / ``global_expr``."""
+    manifest = Manifest.load(manifest_path(count_shards, 16))
+    norm = GeneConfig()
+    seen = 0
+    for sample in ShardReader(manifest).read(url for url, _ in manifest.shard_files("train")):
+        spot, mask = sample["spot_counts"], sample["spot_mask"]
+        by_cell = np.zeros_like(spot[0])
+        np.add.at(by_cell, sample["bin_spot"].astype(np.int64), sample["bin_counts"])
+        np.testing.assert_array_equal(spot[0], by_cell)
+        assert (spot[~mask] == 0).all()
+        np.testing.assert_array_equal(sample["global_counts"], spot.sum(1))
+        np.testing.assert_allclose(sample["global_libsize"], sample["spot_libsize"].sum(1), rtol=1e-6)
+        ok = mask & (sample["spot_libsize"] > 0)
+        np.testing.assert_allclose(normalise(spot[ok], sample["spot_libsize"][ok], norm),
+                                   sample["spot_expr"][ok].astype(np.float32), rtol=2e-3, atol=2e-3)
+        seen += 1
+    assert seen > 0
+
+
+def test_spot_and_tile_likelihoods_train_and_predict(count_shards, tiny_cohort, tmp_path):
+    """A 2-step run with ``nb`` at the bins and spot cells and ``poisson`` at the tiles: finite loss terms of
+    every level, a learned dispersion per level in the registered weights, and a prediction in the usual units."""
+    from safetensors.torch import load_file
+
+    model = _train(count_shards, tmp_path, "levels", "nb", "loss.spot=nb", "loss.glob=poisson")
+    rows = [json.loads(line) for line in (tmp_path / "levels" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "spot_nll" in r]
+    assert len(steps) == 2 and all(np.isfinite([r["bin_nll"], r["spot_nll"], r["glob_nll"]]).all() for r in steps)
+    weights = load_file(str(next(model.rglob("*.safetensors"))))
+    assert {"log_dispersion", "spot_log_dispersion"} <= set(weights) and "glob_log_dispersion" not in weights
+    pred = _predict(model, tiny_cohort, tmp_path / "levels.h5ad")
+    assert np.isfinite(pred.X).all() and "rate" in pred.layers

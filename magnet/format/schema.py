@@ -69,12 +69,19 @@ MEMBERS: tuple[Member, ...] = (
     Member("bin_feat", "float16", (B, F), optional=True),
     Member("spot_expr", "float16", (K1, S, G)),
     Member("spot_mask", "bool", (K1, S)),
+    Member("spot_counts", "int32", (K1, S, G), optional=True),  # raw counts summed over all the cell's bins ...
+    Member("spot_libsize", "float32", (K1, S), optional=True),  # ... and its exposure (shard.keep_counts)
     Member("spot_feat", "float16", (K1, S, F)),
     Member("global_expr", "float16", (K1, G)),
     Member("global_feat", "float16", (K1, F)),
+    Member("global_counts", "int32", (K1, G), optional=True),  # the same for each whole tile (shard.keep_counts)
+    Member("global_libsize", "float32", (K1,), optional=True),
     Member("nbr_offset", "float32", (K1, XY), values=Values.VECTOR),
     Member("nbr_mask", "bool", (K1,)),
 )
+# the manifest's ``raw_counts`` (shard.keep_counts): each level's raw counts and exposure, for the count likelihoods
+RAW_COUNTS = {"counts": "bin_counts", "exposure": "bin_libsize", "spot_counts": "spot_counts",
+              "spot_exposure": "spot_libsize", "global_counts": "global_counts", "global_exposure": "global_libsize"}
 META = Member("meta", None, (), Encoding.JSON)  # decoded into Sample.meta, not an array
 BY_NAME = {m.name: m for m in MEMBERS}
 IMAGE_FORMATS = ("jpg", "png", "webp")

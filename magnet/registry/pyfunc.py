@@ -59,7 +59,7 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         self.geometry = Geometry(**{k: info["geometry"][k] for k in ("mpp", "global_px", "spot_px", "bin_px")})
         self.feat_dim = info["feat_dim"]
         self.model = for_loss(create_model(self.config.model, len(self.genes), self.feat_dim, self.geometry),
-                              self.config.loss.bin, len(self.genes), self.normalisation, meta)
+                              self.config.loss, len(self.genes), self.normalisation, meta)
         self.model.load_state_dict(load_file(weights))
         self.model.eval()
 

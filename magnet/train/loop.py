@@ -31,7 +31,7 @@ from magnet.data.transforms import chunk_bins
 from magnet.errors import UserError
 from magnet.io import atomic_write_text, check_not_input
 from magnet.losses import compute_loss
-from magnet.models.counts import COUNT_LOSSES, for_loss
+from magnet.models.counts import for_loss
 from magnet.models.factory import create_model
 from magnet.models.init import init_from_statistics, training_statistics
 from magnet.registry.tracking import Tracker, mask_credentials
@@ -152,10 +152,14 @@ def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model, len(shard_set.genes), shard_set.manifest.feat_dim, shard_set.geometry)
-    model = for_loss(model, cfg.loss.bin, len(shard_set.genes), shard_set.normalisation, str(shard_set.manifest.path))
-    if cfg.loss.bin in COUNT_LOSSES and not shard_set.manifest.extra.get("raw_counts"):
-        raise UserError(f"{shard_set.manifest.path}: raw_counts: loss.bin {cfg.loss.bin} needs the raw counts in the "
-                        f"shards (shard them with shard.keep_counts: true)")
+    model = for_loss(model, cfg.loss, len(shard_set.genes), shard_set.normalisation, str(shard_set.manifest.path))
+    raw = shard_set.manifest.extra.get("raw_counts") or {}
+    for level, likelihood in cfg.loss.levels().items():
+        member, noun = {"bin": ("counts", "bins"), "spot": ("spot_counts", "spot cells"),
+                        "glob": ("global_counts", "tiles")}[level]
+        if member not in raw:  # spot and tile counts: shards written with keep_counts before they were added lack them
+            raise UserError(f"{shard_set.manifest.path}: raw_counts: loss.{level} {likelihood} needs the raw counts "
+                            f"of the {noun} in the shards (shard them again with shard.keep_counts: true)")
     if cfg.model.init_from_data and fresh:  # the same statistics on every rank; a resumed run loads its own
         init_from_statistics(model, training_statistics(shard_set, cfg.data.train_split, cfg.data.on_corrupt))
     if getattr(model, "fitted", False) and fresh:  # closed form (model.name=ridge): fitted here, no SGD step
