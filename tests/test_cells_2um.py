@@ -77,3 +77,25 @@ def test_cells_and_2um_end_to_end(tmp_path):
         assert key in rows and np.isfinite(float(rows[key]["pcc_gene"])), key
     oracle = rows[("cells", "2", "oracle", "expected target given true means")]
     assert float(oracle["pcc_gene"]) > float(rows[("cells", "2", "p", "2 um bins pooled per cell")]["pcc_gene"])
+
+
+def test_bins_find_their_cells_by_row_and_column(tmp_path):
+    """Space Ranger 4's barcode mappings read by (row, col), not as strings: each bin gets its cell (ids sorted), a
+    bin outside every cell or absent from the mappings -1; a barcode that is not a 2 um one is refused by name."""
+    from magnet.errors import UserError
+    from magnet.predict.cells import spaceranger_cells
+
+    outs = tmp_path / "outs"
+    (outs / "segmented_outputs").mkdir(parents=True)
+    mappings = outs / "segmented_outputs" / "barcode_mappings.parquet"
+    pd.DataFrame({"square_002um": ["s_002um_00000_00001-1", "s_002um_00003_00002-1", "s_002um_00000_00000-1",
+                                   "s_002um_00120_00007-1"],
+                  "cell_id": ["cellid_000000002-1", "cellid_000000001-1", None, "cellid_000000002-1"]}
+                 ).to_parquet(mappings)
+    ids, cell = spaceranger_cells(outs, np.array([[3, 2], [0, 0], [120, 7], [9, 9], [0, 1]]))
+    assert list(ids) == ["cellid_000000001-1", "cellid_000000002-1"]
+    assert cell.tolist() == [0, -1, 1, -1, 1]
+    pd.DataFrame({"square_002um": ["s_002um_00000_00001-1", "s_008um_00000_00000-1"],
+                  "cell_id": ["a", "b"]}).to_parquet(mappings)
+    with pytest.raises(UserError, match=r"barcode_mappings.parquet: square_002um: 's_008um_00000_00000-1' is not a 2 um"):
+        spaceranger_cells(outs, np.array([[0, 1]]))

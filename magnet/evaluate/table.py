@@ -165,8 +165,7 @@ class Table:
             self._pooled_row("bins", b, label, source, uri, fold, entry.slide, pred, counts, bins.libsize, inverse)
         if not Outs(entry.spaceranger).barcode_mappings.is_file():
             return
-        barcodes = np.asarray(bins.barcodes).astype(str)
-        ids, cell = spaceranger_cells(entry.spaceranger, barcodes)
+        ids, cell = spaceranger_cells(entry.spaceranger, bins.rc)
         keep = cell >= 0
         held, inverse = np.unique(cell[keep], return_inverse=True)
         measured = self._pooled_row("cells", 2, label, CELL_POOLED, uri, fold, entry.slide, pred[keep], counts[keep],
