@@ -69,7 +69,7 @@ def count_nll(log_rate: torch.Tensor, counts: torch.Tensor, libsize: torch.Tenso
 
 
 def _node_nll(pred, batch, name: str, likelihood: str, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the labelled spot (``name`` spot) or global (glob) nodes' summed counts."""
+    """Mean negative log-likelihood of the summed counts of the labelled nodes of level ``name`` (spot, glob)."""
     log_rate, counts = getattr(pred, f"{name}_log_rate"), getattr(batch, f"{name}_counts", None)
     if log_rate is None or counts is None:
         raise ValueError(f"loss.{name} {likelihood} needs a count model's log-rates and the batch's {name} counts")
