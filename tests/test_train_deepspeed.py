@@ -244,9 +244,10 @@ def test_second_training_on_a_run_in_use_is_refused(tiny_shards, tmp_path, ds_en
 
 def test_interrupted_training_is_one_line(tiny_shards, tmp_path, ds_env):
     """Ctrl-C (SIGINT to the process group) during training printed tracebacks from every process."""
+    # Ctrl-C's default action, also when the suite itself was started in the background (where SIGINT is ignored)
     proc = subprocess.Popen([sys.executable, "launch/train.py", *_args(tiny_shards, tmp_path, "int", "train.steps=500")],
                             env=ds_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("magnet train: run"):
             break
