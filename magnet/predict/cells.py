@@ -47,10 +47,7 @@ def spaceranger_cells(outs: Path, rc: np.ndarray) -> tuple[np.ndarray, np.ndarra
     key = _key(pc.struct_field(parts, "row").to_numpy().astype(np.int64),
                pc.struct_field(parts, "col").to_numpy().astype(np.int64))
     encoded = pc.dictionary_encode(table["cell_id"]).combine_chunks()
-    names = encoded.dictionary.to_numpy(zero_copy_only=False).astype(str)
-    order = np.argsort(names)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
+    ids, rank = np.unique(encoded.dictionary.to_numpy(zero_copy_only=False).astype(str), return_inverse=True)
     code = rank[encoded.indices.to_numpy()]
     del table, parts, encoded
     by_key = np.argsort(key, kind="stable")
@@ -58,7 +55,7 @@ def spaceranger_cells(outs: Path, rc: np.ndarray) -> tuple[np.ndarray, np.ndarra
     want = _key(rc[:, 0].astype(np.int64), rc[:, 1].astype(np.int64))
     at = np.minimum(np.searchsorted(key, want), max(len(key) - 1, 0))
     found = (key[at] == want) if len(key) else np.zeros(len(want), bool)
-    return names[order], np.where(found, code[by_key[at]] if len(key) else -1, -1).astype(np.int64)
+    return ids, np.where(found, code[by_key[at]] if len(key) else -1, -1).astype(np.int64)
 
 
 def _key(row: np.ndarray, col: np.ndarray) -> np.ndarray:
