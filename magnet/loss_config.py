@@ -19,7 +19,12 @@ class LossConfig:
     ``spot`` and ``glob``: ``pcc`` (the paper's: ``spot_pcc`` / ``glob_pcc`` x (1 - PCC) only), ``poisson`` or
     ``nb``, which add ``spot_nll`` / ``glob_nll`` x the mean negative log-likelihood of the spot cell's (tile's)
     summed raw counts, its total count as exposure (one learned dispersion per gene and level for ``nb``). They
-    need a count ``bin`` likelihood: a count model's heads all output log-rates."""
+    need a count ``bin`` likelihood: a count model's heads all output log-rates.
+
+    ``libsize`` (count models): the weight of a squared error on each bin's ``log1p`` library size, predicted by
+    the model beside its rates; above 0 the bins' predictions become the expected normalised value under the
+    fitted rates and that library size (magnet/models/counts.py), 0 (the default) leaves them the normalised
+    value of the expected counts."""
 
     bin: Literal["mse_pcc", "poisson", "nb"] = "mse_pcc"
     bin_mse: float = 0.75
@@ -29,6 +34,7 @@ class LossConfig:
     glob: Literal["pcc", "poisson", "nb"] = "pcc"
     spot_nll: float = 0.05
     glob_nll: float = 0.05
+    libsize: float = 0.0
     spot_pcc: float = 0.05
     glob_pcc: float = 0.05
     consistency: float = 0.05
@@ -36,13 +42,17 @@ class LossConfig:
     eps: float = 1e-8  # in the PCC denominator; a constant row scores PCC 0
 
     def __post_init__(self):
-        for key in ("bin_mse", "bin_nll", "bin_pcc", "spot_nll", "glob_nll", "spot_pcc", "glob_pcc", "consistency"):
+        for key in ("bin_mse", "bin_nll", "bin_pcc", "spot_nll", "glob_nll", "libsize", "spot_pcc", "glob_pcc",
+                    "consistency"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         for level in ("spot", "glob"):
             if getattr(self, level) != "pcc" and self.bin == "mse_pcc":
                 raise ValueError(f"{level} {getattr(self, level)} needs a count likelihood for bin (poisson or nb): "
                                  f"a count model's heads all output log-rates, an mse_pcc model's normalised values")
+        if self.libsize > 0 and self.bin == "mse_pcc":
+            raise ValueError(f"libsize {self.libsize} needs a count likelihood for bin (poisson or nb): an mse_pcc "
+                             f"model predicts the normalised values themselves")
 
     def levels(self) -> dict[str, str]:
         """The count likelihood of each level that has one: ``{"bin": "nb", "spot": "poisson"}``."""

@@ -20,7 +20,8 @@ libsize`` (``Batch.bin_libsize``), in place of the squared error; the other term
 predictions as for ``mse_pcc``. Negative binomial (NB2, ``theta = exp(log_dispersion)`` per gene, variance
 ``mu + mu^2 / theta``). ``spot`` / ``glob`` count likelihoods add the same negative log-likelihood of each
 labelled spot cell's (tile's) summed counts (``Batch.spot_counts`` / ``glob_counts``, exposure
-``spot_libsize`` / ``glob_libsize``), weighted ``spot_nll`` / ``glob_nll``, beside their PCC terms.
+``spot_libsize`` / ``glob_libsize``), weighted ``spot_nll`` / ``glob_nll``, beside their PCC terms. A model that
+predicts each bin's library size (``loss.libsize``) adds ``libsize`` x its squared error on ``log1p(libsize)``.
 
 Each form sums its spot and global terms (as the reference does), each weighted by
 ``consistency``. Terms of a level the model does not predict (``None``) are left out.
@@ -95,6 +96,9 @@ def compute_loss(pred, batch, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, 
         dispersion = pred.log_dispersion if cfg.bin == "nb" else None
         parts["bin_nll"] = count_nll(pred.bin_log_rate, batch.bin_counts, batch.bin_libsize, dispersion).mean()
         total = cfg.bin_nll * parts["bin_nll"]
+        if pred.bin_log_libsize is not None:
+            parts["libsize_mse"] = torch.mean((pred.bin_log_libsize - torch.log1p(batch.bin_libsize.float())) ** 2)
+            total = total + cfg.libsize * parts["libsize_mse"]
     total = total + cfg.bin_pcc * parts["bin_pcc"]
     consistency = []
     for name, weight in (("spot", cfg.spot_pcc), ("glob", cfg.glob_pcc)):

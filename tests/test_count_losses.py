@@ -23,7 +23,8 @@ from magnet.format.reader import ShardReader
 from magnet.format.schema import RAW_COUNTS
 from magnet.loss_config import LossConfig
 from magnet.losses import compute_loss, count_nll
-from magnet.models.counts import CountModel, normalised
+from magnet.evaluate.truth import pool_bins
+from magnet.models.counts import CountModel, expected_normalised, normalised, predicted_libsize
 from magnet.models.predictions import Predictions
 from sharding.config import GeneConfig
 from sharding.genes import normalise
@@ -92,6 +93,66 @@ def test_count_model_output_is_the_normalised_expected_count():
     np.testing.assert_allclose(pred.bin.numpy(), expected, rtol=1e-5, atol=1e-6)
     assert pred.glob is None and pred.spot.shape == (2, 5) and pred.log_dispersion.shape == (5,)
     torch.testing.assert_close(pred.bin_log_rate, log_rate)
+
+
+@pytest.mark.parametrize("theta", [None, 0.5, 5.0])
+def test_expected_normalised_value_is_the_sum_over_counts(theta):
+    """``E[log1p(C * target_sum / (C + R))]`` against the sum over every count (scipy's pmf), for means from 1e-4 to
+    900 and library sizes from 2 to 3,000."""
+    lib = np.array([2.0, 300.0, 3000.0]).repeat(5)
+    share = np.tile([1e-4, 1e-3, 1e-2, 0.05, 0.3], 3)
+    log_rate = torch.from_numpy(np.log(share)).float()[:, None]
+    log_theta = None if theta is None else torch.tensor([np.log(theta)]).float()
+    got = expected_normalised(log_rate, torch.from_numpy(lib).float(), 1e4, log_theta)[:, 0].numpy()
+    k = np.arange(20000)[None, :]
+    mu = (lib * share)[:, None]
+    pmf = stats.poisson.pmf(k, mu) if theta is None else stats.nbinom.pmf(k, theta, theta / (theta + mu))
+    want = (pmf * np.log1p(k * 1e4 / np.maximum(k + lib[:, None] - mu, 1e-8))).sum(1)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_count_model_with_library_size_predicts_the_expected_normalised_value():
+    """``loss.libsize``: the heads' last column is the bins' ``log1p`` library size; the bins' prediction is the
+    expected normalised value under the rates and that size, the spot cells keep the value of the expected
+    counts, and the loss adds the weighted squared error of the library size."""
+    log_rate, counts, libsize = _small_batch(6)
+    log_lib = torch.log1p(libsize) + 0.3
+
+    class Heads(torch.nn.Module):
+        def forward(self, batch):
+            out = torch.cat([log_rate, log_lib[:, None]], 1)
+            return Predictions(bin=out, spot=out[:2], glob=None)
+
+    model = CountModel(Heads(), 5, 1e4, dispersion=True, libsize=True)
+    pred = model(None)
+    torch.testing.assert_close(pred.bin_log_rate, log_rate)
+    torch.testing.assert_close(pred.bin_log_libsize, log_lib)
+    want = expected_normalised(log_rate, predicted_libsize(log_lib), 1e4, model.log_dispersion)
+    torch.testing.assert_close(pred.bin, want)
+    assert not torch.allclose(pred.bin, normalised(log_rate, 1e4), atol=0.1)  # small bins: far from log1p(rate * ts)
+    torch.testing.assert_close(pred.spot, normalised(log_rate[:2], 1e4))
+    pred = dataclasses.replace(pred, spot=None)
+    batch = SimpleNamespace(bin_expr=pred.bin.detach(), bin_counts=counts, bin_libsize=libsize)
+    total0, _ = compute_loss(pred, batch, LossConfig(bin="nb", bin_pcc=0.0))
+    total, parts = compute_loss(pred, batch, LossConfig(bin="nb", bin_pcc=0.0, libsize=0.5))
+    torch.testing.assert_close(parts["libsize_mse"], torch.tensor(0.09), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(total, total0 + 0.5 * parts["libsize_mse"])
+    with pytest.raises(ValueError, match="libsize 0.1 needs a count likelihood"):
+        LossConfig(libsize=0.1)
+
+
+def test_pooled_count_bins_weigh_rates_by_library_size():
+    """Bins pooled into cells: a count model's rates weighted by the predicted library sizes (the normalised value
+    of the summed expected counts); without library sizes, the plain mean rate, as pooling ``expm1(X)``."""
+    rate = np.array([[0.01, 0.2], [0.03, 0.1], [0.5, 0.0]])
+    lib = np.array([100.0, 300.0, 7.0])
+    inverse = np.array([0, 0, 1])
+    cfg = GeneConfig()
+    got = pool_bins(np.zeros((3, 2)), inverse, 2, cfg, {"rate": rate, "libsize": lib})
+    counts = rate * lib[:, None]
+    np.testing.assert_allclose(got, normalise(np.stack([counts[:2].sum(0), counts[2]]), np.array([400.0, 7.0]), cfg))
+    x = np.log1p(rate * cfg.target_sum)
+    np.testing.assert_allclose(pool_bins(x, inverse, 2, cfg, {"rate": rate}), pool_bins(x, inverse, 2, cfg))
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +279,21 @@ def test_spot_and_tile_likelihoods_train_and_predict(count_shards, tiny_cohort, 
     assert {"log_dispersion", "spot_log_dispersion"} <= set(weights) and "glob_log_dispersion" not in weights
     pred = _predict(model, tiny_cohort, tmp_path / "levels.h5ad")
     assert np.isfinite(pred.X).all() and "rate" in pred.layers
+
+
+@pytest.mark.slow
+def test_a_library_size_model_trains_and_predicts(count_shards, tiny_cohort, tmp_path):
+    """``loss.libsize``: the library-size term is logged, the prediction carries each bin's predicted library size
+    in ``obs`` and its rates in ``layers['rate']``, and ``X`` is their expected normalised value."""
+    model = _train(count_shards, tmp_path, "lib", "nb", "loss.libsize=0.1")
+    rows = [json.loads(line) for line in (tmp_path / "lib" / "metrics.jsonl").read_text().splitlines()]
+    assert [np.isfinite(r["libsize_mse"]) for r in rows if "libsize_mse" in r] == [True, True]
+    pred = _predict(model, tiny_cohort, tmp_path / "lib.h5ad")
+    lib = pred.obs["predicted_libsize"].to_numpy()
+    assert np.isfinite(lib).all() and (lib >= 0).all() and np.isfinite(pred.X).all()
+    from safetensors.torch import load_file
+
+    theta = load_file(str(next(model.rglob("*.safetensors"))))["log_dispersion"]
+    want = expected_normalised(torch.log(torch.from_numpy(pred.layers["rate"])), torch.from_numpy(lib),
+                               pred.uns["magnet"]["units"]["target_sum"], theta)
+    np.testing.assert_allclose(pred.X, want.numpy(), rtol=1e-4, atol=1e-4)

@@ -138,21 +138,22 @@ class Table:
             return self._row(level, bin_um, label, source, uri, fold, entry.slide)
 
         row("bins", "bin head").update(pred.bin_pred[:, cols], measured, slide_names=names)
+        extra = {k: v[:, cols] if v.ndim == 2 else v for k, v in pred.bin_extra.items()}
         cells, inverse = truth.spot_cells(pred.bin_spot)
         spot_measured = None
         if self.cfg.spot:
             spot_measured = normalise(truth.sum_by(counts, inverse, len(cells)),
                                       truth.sum_by(bins.libsize, inverse, len(cells)), self.gcfg)
-            pooled = truth.pool_bins(pred.bin_pred[:, cols], inverse, len(cells), self.gcfg)
+            pooled = truth.pool_bins(pred.bin_pred[:, cols], inverse, len(cells), self.gcfg, extra)
             row("spot", POOLED).update(pooled, spot_measured, slide_names=names)
             head = pred.spot_pred[cells][:, cols]
             if np.isfinite(head).all():
                 row("spot", SPOT_HEAD).update(head, spot_measured, slide_names=names)
         if bin_um == 2:
-            self._add_pooled(entry, label, fold, uri, pred.bin_pred[:, cols], counts, bins)
+            self._add_pooled(entry, label, fold, uri, pred.bin_pred[:, cols], extra, counts, bins)
         return bins, measured, spot_measured, cells, inverse
 
-    def _add_pooled(self, entry: SlideEntry, label: str, fold: int | None, uri: str, pred: np.ndarray,
+    def _add_pooled(self, entry: SlideEntry, label: str, fold: int | None, uri: str, pred: np.ndarray, extra: dict,
                     counts: np.ndarray, bins) -> None:
         """A 2 um model's bins summed to 8 and 16 um bins and, where the slide has a Space Ranger 4 segmentation,
         per cell (Space Ranger's 2 um barcode mappings; :mod:`magnet.predict.cells`): against the measured
@@ -162,32 +163,35 @@ class Table:
         groups = [(b, f"{b} um bins", FINE_POOLED, bins.rc // (b // 2)) for b in COARSER_UM]
         for b, _, source, rc in groups:
             _, inverse = np.unique(rc[:, 0] * (int(rc[:, 1].max()) + 1) + rc[:, 1], return_inverse=True)
-            self._pooled_row("bins", b, label, source, uri, fold, entry.slide, pred, counts, bins.libsize, inverse)
+            self._pooled_row("bins", b, label, source, uri, fold, entry.slide, pred, extra, counts, bins.libsize,
+                             inverse)
         if not Outs(entry.spaceranger).barcode_mappings.is_file():
             return
         ids, cell = spaceranger_cells(entry.spaceranger, bins.rc)
         keep = cell >= 0
         held, inverse = np.unique(cell[keep], return_inverse=True)
-        measured = self._pooled_row("cells", 2, label, CELL_POOLED, uri, fold, entry.slide, pred[keep], counts[keep],
-                                    bins.libsize[keep], inverse)
+        kept = {k: v[keep] for k, v in extra.items()}
+        measured = self._pooled_row("cells", 2, label, CELL_POOLED, uri, fold, entry.slide, pred[keep], kept,
+                                    counts[keep], bins.libsize[keep], inverse)
         gt = truth.expected_cells_file(entry.spaceranger)
         if not (self.cfg.oracle and gt.is_file()):
             return
         means, gcols = truth.read_expected(gt, ids[held], self.genes)
         target = truth.oracle(means, gcols, self.gcfg, self.cfg.oracle_draws, self.cfg.seed + 2)
-        pooled = truth.pool_bins(pred[keep], inverse, len(held), self.gcfg)
+        pooled = truth.pool_bins(pred[keep], inverse, len(held), self.gcfg, kept)
         self._row("cells", 2, label, CELL_VS_EXPECTED, uri, fold, entry.slide).update(pooled, target, slide_names=names)
         self.order.setdefault(ORACLE, len(self.order) + 1000)
         self._row("cells", 2, ORACLE, ORACLE_SOURCE, gt.name).update(target, measured, slide_names=names)
 
     def _pooled_row(self, level: str, bin_um: int, label: str, source: str, uri: str, fold: int | None, slide: str,
-                    pred: np.ndarray, counts: np.ndarray, libsize: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+                    pred: np.ndarray, extra: dict, counts: np.ndarray, libsize: np.ndarray,
+                    inverse: np.ndarray) -> np.ndarray:
         """Bins pooled by ``inverse`` (equal library sizes, :func:`truth.pool_bins`) scored against the measured
         counts summed alike; returns the measured (normalised) values."""
         n = int(inverse.max()) + 1
         measured = normalise(truth.sum_by(counts, inverse, n), truth.sum_by(libsize, inverse, n), self.gcfg)
         self._row(level, bin_um, label, source, uri, fold, slide).update(
-            truth.pool_bins(pred, inverse, n, self.gcfg), measured, slide_names=[slide])
+            truth.pool_bins(pred, inverse, n, self.gcfg, extra), measured, slide_names=[slide])
         return measured
 
     def _add_oracles(self, entry: SlideEntry, bin_um: int, bins, measured, spot_measured, cells, inverse) -> None:

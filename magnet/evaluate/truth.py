@@ -116,9 +116,18 @@ def sum_by(values: np.ndarray, inverse: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def pool_bins(pred: np.ndarray, inverse: np.ndarray, n: int, gcfg: GeneConfig) -> np.ndarray:
+def pool_bins(pred: np.ndarray, inverse: np.ndarray, n: int, gcfg: GeneConfig,
+              extra: dict | None = None) -> np.ndarray:
     """Spot-cell expression from bin predictions of a model without a spot head: back to (library-scaled)
-    counts, combined as the normalisation combines counts, normalised again (equal library sizes assumed)."""
+    counts, combined as the normalisation combines counts, normalised again (equal library sizes assumed). A
+    count model's bins pool their rates (``extra['rate']``, :func:`magnet.predict.slide.predict_slide`), weighted
+    by each bin's predicted library size where the model predicts one (``extra['libsize']``): the normalised value
+    of the cell's expected counts."""
+    if extra and "rate" in extra:  # count models need log1p_libsize
+        weight = extra.get("libsize", np.ones(len(pred))).astype(np.float64)
+        lin = sum_by(extra["rate"].astype(np.float64) * weight[:, None], inverse, n)
+        total = sum_by(weight, inverse, n)[:, None]
+        return np.log1p(np.divide(lin, total, out=np.zeros_like(lin), where=total > 0) * gcfg.target_sum)
     if gcfg.normalisation == "none":
         return sum_by(pred, inverse, n)
     lin = sum_by(np.expm1(pred.astype(np.float64)), inverse, n)

@@ -41,7 +41,7 @@ def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
     reader = shard_set.reader(on_corrupt)
     per_shard = max(1, max_samples // max(len(shards), 1))
     expr_sum, n_bins, spot, glob, bins = 0.0, 0, [], [], []
-    count_sum, lib_sum = 0.0, 0.0
+    count_sum, lib_sum, log_lib_sum = 0.0, 0.0, 0.0
     for url, _ in shards:
         for s in itertools.islice(reader.read([url]), per_shard):
             expr_sum = expr_sum + s["bin_expr"].astype(np.float64).sum(0)
@@ -49,6 +49,7 @@ def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
             if "bin_counts" in s and "bin_libsize" in s:
                 count_sum = count_sum + s["bin_counts"].astype(np.float64).sum(0)
                 lib_sum += float(s["bin_libsize"].astype(np.float64).sum())
+                log_lib_sum += float(np.log1p(s["bin_libsize"].astype(np.float64)).sum())
             spot.append(s["spot_feat"][0][s["spot_mask"][0]].astype(np.float64))
             glob.append(s["global_feat"][:1].astype(np.float64))
             if "bin_feat" in s:
@@ -64,6 +65,7 @@ def training_statistics(shard_set, split: str, on_corrupt: str = "fail",
         stats.update(bin_mean=bin_f.mean(0), bin_sd=bin_f.std(0))
     if lib_sum > 0:  # count models start at the pooled rate per unit exposure (genes never seen: 1e-8)
         stats["log_rate"] = np.log(np.maximum(count_sum / lib_sum, 1e-8))
+        stats["log_libsize"] = np.array([log_lib_sum / max(n_bins, 1)])
     return {k: torch.from_numpy(np.asarray(v)).float() for k, v in stats.items()}
 
 
@@ -72,8 +74,10 @@ def init_from_statistics(model: nn.Module, stats: dict[str, torch.Tensor]) -> No
     statistics (a count model's outputs: the pooled log-rate). Each model names its offsets (``output_biases()``);
     ST-Net has no scalers."""
     mean = stats["gene_mean"]
-    if isinstance(model, CountModel):  # outputs log-rates
+    if isinstance(model, CountModel):  # outputs log-rates (and the bins' log1p library size)
         mean = stats["log_rate"] if "log_rate" in stats else log_rate_of(mean, model.target_sum)
+        if model.libsize:
+            mean = torch.cat([mean, stats["log_libsize"]])
     with torch.no_grad():
         for p in model.output_biases():
             p.add_(mean.to(p.dtype))

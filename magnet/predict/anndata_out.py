@@ -4,7 +4,9 @@ draws it, written while the bins are predicted: the slide's bin x gene matrices 
 ``X``: predicted bin expression in the training normalisation (``uns['magnet']['units']``), dense float32;
 ``layers['measured']``: the measured expression, same normalisation, CSR (Space Ranger input only);
 ``layers['rate']``: for a count model (``loss.bin`` poisson / nb), the predicted rate per unit exposure, so that
-``rate * library size`` is a bin's expected count (``X = log1p(rate * target_sum)``, magnet/models/counts.py);
+``rate * library size`` is a bin's expected count (magnet/models/counts.py); ``obs['predicted_libsize']``: for a
+count model trained with ``loss.libsize``, the bin's predicted library size (then ``X`` is the expected
+normalised value under both; else ``X = log1p(rate * target_sum)``);
 ``obs``: barcodes, ``in_tissue``, ``array_row``/``array_col``, ``magnet_tile``/``magnet_spot`` (rows of
 the spot- and global-level predictions in ``uns['magnet']['spot'|'global']``); ``obsm['spatial']``:
 bin centres in full-resolution px (x, y); ``uns['spatial'][slide]``: hires/lowres images and scale factors.
@@ -74,16 +76,14 @@ class H5adWriter:
     :meth:`finish` adds the O(n)-sized parts (obs, var, obsm, uns) with anndata's own element writer.
     Columns ``keep`` of both are also kept in RAM (n x len(keep)), in row order, for the PNG maps."""
 
-    rate_scale: float | None = None  # a count model's target_sum: layers['rate'] = expm1(X) / rate_scale
-
-    def __init__(self, path: Path, keep: list[int] = (), rate_scale: float | None = None):
+    def __init__(self, path: Path, keep: list[int] = (), extras: tuple[str, ...] = ()):
         import h5py  # start-up time: the CLI imports this module
 
         self.file = h5py.File(path, "w")
         self.keep = list(keep)
-        self.rate_scale = rate_scale
+        self.extras = extras  # the model's per-bin extras (pyfunc bin_extras): layers['rate'], obs['predicted_libsize']
         self.row = 0
-        self.buffer: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.buffer: list[tuple[np.ndarray, np.ndarray | None, dict]] = []
         self.buffered = 0  # bytes of predictions in the buffer
 
     def __enter__(self) -> "H5adWriter":
@@ -98,8 +98,9 @@ class H5adWriter:
         f = self.file
         f.create_dataset("X", (n, n_genes), np.float32).attrs.update(ARRAY)
         write_elem(f, "layers", {})
-        if self.rate_scale is not None:
+        if "rate" in self.extras:
             f["layers"].create_dataset("rate", (n, n_genes), np.float32).attrs.update(ARRAY)
+        self.libsize = np.empty(n, np.float32) if "libsize" in self.extras else None
         self.measured = None
         if measured:
             g = f["layers"].create_group("measured")
@@ -113,8 +114,8 @@ class H5adWriter:
         self.kept_pred = np.empty((n, len(self.keep)), np.float32)
         self.kept_measured = np.empty((n, len(self.keep)), np.float32) if measured else None
 
-    def write(self, idx: np.ndarray, pred: np.ndarray, measured: np.ndarray | None) -> None:
-        self.buffer.append((pred, measured))
+    def write(self, idx: np.ndarray, pred: np.ndarray, measured: np.ndarray | None, extra: dict) -> None:
+        self.buffer.append((pred, measured, extra))
         self.buffered += pred.nbytes
         if self.buffered >= BUFFER_BYTES:
             self._flush()
@@ -122,14 +123,16 @@ class H5adWriter:
     def _flush(self) -> None:
         if not self.buffer:
             return
-        pred = np.concatenate([p for p, _ in self.buffer])
+        pred = np.concatenate([p for p, _, _ in self.buffer])
         rows = slice(self.row, self.row + len(pred))
         self.file["X"][rows] = pred
-        if self.rate_scale is not None:
-            self.file["layers"]["rate"][rows] = np.expm1(pred) / np.float32(self.rate_scale)
+        if "rate" in self.extras:
+            self.file["layers"]["rate"][rows] = np.concatenate([e["rate"] for _, _, e in self.buffer])
+        if self.libsize is not None:
+            self.libsize[rows] = np.concatenate([e["libsize"] for _, _, e in self.buffer])
         self.kept_pred[rows] = pred[:, self.keep]
         if self.measured is not None:
-            m = np.concatenate([m for _, m in self.buffer])
+            m = np.concatenate([m for _, m, _ in self.buffer])
             self.kept_measured[rows] = m[:, self.keep]
             r, c = np.nonzero(m)  # row-major: CSR order
             end = self.nnz + len(r)
@@ -157,7 +160,10 @@ class H5adWriter:
         b, o = pred.bins, pred.order
         f = self.file
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        write_elem(f, "obs", bin_obs(pred))
+        obs = bin_obs(pred)
+        if self.libsize is not None:
+            obs["predicted_libsize"] = self.libsize
+        write_elem(f, "obs", obs)
         write_elem(f, "var", pd.DataFrame({"gene_ids": list(gene_ids), "feature_types": "Gene Expression"},
                                           index=pd.Index(list(genes), name="gene")))
         write_elem(f, "obsm", {"spatial": np.ascontiguousarray(b.xy[o], dtype=np.float64)})

@@ -8,8 +8,10 @@ id): a bin belongs to the first polygon holding its centre.
 A bin's prediction ``x`` (normalisation ``log1p_libsize``) is the normalised value of its expected counts,
 ``log1p(rate * target_sum)`` with ``rate`` the expected share of the bin's counts per gene; a cell's expected
 counts are the sum of its bins', so with equal library sizes its normalised value is ``log1p(mean(expm1(x)))``
-over its bins (``layers['rate']``: the mean rate). The cells' .h5ad is written from the bins' .h5ad block by
-block (O(cells x genes) memory, never the bins x genes matrix).
+over its bins (``layers['rate']``: the mean rate). A count model's bins pool their own rates, weighted by their
+predicted library sizes where the model predicts them (``loss.libsize``), so its cells hold the normalised value
+of their expected counts. The cells' .h5ad is written from the bins' .h5ad block by block (O(cells x genes)
+memory, never the bins x genes matrix).
 """
 
 from __future__ import annotations
@@ -107,20 +109,29 @@ def geojson_cells(path: Path, xy_px: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def pool_cells(bins_h5ad: Path, cell: np.ndarray, n_cells: int, target_sum: float) -> tuple[np.ndarray, np.ndarray]:
-    """(mean rate (n_cells, G) float32, bins per cell) from the bins' ``X`` read block by block."""
+    """(rate (n_cells, G) float32, bins per cell), read block by block: a count model's ``layers['rate']``
+    averaged over the cell's bins, weighted by their ``obs['predicted_libsize']`` where the model predicts it;
+    for other models ``expm1(X) / target_sum`` averaged."""
     import h5py  # start-up time: the CLI imports this module
+    from anndata.io import read_elem
 
     with h5py.File(bins_h5ad, "r") as f:
-        X = f["X"]
+        counted = "rate" in f["layers"]
+        X = f["layers"]["rate"] if counted else f["X"]
+        weight = (read_elem(f["obs"]["predicted_libsize"]).astype(np.float64) if "predicted_libsize" in f["obs"]
+                  else np.ones(X.shape[0]))
         total = np.zeros((n_cells, X.shape[1]), np.float64)
         for start in range(0, X.shape[0], BLOCK_ROWS):
             c = cell[start:start + BLOCK_ROWS]
             keep = c >= 0
             if keep.any():
                 block = X[start:start + len(c)][keep].astype(np.float64)
-                np.add.at(total, c[keep], np.expm1(block))
-    n = np.bincount(cell[cell >= 0], minlength=n_cells)
-    return (total / np.maximum(n, 1)[:, None] / target_sum).astype(np.float32), n
+                rate = block if counted else np.expm1(block) / target_sum
+                np.add.at(total, c[keep], rate * weight[start:start + len(c)][keep, None])
+    cells = cell >= 0
+    n = np.bincount(cell[cells], minlength=n_cells)
+    w = np.bincount(cell[cells], weights=weight[cells], minlength=n_cells)
+    return np.divide(total, w[:, None], out=np.zeros_like(total), where=w[:, None] > 0).astype(np.float32), n
 
 
 def write_cells(bins_h5ad: Path, out: Path, cells: str, spaceranger: Path | None) -> dict:

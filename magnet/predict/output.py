@@ -37,8 +37,8 @@ def predict_to_file(model: LoadedModel, image: Path, bin_um: int, cfg: PredictCo
             "spaceranger": str(outs.resolve()) if outs else None, "geometry": model.python_model.geometry.to_dict()}
     out = Path(out)
     keep = [genes.index(g) for g in chosen]
-    rate_scale = model.python_model.rate_scale
-    with atomic_path(out) as tmp, (H5adWriter(tmp, keep, rate_scale) if fmt == "h5ad"
+    extras = model.python_model.bin_extras
+    with atomic_path(out) as tmp, (H5adWriter(tmp, keep, extras) if fmt == "h5ad"
                                    else SpatialDataWriter(tmp, Path(image), bin_um, keep)) as writer:
         pred = stream_slide(model, Path(image), bin_um, cfg, writer, spaceranger=outs, mpp=mpp, slide=slide)
         if fmt == "h5ad":

@@ -52,6 +52,7 @@ class SlidePrediction:
     seconds: dict  # wall seconds of read, features, predict, total; cpu: CPU seconds of the process over the total
     bin_pred: np.ndarray | None = None  # float32 (n, G), from predict_slide only
     measured: np.ndarray | None = None  # float32 (n, G) normalised like the training data, predict_slide only
+    bin_extra: dict | None = None  # the model's per-bin extras (rate, libsize: pyfunc bin_extras), predict_slide only
 
 
 def shard_config(model: LoadedModel, cfg: PredictConfig):
@@ -84,6 +85,7 @@ def shard_config(model: LoadedModel, cfg: PredictConfig):
     return ShardConfig(seed=seed, shard=sample, genes=genes, encoder=encoder)
 
 
+EXTRAS = ("rate", "libsize")  # per-bin outputs of count models, passed to the sink (pyfunc bin_extras)
 MAX_UPSAMPLE = 2.0  # an image coarser than this many model pixels per image pixel holds too little detail to predict from
 MAX_SIDE_MM = 80.0  # a glass slide is 75 x 25 mm: a longer side means the pixel size is wrong
 
@@ -168,13 +170,19 @@ class InMemory:
     measured: np.ndarray | None = None
 
     def open(self, n: int, n_genes: int, measured: bool) -> None:
+        self.n = n
         self.bin_pred = np.full((n, n_genes), np.nan, np.float32)
         self.measured = np.full((n, n_genes), np.nan, np.float32) if measured else None
+        self.extra = {}
 
-    def write(self, idx: np.ndarray, pred: np.ndarray, measured: np.ndarray | None) -> None:
+    def write(self, idx: np.ndarray, pred: np.ndarray, measured: np.ndarray | None, extra: dict) -> None:
         self.bin_pred[idx] = pred
         if self.measured is not None:
             self.measured[idx] = measured
+        for name, values in extra.items():
+            if name not in self.extra:
+                self.extra[name] = np.full((self.n,) + values.shape[1:], np.nan, np.float32)
+            self.extra[name][idx] = values
 
 
 def predict_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: PredictConfig, *,
@@ -184,7 +192,7 @@ def predict_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predic
     sink = InMemory()
     pred = stream_slide(model, image_path, bin_um, cfg, sink, spaceranger=spaceranger, mpp=mpp, slide=slide,
                         samples_out=samples_out)
-    return dataclasses.replace(pred, bin_pred=sink.bin_pred, measured=sink.measured)
+    return dataclasses.replace(pred, bin_pred=sink.bin_pred, measured=sink.measured, bin_extra=sink.extra)
 
 
 def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: PredictConfig, sink, *,
@@ -192,7 +200,7 @@ def stream_slide(model: LoadedModel, image_path: Path, bin_um: int, cfg: Predict
                  samples_out: list | None = None) -> SlidePrediction:
     """Predict every bin of the slide. ``spaceranger`` (an ``outs`` folder) gives the bins; else ``mpp``
     (the image's um/px) and bins are laid over detected tissue. Bin outputs go to ``sink`` as they are made:
-    ``sink.open(n, n_genes, measured)`` once, then ``sink.write(idx, pred, measured)`` with ``idx`` (input
+    ``sink.open(n, n_genes, measured)`` once, then ``sink.write(idx, pred, measured, extra)`` with ``idx`` (input
     bin indices) running through ``order`` of the result, tile after tile; the result holds the rest
     (``bin_pred``/``measured`` left None). ``samples_out``, when a list, receives the collated batches and
     their outputs (for checks)."""
@@ -310,9 +318,11 @@ class _Batches:
         if self.samples_out is not None:
             self.samples_out.append((batch, out))
         start = 0
+        extras = [k for k in EXTRAS if k in out]
         for c, idx, t in self.pending:
-            self.sink.write(idx, out["bin"][start:start + len(idx)],
-                            c["bin_expr"].astype(np.float32) if self.measured else None)
+            rows = slice(start, start + len(idx))
+            self.sink.write(idx, out["bin"][rows], c["bin_expr"].astype(np.float32) if self.measured else None,
+                            {k: out[k][rows] for k in extras})
             start += len(idx)
             self.written += len(idx)
             self.n_chunks[t] += 1

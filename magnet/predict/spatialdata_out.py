@@ -147,6 +147,7 @@ class SpatialDataWriter(H5adWriter):
         SpatialData().write(self.path)  # the root group with the container's format attributes
         self.tables = zarr.open_group(self.path, mode="r+", use_consolidated=False).require_group("tables")
         self.keep = list(keep)
+        self.extras, self.libsize = (), None  # the bin table holds X and measured; a count model's rates: the .h5ad
         self.row = 0
         self.buffer = []
         self.buffered = 0

@@ -30,7 +30,7 @@ from magnet.format.sample import Meta, Sample
 from magnet.format.schema import MEMBERS, Axis
 from magnet.format.tar import sha256_file
 from magnet.geometry import Geometry
-from magnet.models.counts import CountModel, for_loss
+from magnet.models.counts import CountModel, predicted_libsize, for_loss
 from magnet.models.factory import create_model
 from magnet.train_config import ExperimentConfig
 
@@ -58,16 +58,18 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         self.bin_um = info["bin_um"]
         self.geometry = Geometry(**{k: info["geometry"][k] for k in ("mpp", "global_px", "spot_px", "bin_px")})
         self.feat_dim = info["feat_dim"]
-        self.model = for_loss(create_model(self.config.model, len(self.genes), self.feat_dim, self.geometry),
+        self.model = for_loss(lambda width: create_model(self.config.model, width, self.feat_dim, self.geometry),
                               self.config.loss, len(self.genes), self.normalisation, meta)
         self.model.load_state_dict(load_file(weights))
         self.model.eval()
 
     @property
-    def rate_scale(self) -> float | None:
-        """For a count model, the ``target_sum`` that turns its normalised output ``x`` back into the rate per
-        unit exposure, ``expm1(x) / target_sum`` (magnet/models/counts.py); None for other models."""
-        return self.model.target_sum if isinstance(self.model, CountModel) else None
+    def bin_extras(self) -> tuple[str, ...]:
+        """The per-bin outputs beside the prediction (:meth:`predict_batch`): a count model's ``rate`` (n, G) per
+        unit exposure and, trained with ``loss.libsize``, its predicted ``libsize`` (n,) (magnet/models/counts.py)."""
+        if not isinstance(self.model, CountModel):
+            return ()
+        return ("rate", "libsize") if self.model.libsize else ("rate",)
 
     def predict_batch(self, batch, bf16: bool = False) -> dict[str, np.ndarray]:
         """Forward on the model's device (bf16 autocast when asked); float32 numpy out, all finite (else a
@@ -75,7 +77,9 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
         device = next(self.model.parameters()).device
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             pred = self.model(batch.to(device))
-        out = {"bin": pred.bin, "spot": pred.spot, "global": pred.glob}
+        out = {"bin": pred.bin, "spot": pred.spot, "global": pred.glob,
+               "rate": None if pred.bin_log_rate is None else torch.exp(pred.bin_log_rate),
+               "libsize": None if pred.bin_log_libsize is None else predicted_libsize(pred.bin_log_libsize)}
         out = {k: v.float().cpu().numpy() for k, v in out.items() if v is not None}
         for level, values in out.items():
             bad = int(values.size - np.isfinite(values).sum())

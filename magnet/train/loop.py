@@ -151,8 +151,8 @@ def build_engine(cfg: ExperimentConfig, shard_set: ShardSet, fresh: bool):
     import deepspeed  # start-up time: a bad config fails before deepspeed (1.5 s) loads
 
     torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model, len(shard_set.genes), shard_set.manifest.feat_dim, shard_set.geometry)
-    model = for_loss(model, cfg.loss, len(shard_set.genes), shard_set.normalisation, str(shard_set.manifest.path))
+    model = for_loss(lambda width: create_model(cfg.model, width, shard_set.manifest.feat_dim, shard_set.geometry),
+                     cfg.loss, len(shard_set.genes), shard_set.normalisation, str(shard_set.manifest.path))
     raw = shard_set.manifest.extra.get("raw_counts") or {}
     for level, likelihood in cfg.loss.levels().items():
         member, noun = {"bin": ("counts", "bins"), "spot": ("spot_counts", "spot cells"),
