@@ -48,7 +48,7 @@ def expected_normalised(log_rate: torch.Tensor, libsize: torch.Tensor, target_su
     ``mu = exp(log_rate) * libsize``, ``R = libsize - mu`` (floored at 0). The expectation is a weighted sum over
     the counts ``0 .. exact - 1`` and ``tail`` points spread geometrically over the rest of the distribution's
     range (each weighted by its probability times the width it stands for), the weights normalised: within 0.002
-    of the exact sum for means up to a few thousand (tests/test_count_losses.py)."""
+    of the exact sum for means from 1e-4 to 900 (tests/test_count_losses.py)."""
     lib = libsize.float().clamp_min(1e-8)[:, None]
     log_mu = log_rate.float() + torch.log(lib)
     mu = torch.exp(log_mu)
