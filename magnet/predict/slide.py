@@ -85,7 +85,6 @@ def shard_config(model: LoadedModel, cfg: PredictConfig):
     return ShardConfig(seed=seed, shard=sample, genes=genes, encoder=encoder)
 
 
-EXTRAS = ("rate", "libsize")  # per-bin outputs of count models, passed to the sink (pyfunc bin_extras)
 MAX_UPSAMPLE = 2.0  # an image coarser than this many model pixels per image pixel holds too little detail to predict from
 MAX_SIDE_MM = 80.0  # a glass slide is 75 x 25 mm: a longer side means the pixel size is wrong
 
@@ -285,6 +284,7 @@ class _Batches:
         self.runner, self.collate, self.geom, self.lv = runner, collate, geom, lv
         self.sink, self.measured = sink, measured
         self.control, self.samples_out, self.k = control, samples_out, pm.config.model
+        self.extras = pm.bin_extras  # per-bin outputs beside the prediction (a count model's rate, libsize)
         self.max_bins = cfg.max_bins or pm.config.data.max_bins
         self.batch_size = cfg.batch_size or max(pm.config.data.eval_batch, cfg.batch_bins // self.max_bins)
         T, S, G = len(lv.tiles.grid), geom.n_spots, len(model.genes)
@@ -318,11 +318,10 @@ class _Batches:
         if self.samples_out is not None:
             self.samples_out.append((batch, out))
         start = 0
-        extras = [k for k in EXTRAS if k in out]
         for c, idx, t in self.pending:
             rows = slice(start, start + len(idx))
             self.sink.write(idx, out["bin"][rows], c["bin_expr"].astype(np.float32) if self.measured else None,
-                            {k: out[k][rows] for k in extras})
+                            {k: out[k][rows] for k in self.extras})
             start += len(idx)
             self.written += len(idx)
             self.n_chunks[t] += 1
