@@ -51,7 +51,7 @@ class FeatureExtractor:
         out = np.empty((len(bin_xy), self.dim), np.float16)
         step = max(self.cfg.batch_size, 64) if self.device.type == "cpu" else 4096
         for i in range(0, len(patches), step):
-            out[i:i + step] = self._run(self._resize(patches[i:i + step], self.cfg.bin_input_px))
+            out[i:i + step] = self.encode(self._resize(patches[i:i + step], self.cfg.bin_input_px))
         return out
 
     def _resize(self, images: np.ndarray, px: int) -> np.ndarray:
@@ -63,7 +63,8 @@ class FeatureExtractor:
         t = F.interpolate(t, size=(px, px), mode="bilinear", antialias=True, align_corners=False)
         return t.round_().clamp_(0, 255).to(self.torch.uint8).permute(0, 2, 3, 1).numpy()
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        """(n, F) float16 features of a batch of (n, px, px, 3) uint8 images."""
         torch = self.torch
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
                                                     enabled=self.cfg.precision == "bf16"):
@@ -76,8 +77,8 @@ class FeatureExtractor:
         spots = np.stack([im[y:y + p, x:x + p] for im in images for x, y in self.boxes])
         glob = np.stack([im[m:m + g, m:m + g] for im in images])
         glob = self._resize(glob, self.cfg.input_px)
-        spot_feat = self._run(spots).reshape(len(images), len(self.boxes), self.dim)
-        return spot_feat, self._run(glob)
+        spot_feat = self.encode(spots).reshape(len(images), len(self.boxes), self.dim)
+        return spot_feat, self.encode(glob)
 
 
 def centre_on_slide(spot_feat: np.ndarray, global_feat: np.ndarray, spot_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,154 @@
+"""Diagnostic: how much of a bin's expression its cached frozen feature (``bin_feat``) holds, read out alone.
+
+Reads the stored bin features and targets of the training and validation slides of one or more shard folders
+(the same cohort and bin size, e.g. sharded with two tuned encoders), matches the bins by their position on the
+slide, and fits read-outs of the bin alone on the training slides, scored on the validation slide (per-gene PCC):
+
+- a ridge regression on the standardised features, alpha by leave-one-slide-out on the training slides;
+- with ``--concat``: the same on the features of every shard folder side by side;
+- with ``--mlp``: a one-hidden-layer MLP (scikit-learn, early stopping), to tell whether a linear read-out limits;
+- with ``--views 8``: the feature recomputed as the mean over the 8 flips and quarter turns of the patch (the
+  encoder of the first folder, ``tuned_encoder.safetensors`` next to it or ``--encoder-weights``): test-time
+  augmentation of the cache.
+
+    python bench/feature_probe.py --shards context/shards_tuned/16um context/shards_tuned_p64/16um --concat --mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+from sklearn.neural_network import MLPRegressor
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from magnet.batch import crop_patches  # noqa: E402
+from magnet.format.manifest import Manifest  # noqa: E402
+from magnet.format.reader import ShardReader  # noqa: E402
+
+ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 3e4)
+
+
+def dihedral(patches: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips and quarter turns of (n, px, px, 3) patches."""
+    views = []
+    for k in range(4):
+        r = np.rot90(patches, k, axes=(1, 2))
+        views += [np.ascontiguousarray(r), np.ascontiguousarray(r[:, :, ::-1])]
+    return views
+
+
+def view_mean(extractor, patches: np.ndarray) -> np.ndarray:
+    """(n, F) mean feature of ``extractor`` (:class:`sharding.features.FeatureExtractor`) over the 8 views."""
+    return np.mean([extractor.encode(v).astype(np.float32) for v in dihedral(patches)], axis=0)
+
+
+def load(folder: Path, extractor=None) -> dict[str, dict[str, np.ndarray]]:
+    """slide -> {"split", "feat" (n, F), "expr" (n, G), "pos" (n, 2) px on the slide}, training and validation
+    slides only; with ``extractor``, "feat" is the mean feature over the 8 views of each bin patch."""
+    typed = Manifest.load(folder / "manifest.json")
+    geom, reader, out = typed.geometry, ShardReader(typed), {}
+    for shard in typed.to_dict()["shards"]:
+        if shard["split"] not in ("train", "val"):
+            continue
+        for s in reader.read([str(folder / shard["name"])]):
+            feat = s["bin_feat"].astype(np.float32)
+            if extractor is not None:
+                patches = np.empty((s.n_bins, geom.bin_px, geom.bin_px, 3), np.uint8)
+                crop_patches(s["image"], s["bin_xy"].astype(np.float32), patches)
+                feat = view_mean(extractor, patches)
+            pos = s["bin_xy"].astype(np.float64) - geom.margin + [s.meta.gx * geom.global_px, s.meta.gy * geom.global_px]
+            d = out.setdefault(shard["slide"], {"split": shard["split"], "feat": [], "expr": [], "pos": []})
+            d["feat"].append(feat), d["expr"].append(s["bin_expr"].astype(np.float32)), d["pos"].append(pos)
+    return {k: {**v, **{m: np.concatenate(v[m]) for m in ("feat", "expr", "pos")}} for k, v in out.items()}
+
+
+def align(ref: dict, other: dict) -> dict:
+    """``other``'s bins in ``ref``'s order (same slides, same bin centres to 0.5 px)."""
+    out = {}
+    for slide, d in ref.items():
+        dist, order = cKDTree(other[slide]["pos"]).query(d["pos"])
+        if dist.max() > 0.5 or not np.allclose(other[slide]["expr"][order], d["expr"], atol=1e-2):
+            raise SystemExit(f"{slide}: the shard folders hold different targets for the same bins")
+        out[slide] = {**other[slide], **{m: other[slide][m][order] for m in ("feat", "expr", "pos")}}
+    return out
+
+
+def gene_pcc(pred: np.ndarray, true: np.ndarray) -> float:
+    p, t = pred - pred.mean(0), true - true.mean(0)
+    return float(np.nanmean((p * t).sum(0) / np.sqrt((p * p).sum(0) * (t * t).sum(0) + 1e-12)))
+
+
+def ridge(x: np.ndarray, y: np.ndarray, alpha: float):
+    mean, sd, ym = x.mean(0), x.std(0) + 1e-6, y.mean(0)
+    z = (x - mean) / sd
+    w = np.linalg.solve(z.T @ z + alpha * np.eye(x.shape[1]), z.T @ (y - ym))
+    return lambda q: ((q - mean) / sd) @ w + ym
+
+
+def score(feats: dict[str, np.ndarray], expr: dict[str, np.ndarray], splits: dict[str, str], mlp: bool) -> str:
+    train = [s for s in feats if splits[s] == "train"]
+    val = next(s for s in feats if splits[s] == "val")
+    if len(train) < 2:
+        raise SystemExit(f"the ridge's alpha is chosen leaving one training slide out: need 2 or more, got {train}")
+
+    def stack(names, d):
+        return np.concatenate([d[n] for n in names])
+
+    loso = {}
+    for alpha in ALPHAS:
+        loso[alpha] = np.mean([gene_pcc(ridge(stack([t for t in train if t != h], feats),
+                                               stack([t for t in train if t != h], expr), alpha)(feats[h]), expr[h])
+                               for h in train])
+    alpha = max(loso, key=loso.get)
+    text = f"ridge (alpha {alpha:g}) {gene_pcc(ridge(stack(train, feats), stack(train, expr), alpha)(feats[val]), expr[val]):.4f}"
+    if mlp:
+        scaler = StandardScaler().fit(stack(train, feats))
+        ym = stack(train, expr).mean(0)
+        net = MLPRegressor(hidden_layer_sizes=(256,), alpha=10.0, early_stopping=True, random_state=0, max_iter=200)
+        net.fit(scaler.transform(stack(train, feats)), stack(train, expr) - ym)
+        text += f"  mlp {gene_pcc(net.predict(scaler.transform(feats[val])) + ym, expr[val]):.4f}"
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", nargs="+", required=True, type=Path, help="bin-size shard folders (manifest.json)")
+    ap.add_argument("--concat", action="store_true", help="also the features of every folder side by side")
+    ap.add_argument("--mlp", action="store_true", help="also an MLP read-out")
+    ap.add_argument("--views", type=int, choices=(1, 8), default=1, help="8: mean feature over the dihedral views")
+    ap.add_argument("--encoder-weights", type=Path, help="--views 8: the first folder's encoder weights")
+    args = ap.parse_args()
+    data = [load(f) for f in args.shards]
+    data = [data[0]] + [align(data[0], d) for d in data[1:]]
+    splits = {s: d["split"] for s, d in data[0].items()}
+    expr = {s: d["expr"] for s, d in data[0].items()}
+    for folder, d in zip(args.shards, data):
+        print(f"{folder}: {score({s: v['feat'] for s, v in d.items()}, expr, splits, args.mlp)}", flush=True)
+    if args.concat and len(data) > 1:
+        both = {s: np.concatenate([d[s]["feat"] for d in data], axis=1) for s in splits}
+        print(f"concatenated: {score(both, expr, splits, args.mlp)}", flush=True)
+    if args.views == 8:
+        import torch
+
+        from sharding.config import EncoderConfig
+        from sharding.features import FeatureExtractor
+
+        typed = Manifest.load(args.shards[0] / "manifest.json")
+        enc = typed.to_dict()["encoder"]
+        weights = args.encoder_weights or args.shards[0].parent / "tuned_encoder.safetensors"
+        torch.set_num_threads(1)
+        extractor = FeatureExtractor(EncoderConfig(name=enc["name"], weights=str(weights), input_px=enc["input_px"],
+                                                   bin_features=True), typed.geometry, seed=0, threads=1)
+        tta = align(data[0], load(args.shards[0], extractor))
+        print(f"{args.shards[0]}, mean of 8 views: "
+              f"{score({s: v['feat'] for s, v in tta.items()}, expr, splits, args.mlp)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""bench/feature_probe.py: bin-only read-outs of cached bin features, on real feature shards and on data whose
+answer is known; the mean over the 8 views is the same for a patch and its rotation."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from magnet.format.manifest import Manifest
+from sharding.config import EncoderConfig
+from sharding.features import FeatureExtractor
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("feature_probe", REPO / "bench" / "feature_probe.py")
+probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(probe)
+
+
+def test_load_reads_the_stored_features_and_aligns_a_folder_with_itself(feature_shards):
+    folder = feature_shards / "16um"
+    data = probe.load(folder)
+    splits = json.loads((folder / "manifest.json").read_text())["splits"]
+    assert set(data) == {s for s, split in splits.items() if split in ("train", "val")}
+    for slide, d in data.items():
+        assert d["split"] == splits[slide] and len(d["feat"]) == len(d["expr"]) == len(d["pos"]) > 0
+        assert np.isfinite(d["feat"]).all() and d["feat"].std() > 0
+    shuffled = {s: {**d, **{m: d[m][::-1] for m in ("feat", "expr", "pos")}} for s, d in data.items()}
+    back = probe.align(data, shuffled)
+    for slide in data:
+        np.testing.assert_array_equal(back[slide]["feat"], data[slide]["feat"])
+
+
+def test_the_mean_over_the_8_views_does_not_change_when_the_patch_turns(feature_shards):
+    typed = Manifest.load(feature_shards / "16um" / "manifest.json")
+    enc = typed.to_dict()["encoder"]
+    extractor = FeatureExtractor(EncoderConfig(name=enc["name"], input_px=enc["input_px"]), typed.geometry,
+                                 seed=typed.to_dict()["seed"], threads=1)
+    patches = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    views = probe.dihedral(patches)
+    assert len({v.tobytes() for v in views}) == 8 and np.array_equal(views[0], patches)
+    turned = np.ascontiguousarray(np.rot90(patches, 1, axes=(1, 2))[:, ::-1])
+    np.testing.assert_allclose(probe.view_mean(extractor, turned), probe.view_mean(extractor, patches), atol=2e-3)
+    assert not np.allclose(extractor.encode(turned), extractor.encode(patches), atol=2e-3)
+
+
+def test_ridge_and_mlp_read_what_the_features_hold():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4))
+    feats, expr = {}, {}
+    for name in ("a", "b", "c", "v"):
+        feats[name] = rng.standard_normal((300, 6))
+        expr[name] = feats[name] @ w + 0.1 * rng.standard_normal((300, 4))
+    splits = {"a": "train", "b": "train", "c": "train", "v": "val"}
+    text = probe.score(feats, expr, splits, mlp=True)
+    ridge, mlp = float(text.split()[3]), float(text.split()[5])
+    assert ridge > 0.95 and mlp > 0.8
+    noise = {k: rng.standard_normal((300, 6)) for k in feats}
+    assert abs(float(probe.score(noise, expr, splits, mlp=False).split()[3])) < 0.2
+    with pytest.raises(SystemExit, match="need 2 or more"):
+        probe.score(feats, expr, {"a": "train", "b": "test", "c": "test", "v": "val"}, mlp=False)
