@@ -255,14 +255,14 @@ def test_terminated_prediction_leaves_no_temporary_file(registered, tiny_cohort,
                                 stderr=(tmp_path.parent / "terminated.err").open("w"))
         while proc.poll() is None and not list(tmp_path.glob(".p.h5ad.*.tmp")):
             time.sleep(0.01)
-        assert proc.poll() is None, "prediction ended before its temporary file was seen"
         # held where it is, so that the check and the SIGTERM meet the same state: on a loaded machine this
-        # process can lose the CPU long enough for the prediction to finish between the two
-        proc.send_signal(signal.SIGSTOP)
-        if list(tmp_path.glob(".p.h5ad.*.tmp")):
-            break
-        proc.send_signal(signal.SIGCONT)
-        assert proc.wait(timeout=120) == 0
+        # process can lose the CPU long enough for the prediction to finish in between (then it runs again)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+            if list(tmp_path.glob(".p.h5ad.*.tmp")):
+                break
+            proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=120) == 0, (tmp_path.parent / "terminated.err").read_text()[-2000:]
         for p in tmp_path.iterdir():
             p.unlink()
     else:
