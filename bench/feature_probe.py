@@ -27,9 +27,11 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.ceiling_probe import gene_pcc as per_gene_pcc  # noqa: E402
 from magnet.batch import crop_patches  # noqa: E402
 from magnet.format.manifest import Manifest  # noqa: E402
 from magnet.format.reader import ShardReader  # noqa: E402
+from magnet.models.ridge import fit_ridge  # noqa: E402
 
 ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 3e4)
 
@@ -80,15 +82,14 @@ def align(ref: dict, other: dict) -> dict:
 
 
 def gene_pcc(pred: np.ndarray, true: np.ndarray) -> float:
-    p, t = pred - pred.mean(0), true - true.mean(0)
-    return float(np.nanmean((p * t).sum(0) / np.sqrt((p * p).sum(0) * (t * t).sum(0) + 1e-12)))
+    return float(np.nanmean(per_gene_pcc(pred, true)))
 
 
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float):
-    mean, sd, ym = x.mean(0), x.std(0) + 1e-6, y.mean(0)
-    z = (x - mean) / sd
-    w = np.linalg.solve(z.T @ z + alpha * np.eye(x.shape[1]), z.T @ (y - ym))
-    return lambda q: ((q - mean) / sd) @ w + ym
+    """Ridge on the standardised features; ``alpha`` weighs the penalty against the summed (not mean) error."""
+    mean, sd = x.mean(0), x.std(0) + 1e-6
+    w, b = fit_ridge((x - mean) / sd, y, alpha / len(x))
+    return lambda q: ((q - mean) / sd) @ w + b
 
 
 def score(feats: dict[str, np.ndarray], expr: dict[str, np.ndarray], splits: dict[str, str], mlp: bool) -> str:
