@@ -31,6 +31,7 @@ from magnet.batch import crop_patches  # noqa: E402
 from magnet.format.manifest import Manifest  # noqa: E402
 from magnet.format.reader import ShardReader  # noqa: E402
 from magnet.synth.config import ExpressionConfig  # noqa: E402
+from magnet.synth.expression import TYPE_PREFIX  # noqa: E402
 from magnet.synth.tissue import MORPH, TYPES  # noqa: E402
 
 ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 1e4, 1e5)
@@ -114,6 +115,21 @@ def colour_table(shards: Path, k: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def marker_types(genes: list[str], group: np.ndarray) -> dict[str, np.ndarray]:
+    """Marker gene columns by the cell type that expresses them (the generator names a type's markers by its prefix)."""
+    out = {}
+    for kind, prefix in zip(TYPES, TYPE_PREFIX):
+        cols = np.flatnonzero([g.startswith(prefix) and k == "marker" for g, k in zip(genes, group)])
+        if len(cols):
+            out[kind] = cols
+    return out
+
+
+def type_line(pcc: np.ndarray, types: dict[str, np.ndarray]) -> str:
+    """The markers' mean PCC per cell type, as one indented line."""
+    return "    markers by type: " + ", ".join(f"{k} {np.nanmean(pcc[c]):.3f}" for k, c in types.items())
+
+
 def design(counts: np.ndarray) -> np.ndarray:
     """Counts and shares of every window, flattened: (N, windows * 2 * types)."""
     shares = counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
@@ -170,10 +186,14 @@ def main() -> None:
     ap.add_argument("--mlp", action="store_true",
                     help="an MLP read-out of the bin + context features instead of the ridge rows")
     ap.add_argument("--colours-only", action="store_true", help="skip the composition read-outs")
+    ap.add_argument("--squares-um", nargs="*", type=float, default=[],
+                    help="also read-outs of the cells in one square of each side, the bin not told apart (what a CNN "
+                         "pooled over its whole patch sees at best)")
+    ap.add_argument("--by-type", action="store_true", help="also the markers' PCC per cell type under each read-out")
     args = ap.parse_args()
     typed = Manifest.load(args.shards / "manifest.json")
     bin_um, patch_um = typed.to_dict()["bin_um"], typed.geometry.bin_px * typed.geometry.mpp
-    windows = [float(bin_um), patch_um, *args.wider_um, *args.context_um]
+    windows = [float(bin_um), patch_um, *args.wider_um, *args.context_um, *args.squares_um]
     table = bin_table(args.shards, args.cohort, windows)
     splits = typed.splits
     slides = sorted(s for s, v in splits.items() if v == args.split)
@@ -186,13 +206,20 @@ def main() -> None:
     n_wide = len(args.wider_um)
     reads = [("bin (cells in bin)", [1]), ("bin (cells in bin, patch)", [1, 2])]
     reads += [(f"bin (cells in bin ... {w:g} um)", list(range(1, 3 + i + 1))) for i, w in enumerate(args.wider_um)]
-    reads += [("bin (transcript mass)", [0]), ("bin + context", [0, 1, 2, *range(3 + n_wide, len(windows) + 1)])]
+    n_sq = len(args.squares_um)
+    reads += [("bin (transcript mass)", [0]),
+              ("bin + context", [0, 1, 2, *range(3 + n_wide, len(windows) + 1 - n_sq)])]
+    first_sq = len(windows) + 1 - n_sq
+    reads += [(f"one {w:g} um square (bin not apart)", [first_sq + i]) for i, w in enumerate(args.squares_um)]
+    types = marker_types(typed.genes, group)
     for label, cols in reads if not (args.colours_only or args.mlp) else []:
         train = [(design(table[s][0][:, cols]), table[s][1]) for s in sorted(splits) if splits[s] == "train"]
         f, alpha = fit(train)
         pcc = np.mean([gene_pcc(f(design(table[s][0][:, cols])), table[s][1]) for s in slides], axis=0)
         print(f"{label} a={alpha:g}".ljust(34), f"{np.nanmean(pcc):6.3f}",
               *(f"{np.nanmean(pcc[group == k]):18.3f}" for k in names))
+        if args.by_type:
+            print(type_line(pcc, types))
     if args.mlp:  # is the ridge's smooth read-out what caps the composition? a flexible one on the same features
         cols = reads[-1][1]
         xs = [design(table[s][0][:, cols]) for s in sorted(splits) if splits[s] == "train"]

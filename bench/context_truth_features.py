@@ -77,9 +77,10 @@ def rewrite(sample: Sample, geom: Geometry, counts: CellCounts) -> Sample:
     return sample.replace(spot_feat=spot, global_feat=glob)
 
 
-def score(shards: str, bin_um: int, cohort: Path, split: str, models: list[str]) -> None:
+def score(shards: str, bin_um: int, cohort: Path, split: str, models: list[str], by_type: bool = False) -> None:
     import torch
 
+    from bench.ceiling_probe import marker_types, type_line
     from magnet.data.pipeline import EvalStream, ShardSet
     from magnet.dist import WorldInfo
     from magnet.metrics import ExpressionMetrics
@@ -104,6 +105,8 @@ def score(shards: str, bin_um: int, cohort: Path, split: str, models: list[str])
             acc.update(torch.from_numpy(model.predict_batch(batch)["bin"]), batch.bin_expr, batch.bin_slide, batch.slides)
         pcc = acc.pcc_per_gene().mean(0)  # mean over the split's slides
         print(label.ljust(24), f"{pcc.mean():6.3f}", *(f"{pcc[group == k].mean():18.3f}" for k in names))
+        if by_type:
+            print(type_line(pcc, marker_types(shard_set.genes, group)))
 
 
 def main() -> None:
@@ -118,10 +121,11 @@ def main() -> None:
     sc.add_argument("--bin-um", required=True, type=int)
     sc.add_argument("--cohort", required=True, type=Path, help="the magnet synth folder (gene groups)")
     sc.add_argument("--split", default="val")
+    sc.add_argument("--by-type", action="store_true", help="also the markers' PCC per cell type")
     sc.add_argument("models", nargs="+", metavar="LABEL=MODEL_DIR", help="a training run's model/ folder")
     args = ap.parse_args()
     if args.cmd == "score":
-        score(args.shards, args.bin_um, args.cohort, args.split, args.models)
+        score(args.shards, args.bin_um, args.cohort, args.split, args.models, args.by_type)
         return
     typed = Manifest.load(args.shards / "manifest.json")
     reader, manifest, geom = ShardReader(typed), typed.to_dict(), typed.geometry

@@ -7,6 +7,9 @@ slide, and fits read-outs of the bin alone on the training slides, scored on the
 - a ridge regression on the standardised features, alpha by leave-one-slide-out on the training slides;
 - with ``--concat``: the same on the features of every shard folder side by side;
 - with ``--mlp``: a one-hidden-layer MLP (scikit-learn, early stopping), to tell whether a linear read-out limits;
+- with ``--neighbours-um R``: ridge on the bin's feature and the mean feature of the bins within R um of it (both
+  on the first ``NEIGHBOUR_PCA`` principal components of the training features): what smoothing the neighbours'
+  cached features over a disc gives, against a context model;
 - with ``--views 8``: the feature recomputed as the mean over the 8 flips and quarter turns of the patch (the
   encoder of the first folder, ``tuned_encoder.safetensors`` next to it or ``--encoder-weights``): test-time
   augmentation of the cache.
@@ -34,6 +37,7 @@ from magnet.format.reader import ShardReader  # noqa: E402
 from magnet.models.ridge import fit_ridge  # noqa: E402
 
 ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 3e4)
+NEIGHBOUR_PCA = 32  # components of the --neighbours-um read-out (the bin alone is scored on the same ones)
 
 
 def dihedral(patches: np.ndarray) -> list[np.ndarray]:
@@ -117,6 +121,21 @@ def score(feats: dict[str, np.ndarray], expr: dict[str, np.ndarray], splits: dic
     return text
 
 
+def with_neighbours(data: dict, mpp: float, radii_um: list[float]) -> tuple[dict, dict]:
+    """(bin alone, bin and the mean over each disc of ``radii_um``) as the first ``NEIGHBOUR_PCA`` principal
+    components of the training slides' features, slide by slide (a disc holds the bin itself)."""
+    train = np.concatenate([d["feat"] for d in data.values() if d["split"] == "train"])
+    mean = train.mean(0)
+    basis = np.linalg.svd(train - mean, full_matrices=False)[2][:NEIGHBOUR_PCA].T
+    alone, both = {}, {}
+    for slide, d in data.items():
+        f = (d["feat"] - mean) @ basis
+        tree = cKDTree(d["pos"] * mpp)
+        discs = [np.stack([f[i].mean(0) for i in tree.query_ball_point(d["pos"] * mpp, r)]) for r in radii_um]
+        alone[slide], both[slide] = f, np.concatenate([f, *discs], axis=1)
+    return alone, both
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", nargs="+", required=True, type=Path, help="bin-size shard folders (manifest.json)")
@@ -124,6 +143,8 @@ def main() -> None:
     ap.add_argument("--mlp", action="store_true", help="also an MLP read-out")
     ap.add_argument("--views", type=int, choices=(1, 8), default=1, help="8: mean feature over the dihedral views")
     ap.add_argument("--encoder-weights", type=Path, help="--views 8: the first folder's encoder weights")
+    ap.add_argument("--neighbours-um", nargs="*", type=float, default=[],
+                    help="also the first folder's bin feature with its neighbours' mean within each radius (um)")
     args = ap.parse_args()
     data = [load(f) for f in args.shards]
     data = [data[0]] + [align(data[0], d) for d in data[1:]]
@@ -134,6 +155,12 @@ def main() -> None:
     if args.concat and len(data) > 1:
         both = {s: np.concatenate([d[s]["feat"] for d in data], axis=1) for s in splits}
         print(f"concatenated: {score(both, expr, splits, args.mlp)}", flush=True)
+    if args.neighbours_um:
+        mpp = Manifest.load(args.shards[0] / "manifest.json").geometry.mpp
+        alone, both = with_neighbours(data[0], mpp, args.neighbours_um)
+        print(f"{args.shards[0]}, {NEIGHBOUR_PCA} components: bin alone {score(alone, expr, splits, False)}; "
+              f"with the neighbours' mean within {args.neighbours_um} um {score(both, expr, splits, False)}",
+              flush=True)
     if args.views == 8:
         import torch
 

@@ -43,3 +43,13 @@ def test_ridge_read_out_recovers_a_smooth_function_of_the_features():
     assert alpha in probe.ALPHAS
     assert probe.gene_pcc(f(slides[2][0]), slides[2][1]).min() > 0.95
     assert abs(probe.gene_pcc(rng.random((400, 2)), slides[2][1])).max() < 0.2
+
+
+def test_markers_are_grouped_by_the_cell_type_their_prefix_names():
+    genes = ["TUM01", "FIB01", "TUM02", "MAC01", "HK001", "END01"]
+    group = np.array(["marker", "marker", "marker", "marker", "housekeeping", "context_mix"])
+    types = probe.marker_types(genes, group)
+    assert list(types) == ["tumour", "fibroblast", "macrophage"]  # END01 is no marker here, rbc have none
+    np.testing.assert_array_equal(types["tumour"], [0, 2])
+    line = probe.type_line(np.array([0.9, 0.5, 0.7, 0.2, 0.0, 0.0]), types)
+    assert "tumour 0.800" in line and "fibroblast 0.500" in line and "macrophage 0.200" in line

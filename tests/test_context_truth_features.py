@@ -37,3 +37,17 @@ def test_truth_features_follow_the_cells(tiny_shards, tiny_cohort, tmp_path, cap
         n += 1
     assert n == sum(s["n_samples"] for s in manifest["shards"])
     assert np.corrcoef(share, expr)[0, 1] > 0.5  # the tumour share of a tile follows its tumour markers
+
+
+def test_score_prints_each_group_and_the_markers_by_cell_type(tiny_shards, tiny_cohort, registered):
+    _, run = registered
+    splits = json.loads((tiny_shards / "16um" / "manifest.json").read_text())["splits"]
+    split = "val" if "val" in splits.values() else "train"
+    proc = subprocess.run([sys.executable, str(REPO / "bench/context_truth_features.py"), "score", "--shards",
+                           str(tiny_shards), "--bin-um", "16", "--cohort", str(tiny_cohort), "--split", split,
+                           "--by-type", f"tiny={run / 'model'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("tiny "))
+    assert "marker(" in lines[0] and all(np.isfinite(float(v)) for v in lines[row].split()[1:])
+    assert lines[row + 1].strip().startswith("markers by type: tumour ")

@@ -60,3 +60,22 @@ def test_ridge_and_mlp_read_what_the_features_hold():
     assert abs(float(probe.score(noise, expr, splits, mlp=False).split()[3])) < 0.2
     with pytest.raises(SystemExit, match="need 2 or more"):
         probe.score(feats, expr, {"a": "train", "b": "test", "c": "test", "v": "val"}, mlp=False)
+
+
+def test_the_neighbours_mean_reads_what_only_the_neighbourhood_holds():
+    rng = np.random.default_rng(0)
+    data, expr = {}, {}
+    for name, split in (("a", "train"), ("b", "train"), ("c", "train"), ("v", "val")):
+        pos = np.stack(np.meshgrid(np.arange(30), np.arange(30)), -1).reshape(-1, 2) * 32.0  # px, 16 um at 0.5
+        field = rng.standard_normal(4)
+        wave = np.sin(pos @ field[:2] / 150 + field[2])  # a smooth signal over the slide, about 100 um across
+        feat = rng.standard_normal((len(pos), 40))
+        feat[:, 0] += wave + 2 * rng.standard_normal(len(pos))  # each bin holds it under heavy noise
+        data[name] = {"split": split, "feat": feat, "pos": pos}
+        expr[name] = np.stack([wave, -wave], 1) + 0.1 * rng.standard_normal((len(pos), 2))
+    alone, both = probe.with_neighbours(data, 0.5, [64.0])
+    assert alone["v"].shape == (900, probe.NEIGHBOUR_PCA) and both["v"].shape == (900, 2 * probe.NEIGHBOUR_PCA)
+    splits = {k: d["split"] for k, d in data.items()}
+    bin_alone = float(probe.score(alone, expr, splits, mlp=False).split()[3])
+    with_discs = float(probe.score(both, expr, splits, mlp=False).split()[3])
+    assert with_discs > bin_alone + 0.2
