@@ -207,8 +207,8 @@ def main() -> None:
     reads = [("bin (cells in bin)", [1]), ("bin (cells in bin, patch)", [1, 2])]
     reads += [(f"bin (cells in bin ... {w:g} um)", list(range(1, 3 + i + 1))) for i, w in enumerate(args.wider_um)]
     n_sq = len(args.squares_um)
-    reads += [("bin (transcript mass)", [0]),
-              ("bin + context", [0, 1, 2, *range(3 + n_wide, len(windows) + 1 - n_sq)])]
+    context_cols = [0, 1, 2, *range(3 + n_wide, len(windows) + 1 - n_sq)]
+    reads += [("bin (transcript mass)", [0]), ("bin + context", context_cols)]
     first_sq = len(windows) + 1 - n_sq
     reads += [(f"one {w:g} um square (bin not apart)", [first_sq + i]) for i, w in enumerate(args.squares_um)]
     types = marker_types(typed.genes, group)
@@ -221,7 +221,7 @@ def main() -> None:
         if args.by_type:
             print(type_line(pcc, types))
     if args.mlp:  # is the ridge's smooth read-out what caps the composition? a flexible one on the same features
-        cols = reads[-1][1]
+        cols = context_cols
         xs = [design(table[s][0][:, cols]) for s in sorted(splits) if splits[s] == "train"]
         ys = [table[s][1] for s in sorted(splits) if splits[s] == "train"]
         scaler = StandardScaler().fit(np.concatenate(xs))

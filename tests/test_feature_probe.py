@@ -68,7 +68,7 @@ def test_the_neighbours_mean_reads_what_only_the_neighbourhood_holds():
     for name, split in (("a", "train"), ("b", "train"), ("c", "train"), ("v", "val")):
         pos = np.stack(np.meshgrid(np.arange(30), np.arange(30)), -1).reshape(-1, 2) * 32.0  # px, 16 um at 0.5
         field = rng.standard_normal(4)
-        wave = np.sin(pos @ field[:2] / 150 + field[2])  # a smooth signal over the slide, about 100 um across
+        wave = np.sin(pos @ field[:2] / 150 + field[2])  # a smooth signal over the slide
         feat = rng.standard_normal((len(pos), 40))
         feat[:, 0] += wave + 2 * rng.standard_normal(len(pos))  # each bin holds it under heavy noise
         data[name] = {"split": split, "feat": feat, "pos": pos}
@@ -79,3 +79,7 @@ def test_the_neighbours_mean_reads_what_only_the_neighbourhood_holds():
     bin_alone = float(probe.score(alone, expr, splits, mlp=False).split()[3])
     with_discs = float(probe.score(both, expr, splits, mlp=False).split()[3])
     assert with_discs > bin_alone + 0.2
+    _, near = probe.with_neighbours(data, 0.5, [17.0])  # 17 um at 0.5 um/px: the bin and its 4 neighbours 16 um away
+    k = 15 * 30 + 15
+    expected = alone["v"][[k, k - 1, k + 1, k - 30, k + 30]].mean(0)
+    np.testing.assert_allclose(near["v"][k, probe.NEIGHBOUR_PCA:], expected, atol=1e-9)
