@@ -101,7 +101,8 @@ def score(shards: str, bin_um: int, cohort: Path, split: str, models: list[str],
         cfg.data.workers = 0
         knn = {"k_bin": cfg.model.k_bin, "k_spot": cfg.model.k_spot, "k_global": cfg.model.k_global}
         acc = ExpressionMetrics(len(shard_set.genes), slides)
-        for batch in EvalStream(shard_set, cfg.data, WorldInfo(0, 1, 0), split, knn):
+        reads = ShardSet(shards, bin_um, None, None, cfg.model.bin_input, cfg.model.field)  # what the model reads
+        for batch in EvalStream(reads, cfg.data, WorldInfo(0, 1, 0), split, knn):
             acc.update(torch.from_numpy(model.predict_batch(batch)["bin"]), batch.bin_expr, batch.bin_slide, batch.slides)
         pcc = acc.pcc_per_gene().mean(0)  # mean over the split's slides
         print(label.ljust(24), f"{pcc.mean():6.3f}", *(f"{pcc[group == k].mean():18.3f}" for k in names))

@@ -83,6 +83,7 @@ class Batch:
     slides: tuple[str, ...]  # slide ids present in the batch
     bin_um: float  # bin size of the shard set
     bin_feat: torch.Tensor | None = None  # float32 (Nb, F) cached frozen features (member bin_feat), when stored
+    bin_field: torch.Tensor | None = None  # float32 (Nb, L * F) their field at L scales (member bin_field), when stored
     bin_counts: torch.Tensor | None = None  # float32 (Nb, G) raw counts, when every sample holds them
     bin_libsize: torch.Tensor | None = None  # float32 (Nb,) total count of all genes: count losses' exposure
     spot_counts: torch.Tensor | None = None  # float32 (Ns, G) raw counts summed per spot cell, when stored
@@ -185,7 +186,8 @@ def _check(samples: list[Sample], geometry: Geometry) -> tuple[int, int, int]:
     A sample may lack its image when it carries its bins' cached features (model.bin_input=features)."""
     first = samples[0]
     dims = Dims(G=first["bin_expr"].shape[-1], K1=first["nbr_mask"].shape[0], S=geometry.n_spots,
-                F=first["global_feat"].shape[-1], P=geometry.image_px)
+                F=first["global_feat"].shape[-1], P=geometry.image_px,
+                L=first["bin_field"].shape[1] if "bin_field" in first else 0)
     for s in samples:
         where = f"sample {s.key}"
         if "image" not in s and "bin_feat" not in s:
@@ -224,6 +226,10 @@ def collate(samples: list[Sample], geometry: Geometry, *, k_bin: int = 8, k_spot
     bin_feat = None
     if all("bin_feat" in s for s in samples):
         bin_feat = torch.from_numpy(np.concatenate([s["bin_feat"] for s in samples]).astype(np.float32))
+    bin_field = None
+    if all("bin_field" in s for s in samples):
+        bin_field = torch.from_numpy(np.concatenate([s["bin_field"] for s in samples]).astype(np.float32))
+        bin_field = bin_field.reshape(len(bin_field), -1)
     bin_xy = np.concatenate([s["bin_xy"] for s in samples]).astype(np.float64)
     bin_pos = ((grid[bin_sample] * gp - margin) + bin_xy) * mpp
     bin_slide = sample_slide[bin_sample]
@@ -297,6 +303,7 @@ def collate(samples: list[Sample], geometry: Geometry, *, k_bin: int = 8, k_spot
         slides=slides,
         bin_um=float(samples[0].meta.bin_um),
         bin_feat=bin_feat,
+        bin_field=bin_field,
         **_counts(samples, n_genes),
     )
 

@@ -28,4 +28,6 @@ def encoder_record(cfg, feat_dim: int, weights_id: str, weights_source: str | No
         rec["kwargs"] = dict(cfg.kwargs)
     if cfg.bin_features:
         rec["bin_input_px"] = cfg.bin_input_px
+    if cfg.field_sd_um:
+        rec["field_sd_um"] = [float(v) for v in cfg.field_sd_um]
     return rec

@@ -85,10 +85,18 @@ class EncoderConfig:
     # stored tile image as the end-to-end model cuts it), resized to bin_input_px (0 = as cut); model.bin_input
     bin_features: bool = False
     bin_input_px: int = 0
+    # also store each bin's feature field (bin_field.npy.zst, sharding/feature_field.py): the mean of the cached bin
+    # features of the slide's bins around it, Gaussian-weighted with each of these standard deviations (um); the
+    # tissue around a bin at several scales, beyond the tiles a sample holds (model.field reads it)
+    field_sd_um: list[float] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.input_px < 0 or self.bin_input_px < 0:
             raise ValueError("batch_size must be >= 1, input_px and bin_input_px >= 0")
+        if self.field_sd_um and not self.bin_features:
+            raise ValueError("field_sd_um smooths the cached bin features: set bin_features=true")
+        if any(sd <= 0 for sd in self.field_sd_um):
+            raise ValueError(f"field_sd_um must be positive, got {self.field_sd_um}")
 
 
 @dataclasses.dataclass(kw_only=True)

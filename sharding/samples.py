@@ -27,6 +27,7 @@ from magnet.format.sample import Meta, Sample
 from .bin_features import with_bin_features
 from .binned_outputs import BinFiles, Bins, read_bins, read_genes, read_mpp
 from .config import EncoderConfig, GeneConfig, SampleConfig, ShardConfig
+from .feature_field import feature_field
 from .features import FeatureExtractor, centre_on_slide
 from .genes import normalise
 from .image import SlideImage, thumbnail
@@ -210,14 +211,34 @@ class SlideSamples:
     def samples(self, bin_um: int, split: str) -> Iterator[TileSample]:
         """The level's samples, tile after tile (row-major)."""
         lv, rows, feats = self.levels[bin_um], self.rows(bin_um), self.features(bin_um)
+        fields = self.fields(bin_um, split) if self.cfg.encoder.field_sd_um else None
         for t in range(len(lv.tiles.grid)):
             with self.clock("samples"):
                 sample, idx = make_sample(self.slide, split, bin_um, lv, t, feats, self.cfg)
             encoded = self.tile_images.encoded(rows[t])
-            if self.cfg.encoder.bin_features:  # each bin's frozen feature (encoder.bin_features)
+            if fields is not None:  # the bin features, computed for the whole slide first, and their field
+                sample = sample.replace(bin_feat=fields[t][0], bin_field=fields[t][1])
+            elif self.cfg.encoder.bin_features:  # each bin's frozen feature (encoder.bin_features)
                 with self.clock("bin_features"):
                     sample = with_bin_features(sample, self.extractor, encoded)
             yield TileSample(sample, encoded, idx, len(lv.tiles.bins_of(t)), t)
+
+    def fields(self, bin_um: int, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(bin_feat, bin_field) of each of the level's samples (encoder.field_sd_um): the field needs every bin's
+        feature first, so the level's bin features are held in memory (bins x F x 2 bytes)."""
+        lv, rows, feats = self.levels[bin_um], self.rows(bin_um), self.features(bin_um)
+        bin_feats, bins = [], []
+        for t in range(len(lv.tiles.grid)):
+            sample, idx = make_sample(self.slide, split, bin_um, lv, t, feats, self.cfg)
+            with self.clock("bin_features"):
+                bin_feats.append(with_bin_features(sample, self.extractor, self.tile_images.encoded(rows[t]))["bin_feat"])
+            bins.append(idx)
+        every = np.concatenate(bins)
+        with self.clock("feature_field"):
+            field = feature_field(lv.bins.xy[every] * lv.mpp_full, np.concatenate(bin_feats),
+                                  list(self.cfg.encoder.field_sd_um), bin_um)
+        ends = np.cumsum([len(i) for i in bins])
+        return list(zip(bin_feats, np.split(field, ends[:-1])))
 
 
 @contextlib.contextmanager

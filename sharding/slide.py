@@ -100,7 +100,7 @@ def shard_slide(entry: SlideEntry, split: str, bin_ums: list[int], work_dirs: di
                 with atomic_path(Path(work_dirs[b]) / entry.slide) as tmp:
                     tmp.mkdir()
                     dims = Dims(G=len(genes), K1=cfg.shard.k_neighbours + 1, S=geom.n_spots, F=extractor.dim,
-                                P=geom.image_px)
+                                P=geom.image_px, L=len(cfg.encoder.field_sd_um))
                     writer = PartWriter(tmp, cfg.shard.samples_per_shard, cfg.shard.bytes_per_shard, dims,
                                         cfg.shard.image_format)
                     for item in slide.samples(b, split):

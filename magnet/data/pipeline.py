@@ -187,25 +187,31 @@ class ShardSet:
     manifest's ``slide -> fold`` map where the set is a cross-validation view (:meth:`for_training`)."""
 
     def __init__(self, shards: str, bin_um: int, genes: list[str] | None, normalisation: dict | None,
-                 bin_input: str = "image"):
+                 bin_input: str = "image", field: int = 0):
         self.manifest = Manifest.load(manifest_path(shards, bin_um))
         check_manifest(self.manifest, genes=genes, normalisation=normalisation)
-        # features: the bins' cached frozen features are read and the images are never decoded
-        self.skip = ("image",) if bin_input == "features" else ()
+        # features: the bins' cached frozen features are read and the images are never decoded; their field only
+        # when the model reads it (model.field)
+        self.skip = (("image",) if bin_input == "features" else ()) + (() if field else ("bin_field",))
         if bin_input == "features" and not self.manifest.encoder.get("bin_features"):
             raise UserError(f"{self.manifest.path}: encoder.bin_features: these shards hold no bin features "
                             f"(model.bin_input=features); re-shard with encoder.bin_features=true")
+        stored = len(self.manifest.encoder.get("field_sd_um", ()))
+        if field and field != stored:
+            raise UserError(f"{self.manifest.path}: encoder.field_sd_um: these shards hold the bin features' field at "
+                            f"{stored} scales, model.field reads {field}; re-shard with encoder.field_sd_um or set "
+                            f"model.field={stored}")
         self.geometry = self.manifest.geometry
         self.genes = list(self.manifest.genes)
         self.normalisation = self.manifest.normalisation
         self.folds: dict[str, int] | None = None
 
     @classmethod
-    def for_training(cls, data, bin_input: str = "image") -> ShardSet:
+    def for_training(cls, data, bin_input: str = "image", field: int = 0) -> ShardSet:
         """The shards a training run with ``data`` (:class:`magnet.train_config.DataConfig`) reads: with
         ``data.fold`` set, the manifest's splits are replaced by that fold's (:func:`fold_view`); ``bin_input``:
-        ``model.bin_input``."""
-        s = cls(data.shards, data.bin_um, data.genes, data.normalisation, bin_input)
+        ``model.bin_input``; ``field``: ``model.field``."""
+        s = cls(data.shards, data.bin_um, data.genes, data.normalisation, bin_input, field)
         if data.fold is not None:
             s.manifest = fold_view(s.manifest, data.fold, data.folds, data.train_split, data.eval_split)
             s.folds = dict(sorted(s.manifest.folds.items()))

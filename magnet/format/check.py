@@ -17,13 +17,14 @@ from magnet.format.schema import FORMAT_VERSION, MEMBERS, Axis, Encoding, Values
 
 @dataclasses.dataclass(frozen=True)
 class Dims:
-    """Sizes of the fixed axes: genes, neighbours + 1, spot cells, feature size, image side."""
+    """Sizes of the fixed axes: genes, neighbours + 1, spot cells, feature size, image side, field scales."""
 
     G: int
     K1: int
     S: int
     F: int
     P: int
+    L: int = 0
 
     def size(self, axis: Axis, n_bins: int) -> int:
         return n_bins if axis is Axis.BIN else int(axis.value) if axis.value.isdigit() else getattr(self, axis.value)

@@ -129,7 +129,7 @@ class Manifest:
     def dims(self) -> Dims:
         """The sizes every sample's arrays are checked against."""
         return Dims(G=len(self.genes), K1=self.k_neighbours + 1, S=self.geometry.n_spots, F=self.feat_dim,
-                    P=self.geometry.image_px)
+                    P=self.geometry.image_px, L=len(self.encoder.get("field_sd_um", ())))
 
     @property
     def root(self) -> Path:

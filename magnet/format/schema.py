@@ -20,6 +20,7 @@ class Axis(enum.Enum):
     SPOT = "S"  # spot cells of a tile (augmentation permutes along it)
     GENE = "G"
     FEAT = "F"  # frozen-encoder feature size
+    SCALE = "L"  # the feature field's scales (encoder.field_sd_um)
     PIXEL = "P"  # a side of the stored tile image (augmentation rotates along it)
     XY = "2"  # (x, y)
     RGB = "3"
@@ -67,6 +68,8 @@ MEMBERS: tuple[Member, ...] = (
     Member("bin_libsize", "float32", (B,), optional=True),  # ... and of all genes: the count losses' exposure
     # the frozen encoder's feature of each bin's patch (encoder.bin_features; model.bin_input=features trains on it)
     Member("bin_feat", "float16", (B, F), optional=True),
+    # the mean of the slide's bin features around each bin at each scale (encoder.field_sd_um; model.field reads it)
+    Member("bin_field", "float16", (B, Axis.SCALE, F), optional=True),
     Member("spot_expr", "float16", (K1, S, G)),
     Member("spot_mask", "bool", (K1, S)),
     Member("spot_counts", "int32", (K1, S, G), optional=True),  # raw counts summed over all the cell's bins ...

@@ -20,6 +20,10 @@ class ModelConfig:
     # the bin level's input (magnet/models/bin_input.py): image = the bin patch through model.encoder, trained end to
     # end; features = the shards' cached frozen feature of the patch (encoder.bin_features), no image, no CNN
     bin_input: Literal["image", "features"] = "image"
+    # MagNet and ridge: also read the bins' feature field at this many scales (member bin_field, the shards'
+    # encoder.field_sd_um; 0 = not read): the mean of the cached bin features around the bin, MagNet adds its
+    # projection to the bin embedding, on the context path
+    field: int = 0
     encoder: str = "resnet50"  # any timm model name
     encoder_weights: str | None = None  # None (random, seeded), a local checkpoint path, or hub name
     encoder_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # timm.create_model arguments
@@ -50,6 +54,8 @@ class ModelConfig:
         for key in ("gat_layers", "transformer_layers", "k_bin", "k_spot", "k_global"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.field < 0 or (self.field and self.bin_input != "features"):
+            raise ValueError(f"field ({self.field}) reads the cached bin features' field: needs bin_input=features")
         if self.name == "ridge" and self.bin_input != "features":
             raise ValueError("name=ridge fits on cached bin features: set model.bin_input=features")
         if self.ridge_dims < 1 or self.ridge_alpha < 0 or self.ridge_max_bins < 2:

@@ -3,7 +3,9 @@
 Per step, for a :class:`magnet.batch.Batch`:
 
 1. bin patches -> timm encoder (trained end to end), or their cached frozen features (``model.bin_input``,
-   :mod:`magnet.models.bin_input`) -> projection to ``width``;
+   :mod:`magnet.models.bin_input`) -> projection to ``width``; with ``model.field``, plus a projection of the
+   bins' feature field (member ``bin_field``: the slide's cached bin features around the bin, Gaussian-weighted at
+   several scales, sharding/feature_field.py), frozen like the context levels;
 2. per context level (spot, global): frozen tile features (stop-grad), standardised with the
    training split's statistics (:mod:`magnet.models.init`) -> projection = node
    embeddings; each bin cross-attends to its own tile and that tile's graph neighbours (tokens =
@@ -33,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from magnet.errors import UserError
 from magnet.geometry import Geometry
 from magnet.models.config import ModelConfig
 from magnet.models.bin_input import bin_input_modules, embed_bins
@@ -59,6 +62,10 @@ class MagNet(nn.Module):
         self.context_drop = 0.0 if paper else cfg.context_drop
         edge_dim = 2 if cfg.edge_features else None
         self.feat_scale = nn.ModuleDict({name: FeatureScaler(feat_dim) for name in self.levels})  # magnet.models.init
+        self.field_proj = None
+        if cfg.field:  # the feature field of the bin (member bin_field), on the context path like the levels
+            self.feat_scale["field"] = FeatureScaler(cfg.field * feat_dim)
+            self.field_proj = nn.Linear(cfg.field * feat_dim, D)
         self.node_proj = nn.ModuleDict({name: nn.Linear(feat_dim, D) for name in self.levels})
         self.token_pos = nn.ModuleDict({name: nn.Linear(2, D) for name in self.levels})
         self.cross = nn.ModuleDict({name: ContextCrossAttention(D, cfg.heads, cfg.dropout) for name in self.levels})
@@ -86,6 +93,10 @@ class MagNet(nn.Module):
     def forward(self, batch) -> Predictions:
         local = embed_bins(self.encoder, self.bin_scale, batch)
         x = self.bin_proj(local)
+        if self.field_proj is not None:
+            if batch.bin_field is None:
+                raise UserError("batch: bin_field: missing (model.field needs shards with encoder.field_sd_um)")
+            x = x + self.field_proj(self.feat_scale["field"](batch.bin_field.detach()))  # frozen: stop-grad
         nodes = {}
         for name in self.levels:
             feat = self.feat_scale[name](getattr(batch, f"{name}_feat").detach())  # frozen: stop-grad

@@ -53,11 +53,20 @@ def fit_ridge(z: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, n
     return w, ym - zm @ w
 
 
-def _bins(shard_set, split: str, on_corrupt: str, cap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def inputs(bin_feat, bin_field, field: bool):
+    """The probe's input: the bin's feature, with its field at every scale beside it when ``field`` (model.field)."""
+    if not field:
+        return bin_feat
+    lib = torch if isinstance(bin_feat, torch.Tensor) else np
+    return lib.concatenate([bin_feat, bin_field.reshape(len(bin_field), -1)], 1)
+
+
+def _bins(shard_set, split: str, on_corrupt: str, cap: int, seed: int,
+          field: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(features, targets) float64 of ``split``'s bins, at most ``cap`` (a seeded subsample)."""
     feats, exprs = [], []
     for s in shard_set.reader(on_corrupt).read(u for u, _ in shard_set.shards(split)):
-        feats.append(s["bin_feat"])
+        feats.append(inputs(s["bin_feat"], s.arrays.get("bin_field"), field))
         exprs.append(s["bin_expr"])
     if not feats:
         raise UserError(f"{shard_set.manifest.path}: shards: no readable sample of split '{split}' to fit the ridge "
@@ -70,13 +79,15 @@ def _bins(shard_set, split: str, on_corrupt: str, cap: int, seed: int) -> tuple[
 
 
 class RidgeProbe(nn.Module):
-    """``bin_feat`` -> PCA (buffers) -> linear map to the genes (parameters set by :meth:`fit`); bin level only."""
+    """``bin_feat`` (and ``bin_field`` with ``model.field``) -> PCA (buffers) -> linear map to the genes (parameters
+    set by :meth:`fit`); bin level only."""
 
     fitted = True  # the training loop fits it (fit) and takes no SGD step
 
     def __init__(self, cfg: ModelConfig, n_genes: int, feat_dim: int):
         super().__init__()
         self.cfg = cfg
+        feat_dim *= 1 + cfg.field
         k = min(cfg.ridge_dims, feat_dim)
         self.register_buffer("mean", torch.zeros(feat_dim))
         self.register_buffer("proj", torch.zeros(feat_dim, k))
@@ -90,13 +101,13 @@ class RidgeProbe(nn.Module):
     def fit(self, shard_set, data) -> dict:
         """Fit on ``data.train_split`` (alpha on ``data.eval_split`` when ``ridge_alpha`` is 0 and it exists)."""
         cfg = self.cfg
-        x, y = _bins(shard_set, data.train_split, data.on_corrupt, cfg.ridge_max_bins, cfg.seed)
+        x, y = _bins(shard_set, data.train_split, data.on_corrupt, cfg.ridge_max_bins, cfg.seed, cfg.field > 0)
         k = self.proj.shape[1]
         mean, proj = fit_pca(x, min(k, max(len(x) - 1, 1)))
         z = (x - mean) @ proj
         alpha, scores = cfg.ridge_alpha, {}
         if not alpha and shard_set.manifest.has_split(data.eval_split):
-            xv, yv = _bins(shard_set, data.eval_split, data.on_corrupt, cfg.ridge_max_bins, cfg.seed)
+            xv, yv = _bins(shard_set, data.eval_split, data.on_corrupt, cfg.ridge_max_bins, cfg.seed, cfg.field > 0)
             zv = (xv - mean) @ proj
             for a in ALPHAS:
                 w, b = fit_ridge(z, y, a)
@@ -118,7 +129,9 @@ class RidgeProbe(nn.Module):
     def forward(self, batch) -> Predictions:
         if batch.bin_feat is None:
             raise UserError("batch: bin_feat: missing (model.name=ridge needs shards with encoder.bin_features)")
-        z = (batch.bin_feat.float() - self.mean) @ self.proj
+        if self.cfg.field and batch.bin_field is None:
+            raise UserError("batch: bin_field: missing (model.field needs shards with encoder.field_sd_um)")
+        z = (inputs(batch.bin_feat.float(), batch.bin_field, self.cfg.field > 0).float() - self.mean) @ self.proj
         return Predictions(bin=z @ self.weight + self.bias)
 
 

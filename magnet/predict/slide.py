@@ -79,9 +79,14 @@ def shard_config(model: LoadedModel, cfg: PredictConfig):
     if features and not enc.get("bin_features"):
         raise UserError(f"{model.uri}: encoder.bin_features: the model reads cached bin features but its shards' "
                         f"encoder record has none")
+    field = model.python_model.config.model.field
+    if field and len(enc.get("field_sd_um", ())) != field:
+        raise UserError(f"{model.uri}: encoder.field_sd_um: the model reads the bin features' field at {field} scales "
+                        f"but its shards' encoder record has {len(enc.get('field_sd_um', ()))}")
     encoder = EncoderConfig(name=enc["name"], weights=weights, input_px=int(enc.get("input_px", 224)),
                             precision=enc.get("precision", "fp32"), bin_features=features,
-                            bin_input_px=int(enc.get("bin_input_px", 0)), kwargs=dict(enc.get("kwargs", {})))
+                            bin_input_px=int(enc.get("bin_input_px", 0)), kwargs=dict(enc.get("kwargs", {})),
+                            field_sd_um=list(enc.get("field_sd_um", ())) if field else [])
     return ShardConfig(seed=seed, shard=sample, genes=genes, encoder=encoder)
 
 

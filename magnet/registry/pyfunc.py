@@ -37,10 +37,11 @@ from magnet.train_config import ExperimentConfig
 INPUT_MEMBERS = tuple(m.name for m in MEMBERS if not m.optional)  # members fed to a model with bin_input=image
 
 
-def input_members(bin_input: str) -> tuple[str, ...]:
-    """Members fed to a model with ``model.bin_input``: ``features`` takes ``bin_feat`` in place of the image."""
+def input_members(bin_input: str, field: bool = False) -> tuple[str, ...]:
+    """Members fed to a model with ``model.bin_input``: ``features`` takes ``bin_feat`` in place of the image, and
+    ``bin_field`` beside it with ``model.field``."""
     if bin_input == "features":
-        return tuple(m for m in INPUT_MEMBERS if m != "image") + ("bin_feat",)
+        return tuple(m for m in INPUT_MEMBERS if m != "image") + ("bin_feat",) + (("bin_field",) if field else ())
     return INPUT_MEMBERS
 VARIABLE_AXES = {m.name: tuple(i for i, a in enumerate(m.axes) if a in (Axis.BIN, Axis.PIXEL)) for m in MEMBERS}
 
@@ -91,7 +92,7 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         gx, gy = (int(v) for v in np.asarray(model_input["tile"]).ravel()[:2])
         meta = Meta(slide="input", gx=gx, gy=gy, mpp=self.geometry.mpp, bin_um=self.bin_um)
-        names = input_members(self.config.model.bin_input)
+        names = input_members(self.config.model.bin_input, self.config.model.field > 0)
         sample = Sample(meta=meta, arrays={k: np.asarray(model_input[k]) for k in names})
         self.check_input(sample)
         m = self.config.model
@@ -101,7 +102,7 @@ class MagnetPyfunc(mlflow.pyfunc.PythonModel):
     def check_input(self, sample: Sample) -> None:
         """The schema, finite values, and bin positions inside the tile's image ``[0, image_px)``."""
         dims = Dims(G=len(self.genes), K1=int(np.shape(sample["nbr_mask"])[0]), S=self.geometry.n_spots,
-                    F=self.feat_dim, P=self.geometry.image_px)
+                    F=self.feat_dim, P=self.geometry.image_px, L=self.config.model.field)
         check_sample(sample, dims, "input", finite=True, image=self.config.model.bin_input == "image")
         xy, size = sample["bin_xy"], self.geometry.image_px
         outside = int(((xy < 0) | (xy >= size)).any(axis=1).sum())
@@ -119,9 +120,9 @@ def check_weights(weights: str | Path, info: dict) -> None:
                         "(the file is damaged or was replaced); refused")
 
 
-def model_input(sample: Sample, bin_input: str = "image") -> dict[str, np.ndarray]:
-    """A decoded sample as the pyfunc's input dict for a model with ``model.bin_input``."""
-    out = {k: np.ascontiguousarray(sample[k]) for k in input_members(bin_input)}
+def model_input(sample: Sample, bin_input: str = "image", field: bool = False) -> dict[str, np.ndarray]:
+    """A decoded sample as the pyfunc's input dict for a model with ``model.bin_input`` (``field``: model.field)."""
+    out = {k: np.ascontiguousarray(sample[k]) for k in input_members(bin_input, field)}
     out["tile"] = np.array([sample.meta.gx, sample.meta.gy], np.int64)
     return out
 

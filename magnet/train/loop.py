@@ -232,7 +232,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, report=None) -> dict
     world = dist.init()
     primary = dist.is_primary()
     run_dir, tag = setup_run(cfg, resume, world)
-    shard_set = ShardSet.for_training(cfg.data, cfg.model.bin_input)
+    shard_set = ShardSet.for_training(cfg.data, cfg.model.bin_input, cfg.model.field)
     cfg.data.genes, cfg.data.normalisation, cfg.data.folds = shard_set.genes, shard_set.normalisation, shard_set.folds
     write_run_config(cfg, run_dir, world)
     ckpt_dir = run_dir / "checkpoints"
@@ -416,7 +416,7 @@ def _finish(engine, cfg, shard_set, tracker: Tracker, log: MetricsLog, run_dir: 
     finite.check_model(step, state_dict, output, metrics)
     if not primary:
         return {}
-    example = model_input(sample, cfg.model.bin_input)
+    example = model_input(sample, cfg.model.bin_input, cfg.model.field > 0)
     artifacts = write_model_files(run_dir / "model", state_dict, cfg, shard_set, example, output)
     if not tracker.active:
         return {}
