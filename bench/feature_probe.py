@@ -10,6 +10,8 @@ slide, and fits read-outs of the bin alone on the training slides, scored on the
 - with ``--neighbours-um R``: ridge on the bin's feature and the mean feature of the bins within R um of it (both
   on the first ``NEIGHBOUR_PCA`` principal components of the training features): what smoothing the neighbours'
   cached features over a disc gives, against a context model;
+- with ``--field-sd-um SD ...``: ridge on the bin's feature and its field (``sharding/feature_field.py``, what
+  ``encoder.field_sd_um`` stores, on the same principal components) less the slide's mean, and kept whole;
 - with ``--views 8``: the feature recomputed as the mean over the 8 flips and quarter turns of the patch (the
   encoder of the first folder, ``tuned_encoder.safetensors`` next to it or ``--encoder-weights``): test-time
   augmentation of the cache.
@@ -20,6 +22,7 @@ slide, and fits read-outs of the bin alone on the training slides, scored on the
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from magnet.batch import crop_patches  # noqa: E402
 from magnet.format.manifest import Manifest  # noqa: E402
 from magnet.format.reader import ShardReader  # noqa: E402
 from magnet.models.ridge import fit_ridge  # noqa: E402
+from sharding.feature_field import feature_field  # noqa: E402
 
 ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 3e4)
 NEIGHBOUR_PCA = 32  # components of the --neighbours-um read-out (the bin alone is scored on the same ones)
@@ -96,7 +100,16 @@ def ridge(x: np.ndarray, y: np.ndarray, alpha: float):
     return lambda q: ((q - mean) / sd) @ w + b
 
 
-def score(feats: dict[str, np.ndarray], expr: dict[str, np.ndarray], splits: dict[str, str], mlp: bool) -> str:
+def by_group(pred: np.ndarray, true: np.ndarray, group: np.ndarray | None) -> str:
+    """The per-gene PCC averaged over each gene group (``--cohort``'s gene_groups.csv), or nothing."""
+    if group is None:
+        return ""
+    pcc = per_gene_pcc(pred, true)
+    return " (" + ", ".join(f"{k} {np.nanmean(pcc[group == k]):.3f}" for k in sorted(set(group))) + ")"
+
+
+def score(feats: dict[str, np.ndarray], expr: dict[str, np.ndarray], splits: dict[str, str], mlp: bool,
+          group: np.ndarray | None = None) -> str:
     train = [s for s in feats if splits[s] == "train"]
     val = next(s for s in feats if splits[s] == "val")
     if len(train) < 2:
@@ -111,25 +124,42 @@ def score(feats: dict[str, np.ndarray], expr: dict[str, np.ndarray], splits: dic
                                                stack([t for t in train if t != h], expr), alpha)(feats[h]), expr[h])
                                for h in train])
     alpha = max(loso, key=loso.get)
-    text = f"ridge (alpha {alpha:g}) {gene_pcc(ridge(stack(train, feats), stack(train, expr), alpha)(feats[val]), expr[val]):.4f}"
+    pred = ridge(stack(train, feats), stack(train, expr), alpha)(feats[val])
+    text = f"ridge (alpha {alpha:g}) {gene_pcc(pred, expr[val]):.4f}{by_group(pred, expr[val], group)}"
     if mlp:
         scaler = StandardScaler().fit(stack(train, feats))
         ym = stack(train, expr).mean(0)
         net = MLPRegressor(hidden_layer_sizes=(256,), alpha=10.0, early_stopping=True, random_state=0, max_iter=200)
         net.fit(scaler.transform(stack(train, feats)), stack(train, expr) - ym)
-        text += f"  mlp {gene_pcc(net.predict(scaler.transform(feats[val])) + ym, expr[val]):.4f}"
+        pred = net.predict(scaler.transform(feats[val])) + ym
+        text += f"  mlp {gene_pcc(pred, expr[val]):.4f}{by_group(pred, expr[val], group)}"
     return text
+
+
+def components(data: dict) -> dict[str, np.ndarray]:
+    """Each slide's features as the first ``NEIGHBOUR_PCA`` principal components of the training slides'."""
+    train = np.concatenate([d["feat"] for d in data.values() if d["split"] == "train"])
+    mean = train.mean(0)
+    basis = np.linalg.svd(train - mean, full_matrices=False)[2][:NEIGHBOUR_PCA].T
+    return {slide: (d["feat"] - mean) @ basis for slide, d in data.items()}
+
+
+def with_field(data: dict, mpp: float, sd_um: list[float], bin_um: float, whole: bool = False) -> dict:
+    """The bin's components and their field at each of ``sd_um`` (less the slide's mean, as the shards store it;
+    ``whole``: with the slide's mean added back), slide by slide."""
+    out = {}
+    for slide, f in components(data).items():
+        field = feature_field(data[slide]["pos"] * mpp, f, sd_um, bin_um).astype(np.float64).reshape(len(f), -1)
+        out[slide] = np.concatenate([f, field + (np.tile(f.mean(0), len(sd_um)) if whole else 0.0)], axis=1)
+    return out
 
 
 def with_neighbours(data: dict, mpp: float, radii_um: list[float]) -> tuple[dict, dict]:
     """(bin alone, bin and the mean over each disc of ``radii_um``) as the first ``NEIGHBOUR_PCA`` principal
     components of the training slides' features, slide by slide (a disc holds the bin itself)."""
-    train = np.concatenate([d["feat"] for d in data.values() if d["split"] == "train"])
-    mean = train.mean(0)
-    basis = np.linalg.svd(train - mean, full_matrices=False)[2][:NEIGHBOUR_PCA].T
     alone, both = {}, {}
-    for slide, d in data.items():
-        f = (d["feat"] - mean) @ basis
+    for slide, f in components(data).items():
+        d = data[slide]
         tree = cKDTree(d["pos"] * mpp)
         discs = [np.stack([f[i].mean(0) for i in tree.query_ball_point(d["pos"] * mpp, r)]) for r in radii_um]
         alone[slide], both[slide] = f, np.concatenate([f, *discs], axis=1)
@@ -141,6 +171,9 @@ def main() -> None:
     ap.add_argument("--shards", nargs="+", required=True, type=Path, help="bin-size shard folders (manifest.json)")
     ap.add_argument("--concat", action="store_true", help="also the features of every folder side by side")
     ap.add_argument("--mlp", action="store_true", help="also an MLP read-out")
+    ap.add_argument("--cohort", type=Path, help="the magnet synth folder: --field-sd-um also per gene group")
+    ap.add_argument("--field-sd-um", nargs="*", type=float, default=[],
+                    help="also the first folder's bin feature with its field at these sds (um)")
     ap.add_argument("--views", type=int, choices=(1, 8), default=1, help="8: mean feature over the dihedral views")
     ap.add_argument("--encoder-weights", type=Path, help="--views 8: the first folder's encoder weights")
     ap.add_argument("--neighbours-um", nargs="*", type=float, default=[],
@@ -161,6 +194,18 @@ def main() -> None:
         print(f"{args.shards[0]}, {NEIGHBOUR_PCA} components: bin alone {score(alone, expr, splits, False)}; "
               f"with the neighbours' mean within {args.neighbours_um} um {score(both, expr, splits, False)}",
               flush=True)
+    if args.field_sd_um:
+        typed = Manifest.load(args.shards[0] / "manifest.json")
+        group = None
+        if args.cohort:
+            with open(args.cohort / next(iter(splits)) / "ground_truth" / "gene_groups.csv", newline="") as f:
+                groups = {r["gene"]: r["group"] for r in csv.DictReader(f)}
+            group = np.array([groups.get(g, "other") for g in typed.genes])
+        for whole in (False, True):
+            both = with_field(data[0], typed.geometry.mpp, args.field_sd_um, typed.bin_um, whole)
+            print(f"{args.shards[0]}, {NEIGHBOUR_PCA} components with the field at {args.field_sd_um} um "
+                  f"{'kept whole' if whole else 'less the slide mean'}: {score(both, expr, splits, args.mlp, group)}",
+                  flush=True)
     if args.views == 8:
         import torch
 

@@ -83,3 +83,27 @@ def test_the_neighbours_mean_reads_what_only_the_neighbourhood_holds():
     k = 15 * 30 + 15
     expected = alone["v"][[k, k - 1, k + 1, k - 30, k + 30]].mean(0)
     np.testing.assert_allclose(near["v"][k, probe.NEIGHBOUR_PCA:], expected, atol=1e-9)
+
+
+def test_the_field_reads_what_only_the_neighbourhood_holds_and_drops_the_slide_mean():
+    rng = np.random.default_rng(1)
+    data, expr = {}, {}
+    for name, split in (("a", "train"), ("b", "train"), ("c", "train"), ("v", "val")):
+        pos = np.stack(np.meshgrid(np.arange(30), np.arange(30)), -1).reshape(-1, 2) * 32.0  # px, 16 um at 0.5
+        field = rng.standard_normal(4)
+        wave = np.sin(pos @ field[:2] / 150 + field[2])
+        feat = rng.standard_normal((len(pos), 40)) + 5 * rng.standard_normal(40)  # and a slide-wide offset
+        feat[:, 0] += wave + 2 * rng.standard_normal(len(pos))
+        data[name] = {"split": split, "feat": feat, "pos": pos}
+        expr[name] = np.stack([wave, -wave], 1) + 0.1 * rng.standard_normal((len(pos), 2))
+    splits = {k: d["split"] for k, d in data.items()}
+    alone = probe.components(data)
+    centred = probe.with_field(data, 0.5, [32.0, 64.0], 16)
+    whole = probe.with_field(data, 0.5, [32.0, 64.0], 16, whole=True)
+    assert centred["v"].shape == (900, 3 * probe.NEIGHBOUR_PCA)
+    n = probe.NEIGHBOUR_PCA
+    assert np.abs(centred["v"][:, n:].mean(0)).max() < 0.05 * np.abs(alone["v"].mean(0)).max()  # no slide mean
+    np.testing.assert_allclose(whole["v"][:, n:2 * n] - centred["v"][:, n:2 * n], np.tile(alone["v"].mean(0), (900, 1)))
+    bin_alone = float(probe.score(alone, expr, splits, mlp=False).split()[3])
+    with_field = probe.score(centred, expr, splits, mlp=False, group=np.array(["up", "down"]))
+    assert float(with_field.split()[3]) > bin_alone + 0.2 and "(down " in with_field and ", up " in with_field
