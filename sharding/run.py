@@ -224,6 +224,8 @@ def _recorded_config(cfg: ShardConfig) -> dict:
     """The config that determines the shards (the ``ray`` section only schedules the work)."""
     d = to_dict(cfg)
     d.pop("ray")
+    if not d["encoder"]["field_sd_um"]:  # no field: the record (and the plan) of shards written before it existed
+        d["encoder"].pop("field_sd_um")
     return d
 
 

@@ -73,6 +73,10 @@ def test_sharding_stores_the_field_of_the_slides_bin_features(field_shards, feat
     # the bin features are those of the shards without a field, byte for byte
     assert [s["bin_feat"].tobytes() for s in samples] == [s["bin_feat"].tobytes() for s in plain]
     assert all("bin_field" not in s for s in plain)
+    # without a field, the manifest records the config as shards written before the field existed (same plan)
+    plain_man = Manifest.load(manifest_path(feature_shards, 16))
+    assert "field_sd_um" not in plain_man.encoder and "field_sd_um" not in plain_man.extra["config"]["encoder"]
+    assert man.extra["config"]["encoder"]["field_sd_um"] == SD
     feats = np.concatenate([s["bin_feat"] for s in samples]).astype(np.float64)
     field = np.concatenate([s["bin_field"] for s in samples]).astype(np.float64)
     assert field.shape == (len(feats), 2, man.feat_dim)

@@ -62,17 +62,26 @@ def test_ridge_and_mlp_read_what_the_features_hold():
         probe.score(feats, expr, {"a": "train", "b": "test", "c": "test", "v": "val"}, mlp=False)
 
 
-def test_the_neighbours_mean_reads_what_only_the_neighbourhood_holds():
-    rng = np.random.default_rng(0)
+def _wave_slides(seed: int, slide_offset: float = 0.0):
+    """4 slides (3 training, 1 validation) of 30 x 30 bins whose 2 genes follow a smooth wave over the slide, which
+    each bin's feature 0 holds under heavy noise; ``slide_offset``: and every feature a slide-wide offset."""
+    rng = np.random.default_rng(seed)
     data, expr = {}, {}
     for name, split in (("a", "train"), ("b", "train"), ("c", "train"), ("v", "val")):
         pos = np.stack(np.meshgrid(np.arange(30), np.arange(30)), -1).reshape(-1, 2) * 32.0  # px, 16 um at 0.5
         field = rng.standard_normal(4)
-        wave = np.sin(pos @ field[:2] / 150 + field[2])  # a smooth signal over the slide
+        wave = np.sin(pos @ field[:2] / 150 + field[2])
         feat = rng.standard_normal((len(pos), 40))
-        feat[:, 0] += wave + 2 * rng.standard_normal(len(pos))  # each bin holds it under heavy noise
+        if slide_offset:
+            feat += slide_offset * rng.standard_normal(40)
+        feat[:, 0] += wave + 2 * rng.standard_normal(len(pos))
         data[name] = {"split": split, "feat": feat, "pos": pos}
         expr[name] = np.stack([wave, -wave], 1) + 0.1 * rng.standard_normal((len(pos), 2))
+    return data, expr
+
+
+def test_the_neighbours_mean_reads_what_only_the_neighbourhood_holds():
+    data, expr = _wave_slides(0)
     alone, both = probe.with_neighbours(data, 0.5, [64.0])
     assert alone["v"].shape == (900, probe.NEIGHBOUR_PCA) and both["v"].shape == (900, 2 * probe.NEIGHBOUR_PCA)
     splits = {k: d["split"] for k, d in data.items()}
@@ -86,16 +95,7 @@ def test_the_neighbours_mean_reads_what_only_the_neighbourhood_holds():
 
 
 def test_the_field_reads_what_only_the_neighbourhood_holds_and_drops_the_slide_mean():
-    rng = np.random.default_rng(1)
-    data, expr = {}, {}
-    for name, split in (("a", "train"), ("b", "train"), ("c", "train"), ("v", "val")):
-        pos = np.stack(np.meshgrid(np.arange(30), np.arange(30)), -1).reshape(-1, 2) * 32.0  # px, 16 um at 0.5
-        field = rng.standard_normal(4)
-        wave = np.sin(pos @ field[:2] / 150 + field[2])
-        feat = rng.standard_normal((len(pos), 40)) + 5 * rng.standard_normal(40)  # and a slide-wide offset
-        feat[:, 0] += wave + 2 * rng.standard_normal(len(pos))
-        data[name] = {"split": split, "feat": feat, "pos": pos}
-        expr[name] = np.stack([wave, -wave], 1) + 0.1 * rng.standard_normal((len(pos), 2))
+    data, expr = _wave_slides(1, slide_offset=5.0)
     splits = {k: d["split"] for k, d in data.items()}
     alone = probe.components(data)
     centred = probe.with_field(data, 0.5, [32.0, 64.0], 16)
