@@ -7,14 +7,21 @@ those the end-to-end model would see."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from magnet.format.codec import decode_image
 from magnet.format.sample import Sample
 
 
+def bin_features(extractor, encoded_image: bytes, bin_xy) -> np.ndarray:
+    """(n, F) float16 from ``extractor`` (a :class:`~sharding.features.FeatureExtractor`) on the bin patches at
+    ``bin_xy`` (tile-local px) of ``encoded_image`` (the sample's stored tile image)."""
+    return extractor.bins(decode_image(encoded_image), bin_xy)
+
+
 def with_bin_features(sample: Sample, extractor, encoded_image: bytes) -> Sample:
-    """``sample`` with ``bin_feat`` (n, F) float16 from ``extractor`` (a :class:`~sharding.features.FeatureExtractor`)
-    on the bin patches of ``encoded_image`` (the sample's stored tile image)."""
-    return sample.replace(bin_feat=extractor.bins(decode_image(encoded_image), sample["bin_xy"]))
+    """``sample`` with ``bin_feat`` (:func:`bin_features` at its bins)."""
+    return sample.replace(bin_feat=bin_features(extractor, encoded_image, sample["bin_xy"]))
 
 
 def encoder_record(cfg, feat_dim: int, weights_id: str, weights_source: str | None = None) -> dict:

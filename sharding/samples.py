@@ -24,7 +24,7 @@ import numpy as np
 
 from magnet.format.sample import Meta, Sample
 
-from .bin_features import with_bin_features
+from .bin_features import bin_features, with_bin_features
 from .binned_outputs import BinFiles, Bins, read_bins, read_genes, read_mpp
 from .config import EncoderConfig, GeneConfig, SampleConfig, ShardConfig
 from .feature_field import feature_field
@@ -116,17 +116,25 @@ class TileSample:
     tile: int  # row of the tile in the level's grid
 
 
+def sample_bins(slide: str, bin_um: int, lv: Level, t: int, cfg: ShardConfig) -> np.ndarray:
+    """The level's bins in tile ``t``'s sample: all of the tile's, or a seeded subsample of
+    ``shard.max_bins_per_sample``."""
+    idx = lv.tiles.bins_of(t)
+    cap = cfg.shard.max_bins_per_sample
+    if cap and len(idx) > cap:
+        gx, gy = (int(v) for v in lv.tiles.grid[t])
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(slide.encode()), bin_um, gx, gy])
+        idx = idx[np.sort(rng.choice(len(idx), cap, replace=False))]
+    return idx
+
+
 def make_sample(slide: str, split: str, bin_um: int, lv: Level, t: int, feats: tuple,
                 cfg: ShardConfig) -> tuple[Sample, np.ndarray]:
     """Tile ``t``'s sample (without its image, which the caller holds encoded) and the bins it holds."""
     sc, geom = cfg.shard, cfg.shard.geometry()
     tiles = lv.tiles
     gx, gy = (int(v) for v in tiles.grid[t])
-    idx = tiles.bins_of(t)
-    n_tile = len(idx)
-    if sc.max_bins_per_sample and n_tile > sc.max_bins_per_sample:
-        rng = np.random.default_rng([cfg.seed, zlib.crc32(slide.encode()), bin_um, gx, gy])
-        idx = idx[np.sort(rng.choice(n_tile, sc.max_bins_per_sample, replace=False))]
+    idx, n_tile = sample_bins(slide, bin_um, lv, t, cfg), len(tiles.bins_of(t))
     counts = lv.bins.counts[idx].toarray()
     nbr = tiles.neighbours[t]
     mask = nbr >= 0
@@ -211,7 +219,7 @@ class SlideSamples:
     def samples(self, bin_um: int, split: str) -> Iterator[TileSample]:
         """The level's samples, tile after tile (row-major)."""
         lv, rows, feats = self.levels[bin_um], self.rows(bin_um), self.features(bin_um)
-        fields = self.fields(bin_um, split) if self.cfg.encoder.field_sd_um else None
+        fields = self.fields(bin_um) if self.cfg.encoder.field_sd_um else None
         for t in range(len(lv.tiles.grid)):
             with self.clock("samples"):
                 sample, idx = make_sample(self.slide, split, bin_um, lv, t, feats, self.cfg)
@@ -223,15 +231,17 @@ class SlideSamples:
                     sample = with_bin_features(sample, self.extractor, encoded)
             yield TileSample(sample, encoded, idx, len(lv.tiles.bins_of(t)), t)
 
-    def fields(self, bin_um: int, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    def fields(self, bin_um: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(bin_feat, bin_field) of each of the level's samples (encoder.field_sd_um): the field needs every bin's
-        feature first, so the level's bin features are held in memory (bins x F x 2 bytes)."""
-        lv, rows, feats = self.levels[bin_um], self.rows(bin_um), self.features(bin_um)
+        feature first, so the level's bin features and their field are held in memory (bins x F x 2 x (1 + L)
+        bytes). With ``shard.max_bins_per_sample`` the field is the mean over the samples' bins, a subsample of the
+        tissue's (``magnet predict`` keeps every bin: the same mean, estimated from more bins)."""
+        lv, rows = self.levels[bin_um], self.rows(bin_um)
         bin_feats, bins = [], []
         for t in range(len(lv.tiles.grid)):
-            sample, idx = make_sample(self.slide, split, bin_um, lv, t, feats, self.cfg)
+            idx = sample_bins(self.slide, bin_um, lv, t, self.cfg)
             with self.clock("bin_features"):
-                bin_feats.append(with_bin_features(sample, self.extractor, self.tile_images.encoded(rows[t]))["bin_feat"])
+                bin_feats.append(bin_features(self.extractor, self.tile_images.encoded(rows[t]), lv.tiles.local_xy[idx]))
             bins.append(idx)
         every = np.concatenate(bins)
         with self.clock("feature_field"):

@@ -33,21 +33,20 @@ def brute_force(xy, feats, sd):
     return w @ feats / w.sum(1, keepdims=True) - feats.mean(0)
 
 
-def test_field_is_the_gaussian_weighted_mean_of_the_bins_around():
+@pytest.mark.parametrize("sd_um", [[32.0, 64.0], [128.0]])  # 16 um cells (one bin each); 32 um cells (4 bins)
+def test_field_is_the_gaussian_weighted_mean_of_the_bins_around(sd_um):
     rng = np.random.default_rng(0)
-    rc = np.argwhere(rng.random((30, 40)) < 0.7)  # a 16 um bin grid with holes (no tissue there)
+    rc = np.argwhere(rng.random((40, 50)) < 0.7)  # a 16 um bin grid with holes (no tissue there)
     xy = rc[:, ::-1] * 16.0 + 8.0
     feats = rng.normal(size=(len(xy), 5)) + xy[:, :1] / 100  # a gradient across the slide, and noise
-    field = feature_field(xy, feats.astype(np.float16), SD, 16)
-    assert field.shape == (len(xy), 2, 5) and field.dtype == np.float16
-    for k, sd in enumerate(SD):
+    field = feature_field(xy, feats.astype(np.float16), sd_um, 16)
+    assert field.shape == (len(xy), len(sd_um), 5) and field.dtype == np.float16
+    for k, sd in enumerate(sd_um):
         ref = brute_force(xy, feats.astype(np.float16).astype(np.float64), sd)
-        assert np.abs(field[:, k] - ref).max() < 0.02 * np.abs(ref).max()
+        assert np.abs(field[:, k] - ref).max() < 0.03 * np.abs(ref).max()
     # the mean counts tissue bins only: constant features give the slide's mean up to the tissue's edge (0 after it)
-    const = feature_field(xy, np.full((len(xy), 3), 2.5, np.float16), SD, 16)
+    const = feature_field(xy, np.full((len(xy), 3), 2.5, np.float16), sd_um, 16)
     assert np.abs(const.astype(np.float32)).max() < 2e-3
-    # wider scales smooth more: the noise left is smaller
-    assert (field[:, 1].astype(np.float64).std(0) < field[:, 0].astype(np.float64).std(0)).all()
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +86,12 @@ def test_sharding_stores_the_field_of_the_slides_bin_features(field_shards, feat
                          for s in samples])
     for k, sd in enumerate(SD):
         ref = brute_force(xy, feats, sd)
-        corr = [np.corrcoef(field[:, k, j], ref[:, j])[0, 1] for j in range(feats.shape[1]) if ref[:, j].std() > 1e-3]
-        assert np.median(corr) > 0.97, (sd, np.median(corr))
+        err = np.abs(field[:, k] - ref)  # the slide's bins lie off an exact 16 um grid: a cell may hold 2 of them
+        assert np.percentile(err, 99) < 0.06 * np.abs(ref).max() and err.max() < 0.15 * np.abs(ref).max(), sd
     # the field is not the bin's own feature: at 64 um it is smoother across the slide
     assert field[:, 1].std(0).mean() < feats.std(0).mean()
+    # a model that does not read it never decodes it
+    assert all("bin_field" not in s for s in _slide_samples(field_shards, "synth_001", 0)[0])
 
 
 def _model(field, feat_dim, geometry, seed=0):
@@ -113,6 +114,8 @@ def test_magnet_reads_the_field_on_its_context_path(field_shards):
         assert torch.equal(model(batch).bin, model(other).bin)  # ... through the context head alone
     with pytest.raises(UserError, match="bin_field: missing"):
         model(dataclasses.replace(batch, bin_field=None))
+    with pytest.raises(ValueError, match="stnet does not"):  # a model that would ignore it refuses it
+        ModelConfig(name="stnet", bin_input="features", field=2)
 
 
 def test_a_field_the_shards_do_not_hold_is_refused_in_one_line(field_shards, feature_shards, tmp_path):

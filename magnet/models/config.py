@@ -56,6 +56,8 @@ class ModelConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.field < 0 or (self.field and self.bin_input != "features"):
             raise ValueError(f"field ({self.field}) reads the cached bin features' field: needs bin_input=features")
+        if self.field and not (self.name.startswith("magnet") or self.name == "ridge"):
+            raise ValueError(f"field: MagNet and the ridge probe read the bin features' field, {self.name} does not")
         if self.name == "ridge" and self.bin_input != "features":
             raise ValueError("name=ridge fits on cached bin features: set model.bin_input=features")
         if self.ridge_dims < 1 or self.ridge_alpha < 0 or self.ridge_max_bins < 2:

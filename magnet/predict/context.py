@@ -1,11 +1,13 @@
 """Inference-time context controls (``predict.context``): how much of a model's prediction comes from context.
 
-A MagNet model sees a bin's context only through the frozen tile features of the batch:
+A MagNet model sees a bin's context through the frozen tile features of the batch:
 ``Batch.spot_feat`` (every spot cell of the bin's tile and of its neighbour tiles) and
 ``Batch.glob_feat`` (those tiles as a whole), both already centred on the slide's mean feature
 (:func:`sharding.features.centre_on_slide`). A control rewrites exactly these two tensors of every
 batch before the forward pass; the bin's own patch, every position, offset, mask and graph stay as they
-are, so any model reading context from the batch gets the same control:
+are, so any model reading context from the batch gets the same control. A model trained with ``model.field``
+also reads the bins' feature field (``Batch.bin_field``): the controls leave it as it is, so they measure what the
+spot and global levels add beside it:
 
 - ``zero``: both set to 0, i.e. every tile's context replaced by the slide's mean feature (the centring
   makes 0 the slide average, a neutral input, where raw zeros would be out of distribution);
