@@ -115,6 +115,14 @@ def colour_table(shards: Path, k: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def gene_groups(cohort: Path, slide: str, genes: list[str]) -> np.ndarray:
+    """The group of each of ``genes`` (marker, context_short, ...; "other" when unlisted) from a synthetic slide's
+    ``ground_truth/gene_groups.csv``."""
+    with open(cohort / slide / "ground_truth" / "gene_groups.csv", newline="") as f:
+        groups = {r["gene"]: r["group"] for r in csv.DictReader(f)}
+    return np.array([groups.get(g, "other") for g in genes])
+
+
 def marker_types(genes: list[str], group: np.ndarray) -> dict[str, np.ndarray]:
     """Marker gene columns by the cell type that expresses them (the generator names a type's markers by its prefix)."""
     out = {}
@@ -197,9 +205,7 @@ def main() -> None:
     table = bin_table(args.shards, args.cohort, windows)
     splits = typed.splits
     slides = sorted(s for s, v in splits.items() if v == args.split)
-    with open(args.cohort / slides[0] / "ground_truth" / "gene_groups.csv", newline="") as f:
-        groups = {r["gene"]: r["group"] for r in csv.DictReader(f)}
-    group = np.array([groups.get(g, "other") for g in typed.genes])
+    group = gene_groups(args.cohort, slides[0], typed.genes)
     names = sorted(set(group))
     print(f"bins: {bin_um} um, patch {patch_um:g} um, windows {windows}; split {args.split}: {slides}")
     print("read-out".ljust(34), "all".rjust(6), *(f"{k}({(group == k).sum()})".rjust(18) for k in names))

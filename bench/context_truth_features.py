@@ -17,7 +17,6 @@ metrics): ``magnet evaluate`` cannot score these models, as it computes context 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def rewrite(sample: Sample, geom: Geometry, counts: CellCounts) -> Sample:
 def score(shards: str, bin_um: int, cohort: Path, split: str, models: list[str], by_type: bool = False) -> None:
     import torch
 
-    from bench.ceiling_probe import marker_types, type_line
+    from bench.ceiling_probe import gene_groups, marker_types, type_line
     from magnet.data.pipeline import EvalStream, ShardSet
     from magnet.dist import WorldInfo
     from magnet.metrics import ExpressionMetrics
@@ -88,9 +87,7 @@ def score(shards: str, bin_um: int, cohort: Path, split: str, models: list[str],
 
     shard_set = ShardSet(shards, bin_um, None, None)
     slides = sorted(s for s, v in shard_set.manifest.splits.items() if v == split)
-    with open(cohort / slides[0] / "ground_truth" / "gene_groups.csv", newline="") as f:
-        groups = {r["gene"]: r["group"] for r in csv.DictReader(f)}
-    group = np.array([groups.get(g, "other") for g in shard_set.genes])
+    group = gene_groups(cohort, slides[0], shard_set.genes)
     names = sorted(set(group))
     print("model".ljust(24), "all".rjust(6), *(f"{k}({(group == k).sum()})".rjust(18) for k in names))
     for spec in models:

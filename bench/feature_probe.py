@@ -22,7 +22,6 @@ slide, and fits read-outs of the bin alone on the training slides, scored on the
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.ceiling_probe import gene_pcc as per_gene_pcc  # noqa: E402
+from bench.ceiling_probe import gene_groups, gene_pcc as per_gene_pcc  # noqa: E402
 from magnet.batch import crop_patches  # noqa: E402
 from magnet.format.manifest import Manifest  # noqa: E402
 from magnet.format.reader import ShardReader  # noqa: E402
@@ -196,11 +195,7 @@ def main() -> None:
               flush=True)
     if args.field_sd_um:
         typed = Manifest.load(args.shards[0] / "manifest.json")
-        group = None
-        if args.cohort:
-            with open(args.cohort / next(iter(splits)) / "ground_truth" / "gene_groups.csv", newline="") as f:
-                groups = {r["gene"]: r["group"] for r in csv.DictReader(f)}
-            group = np.array([groups.get(g, "other") for g in typed.genes])
+        group = gene_groups(args.cohort, next(iter(splits)), typed.genes) if args.cohort else None
         for whole in (False, True):
             both = with_field(data[0], typed.geometry.mpp, args.field_sd_um, typed.bin_um, whole)
             print(f"{args.shards[0]}, {NEIGHBOUR_PCA} components with the field at {args.field_sd_um} um "

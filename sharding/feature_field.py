@@ -42,11 +42,11 @@ def feature_field(xy_um: np.ndarray, feats: np.ndarray, sd_um: list[float], bin_
     flat = ij[:, 1] * shape[1] + ij[:, 0]
     cells = sp.csr_matrix((np.ones(n), (flat, np.arange(n))), shape=(shape[0] * shape[1], n))  # cell <- its bins
     count = np.asarray(cells.sum(1)).reshape(shape)
-    for k, sd in enumerate(sd_um):
-        weight = gaussian_filter(count, sd / cell, mode="constant")[ij[:, 1], ij[:, 0]]
-        for c in range(0, f, CHANNELS_PER_PASS):
-            grid = cells @ feats[:, c:c + CHANNELS_PER_PASS].astype(np.float64)
-            smooth = gaussian_filter(grid.reshape(*shape, -1), (sd / cell, sd / cell, 0), mode="constant")
-            part = slice(c, c + CHANNELS_PER_PASS)
-            out[:, k, part] = smooth[ij[:, 1], ij[:, 0]] / weight[:, None] - slide_mean[part]
+    weights = [gaussian_filter(count, sd / cell, mode="constant")[ij[:, 1], ij[:, 0]] for sd in sd_um]
+    for c in range(0, f, CHANNELS_PER_PASS):
+        part = slice(c, c + CHANNELS_PER_PASS)
+        grid = (cells @ feats[:, part].astype(np.float64)).reshape(*shape, -1)  # summed once for every scale
+        for k, sd in enumerate(sd_um):
+            smooth = gaussian_filter(grid, (sd / cell, sd / cell, 0), mode="constant")
+            out[:, k, part] = smooth[ij[:, 1], ij[:, 0]] / weights[k][:, None] - slide_mean[part]
     return out

@@ -32,3 +32,10 @@ def embed_bins(encoder: Encoder | None, scaler: FeatureScaler | None, batch) -> 
     if batch.bin_feat is None:
         raise UserError("batch: bin_feat: missing (model.bin_input=features needs shards with encoder.bin_features)")
     return scaler(batch.bin_feat.detach())  # frozen: stop-grad
+
+
+def field_input(batch) -> torch.Tensor:
+    """(Nb, L * F) the bins' feature field (member ``bin_field``, ``model.field``), frozen: stop-grad."""
+    if batch.bin_field is None:
+        raise UserError("batch: bin_field: missing (model.field needs shards with encoder.field_sd_um)")
+    return batch.bin_field.detach()

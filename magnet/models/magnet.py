@@ -35,10 +35,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from magnet.errors import UserError
 from magnet.geometry import Geometry
 from magnet.models.config import ModelConfig
-from magnet.models.bin_input import bin_input_modules, embed_bins
+from magnet.models.bin_input import bin_input_modules, embed_bins, field_input
 from magnet.models.init import FeatureScaler
 from magnet.models.layers import ContextCrossAttention, LevelEncoder, head
 from magnet.models.predictions import Predictions
@@ -94,9 +93,7 @@ class MagNet(nn.Module):
         local = embed_bins(self.encoder, self.bin_scale, batch)
         x = self.bin_proj(local)
         if self.field_proj is not None:
-            if batch.bin_field is None:
-                raise UserError("batch: bin_field: missing (model.field needs shards with encoder.field_sd_um)")
-            x = x + self.field_proj(self.feat_scale["field"](batch.bin_field.detach()))  # frozen: stop-grad
+            x = x + self.field_proj(self.feat_scale["field"](field_input(batch)))
         nodes = {}
         for name in self.levels:
             feat = self.feat_scale[name](getattr(batch, f"{name}_feat").detach())  # frozen: stop-grad

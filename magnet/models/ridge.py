@@ -129,9 +129,9 @@ class RidgeProbe(nn.Module):
     def forward(self, batch) -> Predictions:
         if batch.bin_feat is None:
             raise UserError("batch: bin_feat: missing (model.name=ridge needs shards with encoder.bin_features)")
-        if self.cfg.field and batch.bin_field is None:
+        if self.cfg.field and batch.bin_field is None:  # the check of field_input (models/bin_input.py): no timm here
             raise UserError("batch: bin_field: missing (model.field needs shards with encoder.field_sd_um)")
-        z = (inputs(batch.bin_feat.float(), batch.bin_field, self.cfg.field > 0).float() - self.mean) @ self.proj
+        z = (inputs(batch.bin_feat.float(), batch.bin_field, self.cfg.field > 0) - self.mean) @ self.proj
         return Predictions(bin=z @ self.weight + self.bias)
 
 
