@@ -177,10 +177,7 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
                 run_config=tune.RunConfig(
                     name=cfg.name, storage_path=cfg.out_dir, verbose=1,
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                    # 2, not 1: Tune deletes the older checkpoint before it saves the experiment state that names
-                    # the newer one, so a sweep killed in between must still find the older one on --resume (it
-                    # redoes that iteration); a checkpoint here is one small JSON file (magnet/sweep/trial.py)
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
         grid = tuner.fit()
         summary = finish_sweep(grid, cfg, base, parent_id, sweep_dir, tracker)
