@@ -302,8 +302,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_shards, t
     assert {c.info.run_name: c.info.end_time for c in after}[done] == before[done].info.end_time
     # the killed trial went on from its checkpoint (step 3 or later): Tune's iterations go on, and the steps
     # up to the checkpoint were logged once
+    # (Tune appends to result.json; a result it wrote after its last saved state is written again, the same)
     results = [json.loads(line) for line in (sweep_dir / killed / "result.json").read_text().splitlines()]
-    assert [(r["training_iteration"], r["step"]) for r in results] == [(i, 3 * i) for i in range(1, 9)]
+    pairs = [(r["training_iteration"], r["step"]) for r in results]
+    assert pairs == sorted(pairs) and sorted(set(pairs)) == [(i, 3 * i) for i in range(1, 9)]
     steps = [m.step for m in client.get_metric_history(before[killed].info.run_id, "loss")]
     assert set(steps) == set(range(1, 25)) and steps.count(1) == steps.count(2) == steps.count(3) == 1
     best = summary["best"]  # registered once, from the best trial's run
@@ -316,6 +318,41 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_shards, t
     assert again.err.strip() == f"sweep {sweep_dir}: finished already, nothing to resume"
     assert json.loads(again.out.strip().splitlines()[-1]) == summary
     assert len(client.search_model_versions("name = 'tiny-sweep'")) == 1
+
+
+_REPLAY = """
+import json, os, sys
+from magnet.config import load_config
+from magnet.dist import free_port
+from magnet.sweep.trial import _report_logged
+from magnet.train.loop import train
+from magnet.train_config import ExperimentConfig
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+cfg = load_config(ExperimentConfig, "configs/train/tiny.yaml", sys.argv[1:])
+live, replayed = [], []
+train(cfg, report=lambda step, metrics: live.append([step, metrics]))
+run_dir = cfg.train.out_dir + "/" + cfg.train.run_name
+for upto in (6, 4):
+    _report_logged(__import__("pathlib").Path(run_dir), cfg.data.eval_split, upto,
+                   lambda step, metrics: replayed.append([upto, step, metrics]))
+print(json.dumps({"live": live, "replayed": replayed}))
+"""
+
+
+def test_a_restored_trial_reports_again_what_its_run_logged(tiny_shards, tmp_path):
+    """Tune restores a trial from the state it saved last, which can be older than the run's latest
+    DeepSpeed checkpoint: the trial reports the evaluations between again from the run's metrics.jsonl.
+    They must be what training reported live: the same steps, metric names and values."""
+    out = subprocess.run([sys.executable, "-c", _REPLAY, f"data.shards={tiny_shards}", "data.bin_um=16",
+                          f"train.out_dir={tmp_path}", "train.run_name=r", "train.steps=6", "train.eval_every=2",
+                          "train.ckpt_every=2", "data.workers=0", "mlflow.enabled=false"],
+                         env=train_env(), cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    live = got["live"]
+    assert [step for step, _ in live] == [2, 4, 6] and "val/pcc_gene" in live[0][1]
+    assert [[s, m] for upto, s, m in got["replayed"] if upto == 6] == live
+    assert [[s, m] for upto, s, m in got["replayed"] if upto == 4] == live[:2]
 
 
 def test_a_child_run_left_running_by_a_killed_sweep_is_closed_on_resume(tmp_path):

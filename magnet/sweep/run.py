@@ -161,7 +161,7 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
         if resume:
             close_interrupted(cfg.mlflow.tracking_uri, parent_id)
             # resume_unfinished: the trials that were running (or pending) when the sweep was killed run
-            # again, from their last Tune checkpoint where they have one (trial.py); terminated trials are
+            # again from their run's latest DeepSpeed checkpoint (trial.py); terminated trials are
             # kept as they are. resume_errored / restart_errored off: a trial that failed keeps its error
             # (it would fail again with the same values) and is reported as failed.
             tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False,
@@ -174,10 +174,12 @@ def run_sweep(cfg: SweepConfig, origin: str, resume: bool = False) -> dict:
                     metric=s.metric, mode=s.mode, search_alg=_search_alg(cfg), scheduler=_scheduler(cfg, base.train.steps, sweep_dir),
                     num_samples=s.num_samples,
                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                # no num_to_keep: every Tune checkpoint is kept (a few bytes each: trial.json); with it, Tune
+                # deletes the one its last saved state names before it saves the next state, and a sweep
+                # killed between the two cannot restore that trial
                 run_config=tune.RunConfig(
                     name=cfg.name, storage_path=cfg.out_dir, verbose=1,
-                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
             )
         grid = tuner.fit()
         summary = finish_sweep(grid, cfg, base, parent_id, sweep_dir, tracker)

@@ -2,9 +2,12 @@
 ``train()`` as ``launch/train.py`` (DeepSpeed with a world of one on a free rendezvous port).
 
 At every evaluation the trial reports ``step`` and the evaluation metrics to Tune, with a checkpoint
-that names the trial's run directory (``trial.json``); a restored trial resumes that run from its
-latest DeepSpeed checkpoint. The run directories live under the sweep folder, so a multi-node sweep
-needs that folder on a filesystem every node shares.
+(``trial.json``) that records the step reported. A restored trial resumes its run from the run's latest
+DeepSpeed checkpoint, which may be past the step Tune restored (Tune saves its state every few seconds,
+so a killed sweep can lose the last reports from it): the evaluations between the two are reported
+again from the run's ``metrics.jsonl`` before training goes on, so Tune (and ASHA) see every evaluation
+once and in order. The run directories live under the sweep folder, so a multi-node sweep needs that
+folder on a filesystem every node shares.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ from ray import tune
 
 from magnet import dist
 from magnet.errors import UserError
-from magnet.io import atomic_write_text
 from magnet.sweep.space import trial_config
 from magnet.train import checkpoint
-from magnet.train.loop import train
+from magnet.train.loop import MetricsLog, train
 
 TRIAL_FILE = "trial.json"
 
@@ -34,38 +36,39 @@ def run_trial(params: dict, *, sweep, sweep_dir: str, parent_run_id: str) -> Non
     run_dir = run_root / trial_id
     # a world of one per trial process; a port of its own, so concurrent trials do not meet
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist.free_port()))
+    reported = -1  # the last step Tune holds (a fitted model reports step 0)
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            saved = json.loads((Path(d) / TRIAL_FILE).read_text())
-        resume = saved["run_dir"]
-        _rewind(Path(resume) / "checkpoints", saved["tag"])
-    else:  # restarted without a Tune checkpoint: a DeepSpeed checkpoint saved after the last report
-        resume = str(run_dir) if checkpoint.read_pointer(run_dir / "checkpoints") else None
+            reported = json.loads((Path(d) / TRIAL_FILE).read_text())["step"]
+    latest = checkpoint.read_pointer(run_dir / "checkpoints")
 
     def report(step: int, metrics: dict) -> None:
+        nonlocal reported
         dist.release_shm()  # a world of one: no peer maps the buffer; a stopped trial would leave it behind
+        if step <= reported:  # Tune has it from before the trial was interrupted
+            return
         if sweep.search.metric not in metrics:
             raise UserError(f"config: search.metric: '{sweep.search.metric}' is not reported; known: {', '.join(sorted(metrics))}")
-        row = {"step": step, **metrics}
-        tag = checkpoint.read_pointer(run_dir / "checkpoints")
-        if tag is None:
-            tune.report(row)
-            return
         with tempfile.TemporaryDirectory() as d:
-            (Path(d) / TRIAL_FILE).write_text(json.dumps({"run_dir": str(run_dir), "step": step, "tag": tag}))
-            tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
+            (Path(d) / TRIAL_FILE).write_text(json.dumps({"run_dir": str(run_dir), "step": step}))
+            tune.report({"step": step, **metrics}, checkpoint=tune.Checkpoint.from_directory(d))
+        reported = step
 
     try:
-        train(cfg, resume=resume, report=report)
+        if latest is not None:
+            _report_logged(run_dir, cfg.data.eval_split, checkpoint.tag_step(latest), report)
+        train(cfg, resume=str(run_dir) if latest else None, report=report)
     finally:
         if td.is_initialized():
             td.destroy_process_group()
         dist.release_shm()
 
 
-def _rewind(ckpt_dir: Path, tag: str) -> None:
-    """Point ``latest`` at the checkpoint of Tune's last report: an interrupted trial may have trained
-    (and checkpointed) past it; it redoes those steps and reports them this time."""
-    if (ckpt_dir / tag).is_dir() and checkpoint.read_pointer(ckpt_dir) != tag:
-        atomic_write_text(ckpt_dir / "latest", tag)
+def _report_logged(run_dir: Path, split: str, upto: int, report) -> None:
+    """Report the evaluations the run logged up to its checkpoint at step ``upto`` (``report`` skips
+    those Tune already holds); the run's later rows are redone by training."""
+    for row in MetricsLog(run_dir / "metrics.jsonl", tracker=None, active=False).read(split):
+        if row["step"] <= upto:
+            report(row["step"], {f"{split}/{k}": v for k, v in row.items()
+                                 if k not in ("kind", "step") and isinstance(v, (int, float))})

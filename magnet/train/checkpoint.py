@@ -25,6 +25,14 @@ def step_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
+def tag_step(tag: str) -> int:
+    """The training step of a ``step_tag``."""
+    m = STEP_TAG.match(tag)
+    if m is None:
+        raise ValueError(f"not a step tag: {tag!r}")
+    return int(m.group(1))
+
+
 def _write_failed(e: BaseException) -> bool:
     """An OSError (disk full, quota, file size limit), or torch's zip writer failing to write its file."""
     return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "inline_container" in str(e))
