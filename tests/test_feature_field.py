@@ -144,3 +144,16 @@ def test_field_models_train_register_and_predict_from_the_image(name, field_shar
     n_bins = Manifest.load(manifest_path(field_shards, 16)).slides["synth_001"]["bins_in_tissue"]
     x = ad.X.toarray() if hasattr(ad.X, "toarray") else np.asarray(ad.X)
     assert x.shape == (n_bins, len(meta["genes"])) and np.isfinite(x).all() and x.std() > 0
+    # the field computed again from the image is the shards': the registry model on the shards' samples of the
+    # slide gives the h5ad's values
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    pm = mlflow.pyfunc.load_model(f"models:/field-{name}@champion").unwrap_python_model()
+    row = {(r, c): i for i, (r, c) in enumerate(zip(ad.obs["array_row"], ad.obs["array_col"]))}
+    samples, _ = _slide_samples(field_shards, "synth_001", 2)
+    m = pm.config.model
+    for s in samples[:4]:
+        out = pm.predict_batch(collate([s], pm.geometry, k_bin=m.k_bin, k_spot=m.k_spot, k_global=m.k_global))
+        idx = [row[tuple(rc)] for rc in s["bin_rc"].tolist()]
+        np.testing.assert_allclose(x[idx], out["bin"], rtol=1e-4, atol=1e-4)
