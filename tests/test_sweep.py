@@ -322,6 +322,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tiny_shards, t
 
 _REPLAY = """
 import json, os, sys
+from pathlib import Path
 from magnet.config import load_config
 from magnet.dist import free_port
 from magnet.sweep.trial import _report_logged
@@ -331,9 +332,9 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0
 cfg = load_config(ExperimentConfig, "configs/train/tiny.yaml", sys.argv[1:])
 live, replayed = [], []
 train(cfg, report=lambda step, metrics: live.append([step, metrics]))
-run_dir = cfg.train.out_dir + "/" + cfg.train.run_name
+run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
 for upto in (6, 4):
-    _report_logged(__import__("pathlib").Path(run_dir), cfg.data.eval_split, upto,
+    _report_logged(run_dir, cfg.data.eval_split, upto,
                    lambda step, metrics: replayed.append([upto, step, metrics]))
 print(json.dumps({"live": live, "replayed": replayed}))
 """
