@@ -24,7 +24,7 @@ from magnet import dist
 from magnet.errors import UserError
 from magnet.sweep.space import trial_config
 from magnet.train import checkpoint
-from magnet.train.loop import MetricsLog, train
+from magnet.train.loop import MetricsLog, tracked, train
 
 TRIAL_FILE = "trial.json"
 
@@ -70,5 +70,5 @@ def _report_logged(run_dir: Path, split: str, upto: int, report) -> None:
     those Tune already holds); the run's later rows are redone by training."""
     for row in MetricsLog(run_dir / "metrics.jsonl", tracker=None, active=False).read(split):
         if row["step"] <= upto:
-            report(row["step"], {f"{split}/{k}": v for k, v in row.items()
-                                 if k not in ("kind", "step") and isinstance(v, (int, float))})
+            values = {k: v for k, v in row.items() if k not in ("kind", "step")}
+            report(row["step"], tracked(values, f"{split}/"))

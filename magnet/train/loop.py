@@ -76,6 +76,11 @@ def _micro_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
 
 
+def tracked(values: dict, prefix: str = "") -> dict:
+    """The numeric values, named with ``prefix``: what MLflow logs and a sweep trial reports to Tune."""
+    return {f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+
+
 class MetricsLog:
     """Append-only JSON lines on rank 0, mirrored to MLflow (``kind`` "train", or the evaluation
     split, whose metrics get that prefix: ``val/pcc_bin``)."""
@@ -89,7 +94,7 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         prefix = "" if kind == "train" else f"{kind}/"
-        self.tracker.log_metrics({f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step)
+        self.tracker.log_metrics(tracked(values, prefix), step)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows a killed run wrote after the checkpoint being resumed (they are redone)."""
@@ -337,7 +342,7 @@ def _train(cfg, world, run_dir, fresh, engine, zero_stage, shard_set, stream, st
                 bar.write(f"checkpoint saved step {step}: {ckpt_dir / checkpoint.step_tag(step)}")
                 sys.stdout.flush()
         if report is not None and evaluated:
-            report(step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            report(step, tracked(metrics, f"{cfg.data.eval_split}/"))
     bar.close()
     if fitted:  # a fitted model (model.name=ridge) is evaluated and checkpointed once, at step 0
         if evaluator is not None:
@@ -346,8 +351,7 @@ def _train(cfg, world, run_dir, fresh, engine, zero_stage, shard_set, stream, st
         save_checkpoint(engine, ckpt_dir, state, stream, cfg)
         ckpt_step = state.step
         if report is not None and metrics:
-            report(state.step, {f"{cfg.data.eval_split}/{k}": v for k, v in metrics.items()
-                                if isinstance(v, (int, float))})
+            report(state.step, tracked(metrics, f"{cfg.data.eval_split}/"))
     summary = {"run_dir": str(run_dir), "step": state.step, "metrics": metrics, "checkpoint_step": ckpt_step}
     summary.update(_finish(engine, cfg, shard_set, tracker, log, run_dir, primary, state.step, metrics))
     tracker.finish()
