@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from magnet.commands import ArgumentParser
@@ -20,6 +19,7 @@ from magnet.commands.train import add_arguments
 from magnet.config import load_config
 from magnet.dist import release_shm
 from magnet.errors import UserError
+from magnet.io import exit_on_sigterm
 from magnet.registry.tracking import check_tracking_uri
 from magnet.train.loop import train
 from magnet.train.rundir import release_all
@@ -35,22 +35,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _terminated(signum, frame):
-    """SIGTERM (the launcher stopping the ranks after one failed) unwinds like an error, so the run is
-    recorded FAILED in MLflow and its run folder unlocked; Python's default would end the process on the spot."""
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        cfg = load_config(ExperimentConfig, args.config, args.overrides)
-        if cfg.mlflow.enabled and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone talks to MLflow
-            check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
-        train(cfg, resume=args.resume)
+        # SIGTERM (the launcher stopping the ranks after one failed) unwinds like an error, so the run is recorded
+        # FAILED in MLflow and its run folder unlocked
+        with exit_on_sigterm():
+            cfg = load_config(ExperimentConfig, args.config, args.overrides)
+            if cfg.mlflow.enabled and int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone talks to MLflow
+                check_tracking_uri(cfg.mlflow.tracking_uri, "mlflow.tracking_uri", existing=False)
+            train(cfg, resume=args.resume)
     except UserError as e:
         if not e.collective or int(os.environ.get("RANK", "0")) == 0:  # every rank raised it: one line
             print(f"magnet: error: {e}", file=sys.stderr)
@@ -59,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print("magnet: error: interrupted; the checkpoints written so far are kept (--resume latest)", file=sys.stderr)
         return 130
-    except SystemExit as e:  # SIGTERM (_terminated), after the loop recorded the run FAILED
+    except SystemExit as e:  # SIGTERM (exit_on_sigterm), after the loop recorded the run FAILED
         return int(e.code or 0)
     return 0
 

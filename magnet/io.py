@@ -15,8 +15,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +26,38 @@ from magnet.errors import UserError
 
 TMP_MARK = ".magnet-tmp-"
 _TMP = re.compile(r"\.(?P<name>.+)\.magnet-tmp-(?P<pid>\d+)-(?P<host>.+)-[0-9a-f]{8}\.tmp")
+_SIGNALS: list[int] = []  # termination signals received inside exit_on_sigterm
+
+
+def _exit(signum, frame):
+    _SIGNALS.append(signum)
+    raise SystemExit(128 + signum)
+
+
+def check_signals() -> None:
+    """Raise again the SystemExit of a SIGTERM that Python dropped: an exception raised while a weakref callback or
+    a finaliser runs is printed ("Exception ignored in") and the program goes on, so the handler's alone would let a
+    terminated prediction finish and rename its output."""
+    if _SIGNALS:
+        raise SystemExit(128 + _SIGNALS[0])
+
+
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM (a scheduler's kill) unwinds like an error, so with-blocks remove their temporary
+    output, and the block ends with exit status 143; atomic_path renames nothing once it was received. Python's
+    default would end the process on the spot. The previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    _SIGNALS.clear()
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+        check_signals()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _SIGNALS.clear()
 
 
 def tmp_name(final_name: str) -> str:
@@ -71,6 +105,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp_path = final.parent / tmp_name(final.name)
     try:
         yield tmp_path
+        check_signals()
         if final.is_dir() and tmp_path.is_dir():
             shutil.rmtree(final)
         os.replace(tmp_path, final)

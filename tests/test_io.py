@@ -1,17 +1,21 @@
 """magnet/io.py: temporary names carry the writer's pid and host; the next writer of an output removes what a dead
-writer on this host left, never a live writer's nor another host's; outputs are checked before work."""
+writer on this host left, never a live writer's nor another host's; outputs are checked before work; a SIGTERM
+renames nothing, even one whose exception Python dropped."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
+import weakref
 from pathlib import Path
 
 import pytest
 
 from magnet.errors import UserError
-from magnet.io import atomic_path, atomic_write_text, check_output, remove_stale, tmp_name
+from magnet.io import atomic_path, atomic_write_text, check_output, exit_on_sigterm, remove_stale, tmp_name
 
 
 def _dead_pid() -> int:
@@ -53,6 +57,49 @@ def test_a_failed_block_leaves_nothing(tmp_path):
         tmp.mkdir()
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def _drop_a_sigterm(monkeypatch) -> list:
+    """A SIGTERM handled while a weakref callback runs: Python drops the handler's SystemExit there, as in any
+    finaliser, and the program goes on (how a terminated prediction once exited 0 with its output renamed)."""
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+    box = type("Box", (), {})()
+    ref = weakref.ref(box, lambda _: signal.raise_signal(signal.SIGTERM))  # noqa: F841 (alive when box dies)
+    del box
+    return dropped
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_sigterm_that_python_dropped_still_stops_the_rename(tmp_path, monkeypatch, folder):
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, exit_on_sigterm(), atomic_path(out) as tmp:
+        (tmp / "part" if folder else tmp).parent.mkdir(exist_ok=True)
+        (tmp / "part" if folder else tmp).write_text("half")
+        dropped = _drop_a_sigterm(monkeypatch)
+        assert [d.exc_type for d in dropped] == [SystemExit]  # the block went on
+        (tmp / "part" if folder else tmp).write_text("whole")
+    assert stopped.value.code == 143
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_terminated_training_registers_nothing(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from magnet.registry.tracking import Tracker
+    from magnet.train_config import MlflowConfig
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    tracker = Tracker(MlflowConfig(tracking_uri=uri, experiment="t", register_as="m"), active=True)
+    tracker.start("r", {}, {})
+    with pytest.raises(SystemExit) as stopped, exit_on_sigterm():
+        _drop_a_sigterm(monkeypatch)
+        tracker.log_model(python_model=None, artifacts={}, signature=None)
+    tracker.finish("FAILED")
+    assert stopped.value.code == 143
+    assert MlflowClient(uri).search_registered_models() == []
 
 
 @pytest.mark.parametrize("make, path, folder, overwrite, words", [

@@ -6,14 +6,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from magnet.config import load_config
 from magnet.errors import UserError
-from magnet.io import check_not_input, check_output
+from magnet.io import check_not_input, check_output, exit_on_sigterm
 from magnet.predict.cells import write_cells
 from magnet.predict.cohort import predict_cohort
 from magnet.predict.config import PredictConfig
@@ -155,19 +153,10 @@ def _check_extension(out, fmt: str) -> None:
                         f"give --out a {want} name")
 
 
-def _terminated(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds the with-blocks: the temporary .h5ad is removed
-
-
 def run(args) -> int:
-    """A scheduler's SIGTERM exits 143 without half-written output (the handler is restored after)."""
-    if threading.current_thread() is not threading.main_thread():
+    """A scheduler's SIGTERM exits 143 without half-written output."""
+    with exit_on_sigterm():
         return _run(args)
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        return _run(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args) -> int:

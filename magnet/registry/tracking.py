@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from magnet.errors import UserError
+from magnet.io import check_signals
 
 LONG_LIST = 32  # longer lists (e.g. the gene list) are logged as artifacts, not params
 
@@ -171,7 +172,9 @@ class Tracker:
             self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_model(self, python_model, artifacts: dict[str, str], signature, input_example=None) -> tuple[str, str | None]:
-        """Log the pyfunc; register it under ``register_as`` (and set ``alias``). Returns (uri, version)."""
+        """Log the pyfunc; register it under ``register_as`` (and set ``alias``). Returns (uri, version).
+        Nothing is logged once a SIGTERM arrived, even one that Python dropped (magnet.io.check_signals)."""
+        check_signals()
         if not self.active:
             return "", None
         name = self.cfg.register_as or None
