@@ -75,11 +75,12 @@ def test_a_sigterm_that_python_dropped_still_stops_the_rename(tmp_path, monkeypa
     out = tmp_path / "out"
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped, exit_on_sigterm(), atomic_path(out) as tmp:
-        (tmp / "part" if folder else tmp).parent.mkdir(exist_ok=True)
-        (tmp / "part" if folder else tmp).write_text("half")
+        written = tmp / "part" if folder else tmp
+        written.parent.mkdir(exist_ok=True)
+        written.write_text("half")
         dropped = _drop_a_sigterm(monkeypatch)
         assert [d.exc_type for d in dropped] == [SystemExit]  # the block went on
-        (tmp / "part" if folder else tmp).write_text("whole")
+        written.write_text("whole")
     assert stopped.value.code == 143
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is before
