@@ -12,6 +12,7 @@ slide, and fits read-outs of the bin alone on the training slides, scored on the
   cached features over a disc gives, against a context model;
 - with ``--field-sd-um SD ...``: ridge on the bin's feature and its field (``sharding/feature_field.py``, what
   ``encoder.field_sd_um`` stores, on the same principal components) less the slide's mean, and kept whole;
+- with ``--by-type`` (and ``--cohort``): the markers' per-gene PCC of each folder's ridge averaged per cell type;
 - with ``--views 8``: the feature recomputed as the mean over the 8 flips and quarter turns of the patch (the
   encoder of the first folder, ``tuned_encoder.safetensors`` next to it or ``--encoder-weights``): test-time
   augmentation of the cache.
@@ -32,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.ceiling_probe import gene_groups, gene_pcc as per_gene_pcc  # noqa: E402
+from bench.ceiling_probe import gene_groups, gene_pcc as per_gene_pcc, marker_types, type_line  # noqa: E402
 from magnet.batch import crop_patches  # noqa: E402
 from magnet.format.manifest import Manifest  # noqa: E402
 from magnet.format.reader import ShardReader  # noqa: E402
@@ -108,7 +109,9 @@ def by_group(pred: np.ndarray, true: np.ndarray, group: np.ndarray | None) -> st
 
 
 def score(feats: dict[str, np.ndarray], expr: dict[str, np.ndarray], splits: dict[str, str], mlp: bool,
-          group: np.ndarray | None = None) -> str:
+          group: np.ndarray | None = None, types: dict[str, np.ndarray] | None = None) -> str:
+    """The read-outs' validation per-gene PCC as text; ``types`` (cell type -> marker columns): and the ridge's
+    markers by type on a second line."""
     train = [s for s in feats if splits[s] == "train"]
     val = next(s for s in feats if splits[s] == "val")
     if len(train) < 2:
@@ -125,6 +128,7 @@ def score(feats: dict[str, np.ndarray], expr: dict[str, np.ndarray], splits: dic
     alpha = max(loso, key=loso.get)
     pred = ridge(stack(train, feats), stack(train, expr), alpha)(feats[val])
     text = f"ridge (alpha {alpha:g}) {gene_pcc(pred, expr[val]):.4f}{by_group(pred, expr[val], group)}"
+    typed = f"\n{type_line(per_gene_pcc(pred, expr[val]), types)}" if types else ""
     if mlp:
         scaler = StandardScaler().fit(stack(train, feats))
         ym = stack(train, expr).mean(0)
@@ -132,7 +136,7 @@ def score(feats: dict[str, np.ndarray], expr: dict[str, np.ndarray], splits: dic
         net.fit(scaler.transform(stack(train, feats)), stack(train, expr) - ym)
         pred = net.predict(scaler.transform(feats[val])) + ym
         text += f"  mlp {gene_pcc(pred, expr[val]):.4f}{by_group(pred, expr[val], group)}"
-    return text
+    return text + typed
 
 
 def components(data: dict) -> dict[str, np.ndarray]:
@@ -170,20 +174,27 @@ def main() -> None:
     ap.add_argument("--shards", nargs="+", required=True, type=Path, help="bin-size shard folders (manifest.json)")
     ap.add_argument("--concat", action="store_true", help="also the features of every folder side by side")
     ap.add_argument("--mlp", action="store_true", help="also an MLP read-out")
-    ap.add_argument("--cohort", type=Path, help="the magnet synth folder: --field-sd-um also per gene group")
+    ap.add_argument("--cohort", type=Path, help="the magnet synth folder: the ridges also per gene group")
     ap.add_argument("--field-sd-um", nargs="*", type=float, default=[],
                     help="also the first folder's bin feature with its field at these sds (um)")
+    ap.add_argument("--by-type", action="store_true", help="with --cohort: also the ridge's markers per cell type")
     ap.add_argument("--views", type=int, choices=(1, 8), default=1, help="8: mean feature over the dihedral views")
     ap.add_argument("--encoder-weights", type=Path, help="--views 8: the first folder's encoder weights")
     ap.add_argument("--neighbours-um", nargs="*", type=float, default=[],
                     help="also the first folder's bin feature with its neighbours' mean within each radius (um)")
     args = ap.parse_args()
+    if args.by_type and not args.cohort:
+        ap.error("--by-type needs --cohort (the gene groups)")
     data = [load(f) for f in args.shards]
     data = [data[0]] + [align(data[0], d) for d in data[1:]]
     splits = {s: d["split"] for s, d in data[0].items()}
     expr = {s: d["expr"] for s, d in data[0].items()}
+    genes = Manifest.load(args.shards[0] / "manifest.json").genes
+    group = gene_groups(args.cohort, next(iter(splits)), genes) if args.cohort else None
+    types = marker_types(genes, group) if args.by_type else None
     for folder, d in zip(args.shards, data):
-        print(f"{folder}: {score({s: v['feat'] for s, v in d.items()}, expr, splits, args.mlp)}", flush=True)
+        print(f"{folder}: {score({s: v['feat'] for s, v in d.items()}, expr, splits, args.mlp, group, types)}",
+              flush=True)
     if args.concat and len(data) > 1:
         both = {s: np.concatenate([d[s]["feat"] for d in data], axis=1) for s in splits}
         print(f"concatenated: {score(both, expr, splits, args.mlp)}", flush=True)
@@ -195,7 +206,6 @@ def main() -> None:
               flush=True)
     if args.field_sd_um:
         typed = Manifest.load(args.shards[0] / "manifest.json")
-        group = gene_groups(args.cohort, next(iter(splits)), typed.genes) if args.cohort else None
         for whole in (False, True):
             both = with_field(data[0], typed.geometry.mpp, args.field_sd_um, typed.bin_um, whole)
             print(f"{args.shards[0]}, {NEIGHBOUR_PCA} components with the field at {args.field_sd_um} um "

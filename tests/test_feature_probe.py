@@ -107,3 +107,20 @@ def test_the_field_reads_what_only_the_neighbourhood_holds_and_drops_the_slide_m
     bin_alone = float(probe.score(alone, expr, splits, mlp=False).split()[3])
     with_field = probe.score(centred, expr, splits, mlp=False, group=np.array(["up", "down"]))
     assert float(with_field.split()[3]) > bin_alone + 0.2 and "(down " in with_field and ", up " in with_field
+
+
+def test_by_type_scores_each_types_markers_from_the_ridge():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((6, 3))
+    feats, expr = {}, {}
+    for name in ("a", "b", "c", "v"):
+        feats[name] = rng.standard_normal((300, 6))
+        expr[name] = feats[name] @ w + 0.1 * rng.standard_normal((300, 3))
+        expr[name][:, 2] = rng.standard_normal(300)  # the macrophage marker: nothing in the features holds it
+    splits = {"a": "train", "b": "train", "c": "train", "v": "val"}
+    text = probe.score(feats, expr, splits, mlp=False, types={"tumour": np.array([0, 1]), "macrophage": np.array([2])})
+    first, line = text.split("\n")
+    assert first == probe.score(feats, expr, splits, mlp=False)
+    values = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))
+    assert set(values) == {"tumour", "macrophage"}
+    assert float(values["tumour"]) > 0.95 and abs(float(values["macrophage"])) < 0.2
