@@ -45,14 +45,19 @@ def test_the_mean_over_the_8_views_does_not_change_when_the_patch_turns(feature_
     assert not np.allclose(extractor.encode(turned), extractor.encode(patches), atol=2e-3)
 
 
-def test_ridge_and_mlp_read_what_the_features_hold():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((6, 4))
+def _linear_slides(rng: np.random.Generator, n_genes: int):
+    """4 slides (3 training, 1 validation) of 300 bins whose genes are a linear map of 6 features, little noise."""
+    w = rng.standard_normal((6, n_genes))
     feats, expr = {}, {}
     for name in ("a", "b", "c", "v"):
         feats[name] = rng.standard_normal((300, 6))
-        expr[name] = feats[name] @ w + 0.1 * rng.standard_normal((300, 4))
-    splits = {"a": "train", "b": "train", "c": "train", "v": "val"}
+        expr[name] = feats[name] @ w + 0.1 * rng.standard_normal((300, n_genes))
+    return feats, expr, {"a": "train", "b": "train", "c": "train", "v": "val"}
+
+
+def test_ridge_and_mlp_read_what_the_features_hold():
+    rng = np.random.default_rng(0)
+    feats, expr, splits = _linear_slides(rng, 4)
     text = probe.score(feats, expr, splits, mlp=True)
     ridge, mlp = float(text.split()[3]), float(text.split()[5])
     assert ridge > 0.95 and mlp > 0.8
@@ -111,13 +116,9 @@ def test_the_field_reads_what_only_the_neighbourhood_holds_and_drops_the_slide_m
 
 def test_by_type_scores_each_types_markers_from_the_ridge():
     rng = np.random.default_rng(2)
-    w = rng.standard_normal((6, 3))
-    feats, expr = {}, {}
-    for name in ("a", "b", "c", "v"):
-        feats[name] = rng.standard_normal((300, 6))
-        expr[name] = feats[name] @ w + 0.1 * rng.standard_normal((300, 3))
+    feats, expr, splits = _linear_slides(rng, 3)
+    for name in expr:
         expr[name][:, 2] = rng.standard_normal(300)  # the macrophage marker: nothing in the features holds it
-    splits = {"a": "train", "b": "train", "c": "train", "v": "val"}
     text = probe.score(feats, expr, splits, mlp=False, types={"tumour": np.array([0, 1]), "macrophage": np.array([2])})
     first, line = text.split("\n")
     assert first == probe.score(feats, expr, splits, mlp=False)
