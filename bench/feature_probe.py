@@ -189,9 +189,9 @@ def main() -> None:
     data = [data[0]] + [align(data[0], d) for d in data[1:]]
     splits = {s: d["split"] for s, d in data[0].items()}
     expr = {s: d["expr"] for s, d in data[0].items()}
-    genes = Manifest.load(args.shards[0] / "manifest.json").genes
-    group = gene_groups(args.cohort, next(iter(splits)), genes) if args.cohort else None
-    types = marker_types(genes, group) if args.by_type else None
+    typed = Manifest.load(args.shards[0] / "manifest.json")  # the first folder's, for every read-out below
+    group = gene_groups(args.cohort, next(iter(splits)), typed.genes) if args.cohort else None
+    types = marker_types(typed.genes, group) if args.by_type else None
     for folder, d in zip(args.shards, data):
         print(f"{folder}: {score({s: v['feat'] for s, v in d.items()}, expr, splits, args.mlp, group, types)}",
               flush=True)
@@ -199,13 +199,11 @@ def main() -> None:
         both = {s: np.concatenate([d[s]["feat"] for d in data], axis=1) for s in splits}
         print(f"concatenated: {score(both, expr, splits, args.mlp)}", flush=True)
     if args.neighbours_um:
-        mpp = Manifest.load(args.shards[0] / "manifest.json").geometry.mpp
-        alone, both = with_neighbours(data[0], mpp, args.neighbours_um)
+        alone, both = with_neighbours(data[0], typed.geometry.mpp, args.neighbours_um)
         print(f"{args.shards[0]}, {NEIGHBOUR_PCA} components: bin alone {score(alone, expr, splits, False)}; "
               f"with the neighbours' mean within {args.neighbours_um} um {score(both, expr, splits, False)}",
               flush=True)
     if args.field_sd_um:
-        typed = Manifest.load(args.shards[0] / "manifest.json")
         for whole in (False, True):
             both = with_field(data[0], typed.geometry.mpp, args.field_sd_um, typed.bin_um, whole)
             print(f"{args.shards[0]}, {NEIGHBOUR_PCA} components with the field at {args.field_sd_um} um "
@@ -217,7 +215,6 @@ def main() -> None:
         from sharding.config import EncoderConfig
         from sharding.features import FeatureExtractor
 
-        typed = Manifest.load(args.shards[0] / "manifest.json")
         enc = typed.to_dict()["encoder"]
         weights = args.encoder_weights or args.shards[0].parent / "tuned_encoder.safetensors"
         torch.set_num_threads(1)
