@@ -26,12 +26,19 @@ mkdir -p "$DEMO" && touch "$DEMO/.magnet-demo"
 start=$(date +%s)
 stage() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
+# DeepSpeed compiles its CPU communication op on first use (about a minute, once per clone, kept under
+# $TORCH_EXTENSIONS_DIR): compile it on the core that the single-process synthesis leaves idle, not in the first run
+$PY -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > "$DEMO/deepspeed_op_build.log" 2>&1 &
+op_build=$!
+
 stage "synthesise 5 slides (configs/synth/context.yaml: the context benchmark)"
 $PY -m magnet synth --config configs/synth/context.yaml --out "$DEMO/slides"
 
 stage "shard at 8 and 16 um (configs/shard/demo.yaml: 3 train / 1 val / 1 test slides)"
 $PY -m magnet shard --samplesheet "$DEMO/slides/samplesheet.csv" --bin-um 8 16 --out "$DEMO/shards" \
   --config configs/shard/demo.yaml ray.progress=false
+
+wait $op_build || { cat "$DEMO/deepspeed_op_build.log" >&2; echo "demo: DeepSpeed's CPU op did not build" >&2; exit 1; }
 
 train() {  # name, registered model, then overrides
   local name=$1 registered=$2; shift 2
