@@ -283,7 +283,7 @@ def main() -> None:
     for r in feat_rows:
         print("features " + " ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     print(json.dumps({**head, "train": rows, "predict": pred_row, "features": feat_rows}))
-    dist.release_shm()
+    dist.shutdown()
 
 
 if __name__ == "__main__":

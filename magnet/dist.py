@@ -117,6 +117,19 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def shutdown() -> None:
+    """End this process's part in the world: destroy the process group, release the shm buffer.
+
+    Call it before a script that ran :func:`init` exits normally: gloo's worker threads are joined
+    here, and left to interpreter teardown they abort the process ("terminate called without an
+    active exception", exit 134) in about 1 exit in 30 with 2 ranks on the CPU."""
+    if _initialized():
+        import torch.distributed as td  # start-up time: the CLI imports this module
+
+        td.destroy_process_group()
+    release_shm()
+
+
 def release_shm() -> None:
     """Unlink this rank's DeepSpeed shared-memory all-reduce buffer (the CPU comm op leaves 69 MB per
     rank in /dev/shm otherwise). Peers have mapped it by now; the mapping lives until exit."""

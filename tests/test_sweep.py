@@ -324,7 +324,7 @@ _REPLAY = """
 import json, os, sys
 from pathlib import Path
 from magnet.config import load_config
-from magnet.dist import free_port
+from magnet.dist import free_port, shutdown
 from magnet.sweep.trial import _report_logged
 from magnet.train.loop import train
 from magnet.train_config import ExperimentConfig
@@ -336,6 +336,7 @@ run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
 for upto in (6, 4):
     _report_logged(run_dir, cfg.data.eval_split, upto,
                    lambda step, metrics: replayed.append([upto, step, metrics]))
+shutdown()
 print(json.dumps({"live": live, "replayed": replayed}))
 """
 

@@ -17,7 +17,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch.distributed as td
 from ray import tune
 
 from magnet import dist
@@ -60,9 +59,7 @@ def run_trial(params: dict, *, sweep, sweep_dir: str, parent_run_id: str) -> Non
             _report_logged(run_dir, cfg.data.eval_split, checkpoint.tag_step(latest), report)
         train(cfg, resume=str(run_dir) if latest else None, report=report)
     finally:
-        if td.is_initialized():
-            td.destroy_process_group()
-        dist.release_shm()
+        dist.shutdown()
 
 
 def _report_logged(run_dir: Path, split: str, upto: int, report) -> None:
