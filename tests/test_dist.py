@@ -19,6 +19,7 @@ total = dist.all_reduce_sum(torch.tensor([float(info.rank + 1)]))
 dist.barrier()
 dist.shutdown()
 print(json.dumps({"rank": info.rank, "world": info.world_size, "name": name, "sum": total.item(),
+                  "group_left": not torch.distributed.is_initialized(),
                   "primary": dist.is_primary(), "backend": dist.backend(), "device": str(dist.device())}))
 """
 
@@ -58,4 +59,5 @@ def test_two_gloo_processes_share_rank0_decisions():
     assert [o["name"] for o in out] == ["run-of-rank-0", "run-of-rank-0"]
     assert [o["sum"] for o in out] == [3.0, 3.0]
     assert [o["primary"] for o in out] == [True, False]
+    assert all(o["group_left"] for o in out)
     assert {o["backend"] for o in out} == {"gloo"} and {o["device"] for o in out} == {"cpu"}
